@@ -1,0 +1,339 @@
+"""The tool-use decision process of StepTool (paper Sec. 3): tasks, prompt, actions, tool client.
+
+    state s_t   the dialogue so far: system prompt (the offered functions + Finish), user query,
+                earlier assistant turns and tool observations             -> ToolEnv.messages
+    action a_t  one assistant turn in ReAct form                         -> parse_action
+                    Thought: ...\\nAction: <function>\\nAction Input: <JSON>
+                the last action calls Finish with give_answer / give_up_and_restart
+    transition  the tool server's answer {"error": ..., "response": ...} -> ToolClient, ToolEnv.step
+
+A finished episode is a `Trajectory`; reward.py scores its steps and eval.py its answer.
+
+    python env.py --tasks data/bench_test.json --show 1    # render one task's prompt
+
+Departures from ToolBench / the original code:
+1. The system prompt is short: one line per function (name, parameters, description) instead of
+   ToolBench's ~1,000-character instruction and full JSON schemas, so a small model's episodes
+   stay short. Function names follow ToolBench's convention exactly (`function_name`).
+2. An action that cannot be parsed, or names a function that is not offered, becomes an error
+   observation and the episode goes on (ToolBench does the same for unknown names).
+3. ToolBench's `standardize` keeps the character '^' (a quirk of its regex); we keep it too so
+   that names match the real server's.
+"""
+import argparse
+import ast
+import json
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import requests
+
+FINISH = {"name": "Finish", "description": "Call this at the end. If you can answer, give the answer "
+          "with return_type give_answer; if you cannot, give up with return_type give_up_and_restart.",
+          "parameters": {"type": "object", "properties": {"return_type": {"type": "string"},
+                         "final_answer": {"type": "string"}}, "required": ["return_type"]}}
+
+
+# ---- ToolBench's function names -------------------------------------------------------------
+def standardize(name):
+    """ToolBench's standardize(): non-word characters -> '_', runs collapsed, lower-cased."""
+    s = re.sub(r"[^\u4e00-\u9fa5^a-zA-Z0-9_]", "_", str(name))
+    s = re.sub(r"_+", "_", s).lower().strip("_")
+    return "get_" + s if s[:1].isdigit() else s
+
+
+def function_name(tool, api):
+    """ToolBench's model-facing name of an API: `<api>_for_<tool>`, reserved words prefixed, last 64 chars."""
+    api = standardize(api)
+    if api in ("from", "class", "return", "false", "true", "id", "and"):
+        api = "is_" + api
+    return f"{api}_for_{standardize(tool)}"[-64:]
+
+
+# ---- tasks ----------------------------------------------------------------------------------
+@dataclass
+class Task:
+    query_id: int
+    query: str
+    functions: list  # OpenAI-style schemas {name, description, parameters}, Finish not included
+    relevant: list   # function names of the relevant APIs (Recall's ground truth)
+    group: str       # G1 / G2 / G3, or a StableToolBench group such as G1_instruction
+    api: dict        # function name -> [category, tool_name, api_name] for the tool server
+    answer: list = field(default_factory=list)  # facts the final answer must contain (embedded tasks)
+    expert: list = field(default_factory=list)  # [{thought, name, arguments}], last one Finish
+
+
+class TaskFileError(ValueError):
+    pass
+
+
+def load_tasks(path):
+    """StableToolBench query files (a JSON list) or the embedded benchmark's files -> [Task]."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TaskFileError(f"{path}: cannot read task file: {e}") from None
+    group = os.path.splitext(os.path.basename(path))[0]
+    if isinstance(data, dict) and "tasks" in data:
+        items, make = data["tasks"], lambda d: _bench_task(d, data.get("functions", {}))
+    elif isinstance(data, list):
+        items, make = data, lambda d: _stb_task(d, group)
+    else:
+        raise TaskFileError(f"{path}: expected a JSON list of queries or a benchmark object with 'tasks'")
+    tasks = []
+    for i, item in enumerate(items):
+        try:
+            tasks.append(make(item))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            qid = item.get("query_id", "?") if isinstance(item, dict) else "?"
+            raise TaskFileError(f"{path}: item {i} (query_id {qid}): {type(e).__name__}: {e}") from None
+    return tasks
+
+
+def _bench_task(d, schemas):
+    fs = [schemas[n] for n in d["functions"]]
+    return Task(int(d["query_id"]), str(d["query"]), [{k: f[k] for k in ("name", "description", "parameters")} for f in fs],
+                list(d["relevant"]), d["group"], {f["name"]: [f["category"], f["tool"], f["api"]] for f in fs},
+                [str(a) for a in d.get("answer", [])], list(d.get("expert", [])))
+
+
+def _stb_task(d, group):
+    functions, api = [], {}
+    for a in d["api_list"]:
+        name = function_name(a["tool_name"], a["api_name"])
+        params = {"type": "object", "properties": {}, "required": [], "optional": []}
+        for kind in ("required", "optional"):
+            for p in a.get(f"{kind}_parameters", []):
+                params["properties"][p["name"]] = {"type": str(p.get("type", "string")).lower(),
+                                                   "description": p.get("description", "")}
+                params[kind].append(p["name"])
+        desc = a.get("api_description") or ""
+        functions.append({"name": name, "description": desc[:256], "parameters": params})
+        api[name] = [a["category_name"], a["tool_name"], a["api_name"]]
+    relevant = [function_name(t, n) for t, n in d.get("relevant APIs", [])]
+    return Task(int(d["query_id"]), str(d["query"]), functions, relevant, d.get("group", group), api)
+
+
+# ---- the prompt -----------------------------------------------------------------------------
+SYSTEM = ("You answer the user's query by calling functions. Each turn, write:\n"
+          "Thought: <your reasoning>\nAction: <function name>\nAction Input: <JSON arguments>\n"
+          "Finish with Action: Finish and Action Input {{\"return_type\": \"give_answer\", \"final_answer\": ...}}"
+          " or {{\"return_type\": \"give_up_and_restart\"}}.\nFunctions:\n{functions}")
+
+
+def render_function(f):
+    p = f.get("parameters", {})
+    req = set(p.get("required", []))
+    args = ", ".join(f"{k}{'' if k in req else '?'}: {v.get('type', 'string')}"
+                     for k, v in p.get("properties", {}).items())
+    return f"{f['name']}({args}) - {f.get('description', '')}"
+
+
+def initial_messages(task):
+    """s_0: system prompt with the offered functions (+ Finish) and the user query."""
+    functions = "\n".join(render_function(f) for f in task.functions + [FINISH])
+    return [{"role": "system", "content": SYSTEM.format(functions=functions)},
+            {"role": "user", "content": task.query}]
+
+
+def format_action(thought, name, arguments):
+    """The canonical ReAct text of an action (expert turns are written this way)."""
+    return f"Thought: {thought}\nAction: {name}\nAction Input: {json.dumps(arguments)}"
+
+
+# ---- actions --------------------------------------------------------------------------------
+@dataclass
+class Action:
+    name: str = ""
+    arguments: dict = field(default_factory=dict)
+    thought: str = ""
+    error: str = ""  # non-empty: the turn could not be parsed; this text becomes the observation
+
+
+_FENCE = re.compile(r"```[a-zA-Z]*")
+_ACTION = re.compile(r"^\s*Action\s*:\s*(.*)$", re.I | re.M)
+_INPUT = re.compile(r"^\s*Action\s*Input\s*:\s*", re.I | re.M)
+_THOUGHT = re.compile(r"Thought\s*:\s*(.*?)(?=^\s*Action\s*:|\Z)", re.I | re.M | re.S)
+
+
+def parse_action(text):
+    """One assistant turn -> Action; tolerant of whitespace, code fences, no Thought, trailing text."""
+    text = _FENCE.sub("", text)
+    m = _ACTION.search(text)
+    if not m:
+        return Action(error="Parse error: no 'Action:' line. Write Thought, Action and Action Input.")
+    name = m.group(1).strip().strip("`'\"").split()[0] if m.group(1).strip() else ""
+    t = _THOUGHT.search(text[:m.start()] + "\n")
+    thought = t.group(1).strip() if t else text[:m.start()].strip()
+    i = _INPUT.search(text, m.end())
+    if not name:
+        return Action(thought=thought, error="Parse error: 'Action:' names no function.")
+    raw = text[i.end():].strip() if i else ""
+    if not raw:
+        return Action(name, {}, thought)
+    try:
+        args, _ = json.JSONDecoder().raw_decode(raw[raw.index("{"):] if "{" in raw else raw)
+    except (ValueError, json.JSONDecodeError) as e:
+        try:  # models sometimes write Python literals ({'a': 1}); still data, never code
+            args = ast.literal_eval(raw[raw.index("{"):raw.rindex("}") + 1]) if "{" in raw else None
+        except (ValueError, SyntaxError):
+            args = None
+        if args is None:
+            return Action(name, {}, thought, f"Parse error: Action Input is not valid JSON ({e}).")
+    if not isinstance(args, dict):
+        return Action(name, {}, thought, "Parse error: Action Input must be a JSON object.")
+    return Action(name, args, thought)
+
+
+# ---- the tool server client -----------------------------------------------------------------
+class ToolServerError(RuntimeError):
+    pass
+
+
+class ToolClient:
+    """POSTs calls to a StableToolBench-compatible server; retries connection errors and 5xx."""
+
+    def __init__(self, url, timeout=30.0, retries=3, backoff=0.5, workers=16):
+        self.url, self.timeout, self.retries, self.backoff = url.rstrip("/"), timeout, retries, backoff
+        self.pool = ThreadPoolExecutor(workers)
+        self.local = threading.local()  # one requests.Session per thread
+
+    def _session(self):
+        if not hasattr(self.local, "s"):
+            self.local.s = requests.Session()
+        return self.local.s
+
+    def check(self):
+        """Fail fast, with the URL, when no server answers /health."""
+        try:
+            r = self._session().get(self.url + "/health", timeout=min(self.timeout, 5))
+            r.raise_for_status()
+        except requests.RequestException as e:
+            raise ToolServerError(f"tool server at {self.url} is not reachable ({e}); start one with "
+                                  f"`python server.py` or pass --tool-server URL") from None
+
+    def call(self, category, tool_name, api_name, arguments):
+        payload = {"category": category, "tool_name": tool_name, "api_name": api_name,
+                   "tool_input": json.dumps(arguments), "strip": "", "toolbench_key": ""}
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                r = self._session().post(self.url + "/virtual", json=payload, timeout=self.timeout)
+            except requests.RequestException as e:
+                last = e
+                continue
+            if r.status_code >= 500:
+                last = f"HTTP {r.status_code}"
+                continue
+            if r.status_code != 200:
+                return {"error": f"tool server answered HTTP {r.status_code}: {r.text[:200]}", "response": ""}
+            try:
+                return r.json()
+            except ValueError:
+                return {"error": "tool server answered invalid JSON", "response": r.text[:200]}
+        raise ToolServerError(f"tool server at {self.url} unreachable after {self.retries + 1} tries: {last}")
+
+    def map(self, fn, items):
+        """Run fn over items concurrently (the calls of many episodes at once)."""
+        return list(self.pool.map(fn, items))
+
+
+# ---- the environment ------------------------------------------------------------------------
+@dataclass
+class Step:
+    text: str                 # the assistant turn as generated
+    name: str = ""            # the function it called ("" if it did not parse)
+    arguments: dict = field(default_factory=dict)
+    observation: str = ""     # what the model saw next ("" after Finish)
+    record: dict = None       # the server's raw record; None when no call was made
+    error: str = ""           # parse error / unknown function / bad Finish
+
+
+@dataclass
+class Trajectory:
+    query_id: int
+    query: str
+    group: str
+    steps: list = field(default_factory=list)
+    finish: str = ""          # "give_answer", "give_up", or "" (never finished)
+    final_answer: str = ""
+    end: str = ""             # "finish", "max_steps", "max_context", "server_error"
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{**d, "steps": [Step(**s) for s in d.get("steps", [])]})
+
+
+class ToolEnv:
+    """One episode at a time: reset(task) -> messages; step(assistant_text) -> obs, done, info."""
+
+    def __init__(self, client, max_steps=12, obs_chars=1024, observation_role="function"):
+        self.client, self.max_steps, self.obs_chars, self.role = client, max_steps, obs_chars, observation_role
+
+    def reset(self, task):
+        self.task, self.done = task, False
+        self.offered = {f["name"] for f in task.functions}
+        self.messages = initial_messages(task)
+        self.traj = Trajectory(task.query_id, task.query, task.group)
+        return self.messages
+
+    def step(self, text):
+        assert not self.done, "episode is over; call reset()"
+        act, step = parse_action(text), Step(text)
+        step.name, step.arguments, step.error = act.name, act.arguments, act.error
+        self.messages.append({"role": "assistant", "content": text})
+        if not act.error and act.name == "Finish":
+            kind = act.arguments.get("return_type")
+            if kind == "give_answer":
+                self.traj.finish, self.traj.final_answer = "give_answer", str(act.arguments.get("final_answer", ""))
+            elif kind == "give_up_and_restart":
+                self.traj.finish = "give_up"
+            else:
+                step.error = 'Finish needs "return_type": "give_answer" or "give_up_and_restart".'
+        elif not act.error and act.name not in self.offered:
+            step.error = f"No such function name: {act.name}"
+        elif not act.error:
+            cat, tool, api = self.task.api[act.name]
+            step.record = self.client.call(cat, tool, api, act.arguments)
+        if step.error:
+            step.record = None
+            step.observation = json.dumps({"error": step.error, "response": ""})
+        elif step.record is not None:
+            step.observation = json.dumps(step.record, ensure_ascii=False)[:self.obs_chars]
+        self.traj.steps.append(step)
+        if self.traj.finish:
+            self.done, self.traj.end = True, "finish"
+        elif len(self.traj.steps) >= self.max_steps:
+            self.done, self.traj.end = True, "max_steps"
+        else:
+            self.messages.append({"role": self.role, "content": step.observation})
+        return step.observation, self.done, step
+
+    def end(self, reason):
+        """End the episode from outside (e.g. the context is full); completed steps are kept."""
+        self.done, self.traj.end = True, reason
+
+
+def step_all(client, envs, texts):
+    """Step many episodes at once; their tool calls run concurrently."""
+    return client.map(lambda et: et[0].step(et[1]), list(zip(envs, texts)))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Render the prompt of tasks")
+    ap.add_argument("--tasks", required=True)
+    ap.add_argument("--show", type=int, default=1, help="how many tasks to render")
+    a = ap.parse_args()
+    for t in load_tasks(a.tasks)[:a.show]:
+        for m in initial_messages(t):
+            print(f"<{m['role']}>\n{m['content']}\n")
