@@ -14,7 +14,8 @@ A finished episode is a `Trajectory`; reward.py scores its steps and eval.py its
 Departures from ToolBench / the original code:
 1. The system prompt is short: one line per function (name, parameters, description) instead of
    ToolBench's ~1,000-character instruction and full JSON schemas, so a small model's episodes
-   stay short. Function names follow ToolBench's convention exactly (`function_name`).
+   stay short. Function names follow ToolBench's convention exactly (`function_name`), and so do
+   the parameter names and types of StableToolBench APIs (`change_name(standardize(name))`).
 2. An action that cannot be parsed, or names a function that is not offered, becomes an error
    observation and the episode goes on (ToolBench does the same for unknown names).
 3. ToolBench's `standardize` keeps the character '^' (a quirk of its regex); we keep it too so
@@ -29,6 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
 
 import requests
 
@@ -46,12 +48,17 @@ def standardize(name):
     return "get_" + s if s[:1].isdigit() else s
 
 
+RESERVED = ("from", "class", "return", "false", "true", "id", "and")  # ToolBench's change_name() list
+
+
+def change_name(name):
+    """ToolBench's change_name(): a reserved word gets the prefix `is_` (API and parameter names)."""
+    return "is_" + name if name in RESERVED else name
+
+
 def function_name(tool, api):
     """ToolBench's model-facing name of an API: `<api>_for_<tool>`, reserved words prefixed, last 64 chars."""
-    api = standardize(api)
-    if api in ("from", "class", "return", "false", "true", "id", "and"):
-        api = "is_" + api
-    return f"{api}_for_{standardize(tool)}"[-64:]
+    return f"{change_name(standardize(api))}_for_{standardize(tool)}"[-64:]
 
 
 # ---- tasks ----------------------------------------------------------------------------------
@@ -76,7 +83,7 @@ def load_tasks(path):
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise TaskFileError(f"{path}: cannot read task file: {e}") from None
     group = os.path.splitext(os.path.basename(path))[0]
     if isinstance(data, dict) and "tasks" in data:
@@ -102,16 +109,20 @@ def _bench_task(d, schemas):
                 [str(a) for a in d.get("answer", [])], list(d.get("expert", [])))
 
 
+_PARAM_TYPES = {"NUMBER": "integer", "STRING": "string", "BOOLEAN": "boolean"}  # ToolBench's map; else string
+
+
 def _stb_task(d, group):
     functions, api = [], {}
     for a in d["api_list"]:
         name = function_name(a["tool_name"], a["api_name"])
         params = {"type": "object", "properties": {}, "required": [], "optional": []}
         for kind in ("required", "optional"):
-            for p in a.get(f"{kind}_parameters", []):
-                params["properties"][p["name"]] = {"type": str(p.get("type", "string")).lower(),
-                                                   "description": p.get("description", "")}
-                params[kind].append(p["name"])
+            for p in a.get(f"{kind}_parameters") or []:  # names and types as ToolBench shows them
+                pname = change_name(standardize(p["name"]))
+                params["properties"][pname] = {"type": _PARAM_TYPES.get(p.get("type"), "string"),
+                                               "description": p.get("description") or ""}
+                params[kind].append(pname)
         desc = a.get("api_description") or ""
         functions.append({"name": name, "description": desc[:256], "parameters": params})
         api[name] = [a["category_name"], a["tool_name"], a["api_name"]]
@@ -156,7 +167,7 @@ class Action:
 
 
 _FENCE = re.compile(r"```[a-zA-Z]*")
-_ACTION = re.compile(r"^\s*Action\s*:\s*(.*)$", re.I | re.M)
+_ACTION = re.compile(r"^[ \t]*Action[ \t]*:[ \t]*(.*)$", re.I | re.M)  # [ \t], not \s: stay on one line
 _INPUT = re.compile(r"^\s*Action\s*Input\s*:\s*", re.I | re.M)
 _THOUGHT = re.compile(r"Thought\s*:\s*(.*?)(?=^\s*Action\s*:|\Z)", re.I | re.M | re.S)
 
@@ -176,18 +187,42 @@ def parse_action(text):
     raw = text[i.end():].strip() if i else ""
     if not raw:
         return Action(name, {}, thought)
+    args, error = _arguments(raw)
+    return Action(name, args, thought, error) if error else Action(name, args, thought)
+
+
+_BAD_LITERAL = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
+
+
+def _arguments(raw):
+    """Action Input text -> (dict, "") or ({}, error). The first JSON value decides; text after it is
+    ignored. A Python-literal dict ({'a': 1}, True, None) is accepted as data, never run as code."""
+    dec = json.JSONDecoder()
+    if not raw.startswith("{"):
+        try:
+            dec.raw_decode(raw)  # a JSON value that is not an object: a list, a string, ...
+            return {}, "Parse error: Action Input must be a JSON object."
+        except (ValueError, RecursionError):
+            if "{" not in raw:
+                return {}, "Parse error: Action Input is not valid JSON."
+            raw = raw[raw.index("{"):]  # e.g. a quoted object: '{"a": 1}'
     try:
-        args, _ = json.JSONDecoder().raw_decode(raw[raw.index("{"):] if "{" in raw else raw)
-    except (ValueError, json.JSONDecodeError) as e:
-        try:  # models sometimes write Python literals ({'a': 1}); still data, never code
-            args = ast.literal_eval(raw[raw.index("{"):raw.rindex("}") + 1]) if "{" in raw else None
-        except (ValueError, SyntaxError):
-            args = None
-        if args is None:
-            return Action(name, {}, thought, f"Parse error: Action Input is not valid JSON ({e}).")
-    if not isinstance(args, dict):
-        return Action(name, {}, thought, "Parse error: Action Input must be a JSON object.")
-    return Action(name, args, thought)
+        return dec.raw_decode(raw)[0], ""
+    except (ValueError, RecursionError) as e:
+        error = f"Parse error: Action Input is not valid JSON ({str(e)[:100]})."
+    ends = [j for j, ch in enumerate(raw) if ch == "}"][:64]  # the shortest literal that parses wins
+    for j in ends:
+        try:
+            value = ast.literal_eval(raw[:j + 1])
+        except _BAD_LITERAL:
+            continue
+        if not isinstance(value, dict):
+            return {}, "Parse error: Action Input must be a JSON object."
+        try:  # sets, bytes, tuple keys ... are not JSON: refuse them here, not in the tool client
+            return json.loads(json.dumps(value)), ""
+        except _BAD_LITERAL:
+            return {}, "Parse error: Action Input has values that JSON cannot carry."
+    return {}, error
 
 
 # ---- the tool server client -----------------------------------------------------------------
@@ -206,6 +241,8 @@ class ToolClient:
     def _session(self):
         if not hasattr(self.local, "s"):
             self.local.s = requests.Session()
+            # A loopback server is never behind a proxy: ignore HTTP(S)_PROXY for it (requests would not).
+            self.local.s.trust_env = urlsplit(self.url).hostname not in ("127.0.0.1", "localhost", "::1")
         return self.local.s
 
     def check(self):

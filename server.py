@@ -33,31 +33,30 @@ from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import world
-from env import standardize
+from env import change_name, standardize
 
 MAX_BODY = 1 << 20  # bytes; larger requests get HTTP 413
 REQUIRED = ("category", "tool_name", "api_name", "tool_input")
 PARSE_ERROR = {"error": "Tool input parse error...\n", "response": ""}  # the protocol's own answer
-_SAFE = re.compile(r"^[\w\-^]+$")  # one path component: no separators, no dots
+_SAFE = re.compile(r"[\w\-^]+")  # one path component (fullmatch): no separators, no dots, no newline
 
 
 def standard_category(category):
-    """StableToolBench's category folder name: spaces, commas and slashes -> '_'."""
-    s = re.sub(r"[ ,/]", "_", str(category))
-    while "__" in s:
-        s = s.replace("__", "_")
-    return s
+    """StableToolBench's category folder name: spaces, commas and slashes -> '_', then one pass of
+    '__' -> '_' (exactly as its server does, so that its cache folders are found)."""
+    return re.sub(r"[ ,/]", "_", str(category)).replace("__", "_")
 
 
 def _api_key(tool, api, category=""):
-    """(tool, api) after ToolBench standardization; strips `_for_<category>` / `_for_<tool>` suffixes."""
+    """(tool, api) after ToolBench standardization; strips `_for_<category>` / `_for_<tool>` suffixes.
+    Reserved API names get `is_` (change_name), as in the function names and the cache file names."""
     t, a = standardize(tool), standardize(api)
     cat = standardize(category)
     if cat and t.endswith("_for_" + cat):
         t = t[:-len("_for_" + cat)]
     if a.endswith("_for_" + t):
         a = a[:-len("_for_" + t)]
-    return t, a
+    return t, change_name(a)
 
 
 class ToolServer:
@@ -65,7 +64,7 @@ class ToolServer:
 
     def __init__(self, cache=None, queries=()):
         self.world = world.World()
-        self.embedded = {(standardize(tool), standardize(api)): (tool, api) for _, tool, api, *_ in world.APIS}
+        self.embedded = {_api_key(tool, api): (tool, api) for _, tool, api, *_ in world.APIS}
         self.cache = os.path.realpath(cache) if cache else None
         self.simulated = {}
         for path in queries:
@@ -86,7 +85,7 @@ class ToolServer:
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
                 return 200, PARSE_ERROR
         if not isinstance(args, dict):
             return 200, PARSE_ERROR
@@ -106,7 +105,7 @@ class ToolServer:
             return None
         cat, (tool, api) = standard_category(category), key
         parts = [cat, f"{tool}_for_{cat}", api + ".json"]
-        if not all(_SAFE.match(p.removesuffix(".json")) for p in parts):
+        if not all(_SAFE.fullmatch(p.removesuffix(".json")) for p in parts):
             return None
         path = os.path.realpath(os.path.join(self.cache, *parts))
         if not path.startswith(self.cache + os.sep) or not os.path.isfile(path):
@@ -135,11 +134,11 @@ def simulate(api, key, args):
             d = {k: fill(v, k) for k, v in t.items() if k != "_list_length"}
             return d if n is None else [fill({k: v for k, v in t.items() if k != "_list_length"}, name)
                                         for _ in range(min(int(n), 3))]
-        if isinstance(t, list):  # [{..., "_list_length": n}] expands to n items (at most 3)
+        if isinstance(t, list):  # [{..., "_list_length": n}] / ["list of str ..."] expand to <= 3 items
             out = []
             for item in t[:3]:
                 v = fill(item, name)
-                out.extend(v if isinstance(item, dict) and "_list_length" in item else [v])
+                out.extend(v if isinstance(v, list) and not isinstance(item, list) else [v])
             return out
         s = str(t).lower()
         if s.startswith("list of"):
@@ -187,13 +186,16 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.close_connection = True
             return self._send(411, {"error": "Content-Length required", "response": ""})
+        if n < 0:  # rfile.read(-1) would wait for the client to close the connection
+            self.close_connection = True
+            return self._send(400, {"error": f"bad Content-Length {n}", "response": ""})
         if n > MAX_BODY:
             self.close_connection = True  # the unread body must not be parsed as a next request
             return self._send(413, {"error": f"body of {n} bytes exceeds {MAX_BODY}", "response": ""})
         try:
             body = json.loads(self.rfile.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return self._send(400, {"error": f"malformed JSON body: {e}", "response": ""})
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nested too deep
+            return self._send(400, {"error": f"malformed JSON body: {str(e)[:200]}", "response": ""})
         try:
             self._send(*self.tools.answer(body))
         except Exception as e:  # a bug in one API must not take the server down
@@ -215,7 +217,8 @@ def make_server(host="127.0.0.1", port=0, cache=None, queries=()):
 def start_in_thread(**kw):
     """Start a server in a daemon thread (tests, steptool.py); stop it with .shutdown()."""
     srv = make_server(**kw)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    # poll_interval: how often serve_forever checks for shutdown(); 0.05 s makes .shutdown() quick
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return srv
 
 

@@ -42,6 +42,8 @@ ADJ = ["Silent", "Crimson", "Hidden", "Golden", "Broken", "Distant", "Frozen", "
        "Bright", "Lost", "Iron", "Velvet", "Paper", "Last", "Quiet"]
 NOUN = ["River", "Garden", "Tower", "Harbor", "Winter", "Mirror", "Lantern", "Orchard", "Crown",
         "Compass", "Meadow", "Engine", "Island", "Letter", "Forest", "Bridge"]
+TEAM_SUFFIX, COMPANY_SUFFIX = ["Rovers", "United", "Falcons", "Tigers"], ["Labs", "Corp", "Works", "Systems"]
+VOCAB = {"The", "League", *ADJ, *NOUN, *TEAM_SUFFIX, *COMPANY_SUFFIX}  # words names share; the rest are invented
 # (kind, train count, test count): test entities are drawn after train ones, never shared.
 KINDS = [("city", 40, 15), ("artist", 40, 15), ("team", 30, 12), ("person", 80, 30),
          ("book", 40, 15), ("company", 30, 12), ("currency", 8, 5), ("league", 4, 3)]
@@ -72,8 +74,10 @@ class World:
             names = []
             while len(names) < n_train + n_test:
                 name = self._new_name(kind, rng)
-                keys = {name.lower()} | ({"$" + _symbol(name)} if kind == "company" else set())
-                if not keys & seen:  # names, and ticker symbols, are unique
+                keys = ({name.lower()} | ({"$" + _symbol(name)} if kind == "company" else set())
+                        | {"w:" + w.lower() for w in name.split() if w not in VOCAB})
+                if not keys & seen:  # names, ticker symbols and invented words are unique, so that
+                    # no name hides inside another ("Beldor" the city in "Beldor United" the team)
                     seen |= keys
                     names.append(name)
             self.split[kind] = {"train": names[:n_train], "test": names[n_train:]}
@@ -98,9 +102,9 @@ class World:
         if kind == "book":
             return f"The {rng.choice(ADJ)} {rng.choice(NOUN)}"
         if kind == "team":
-            return f"{_name(rng, 2)} {rng.choice(['Rovers', 'United', 'Falcons', 'Tigers'])}"
+            return f"{_name(rng, 2)} {rng.choice(TEAM_SUFFIX)}"
         if kind == "company":
-            return f"{_name(rng, 2)} {rng.choice(['Labs', 'Corp', 'Works', 'Systems'])}"
+            return f"{_name(rng, 2)} {rng.choice(COMPANY_SUFFIX)}"
         if kind == "currency":
             return "".join(rng.choice("BCDFGHJKLMNPRSTVWXZ") for _ in range(3))
         if kind == "league":
