@@ -1,0 +1,627 @@
+"""Step-grained reward shaping of StepTool (paper Sec. 4.1): SuccCalling, Contribution and IsSolved.
+
+An episode a_1 .. a_T (env.Trajectory; a_T calls Finish) gets one reward per step (Sec. 4.1):
+
+    r_t = (alpha * SuccCalling_t + Contribution_t) / (1 + alpha)    t < T, each intermediate call
+    r_T = IsSolved(q, a_T):  1 Solved, 0.5 Unsure, 0 Unsolved       t = T, the Finish step
+
+SuccCalling_t   0/1: the call parsed, named an offered function and its record is no failure (rules)
+Contribution_t  how much of the step's tool response the final answer uses: LCS / response length,
+                1 if >= 0.3 else 0 (the original's rule), or that ratio itself (threshold=None)
+IsSolved        embedded tasks: their answer facts; StableToolBench tasks: an LLM judge (`Judge`) that
+                annotates the episode as the paper's GPT-4 did (per step success 0/1 and contribution
+                0-5, then Solved/Unsure/Unsolved), `repeats` times, averaged
+Modes: `stepgrained`, `final` (0 for each call, then IsSolved: the paper's "PPO (final reward)"
+baseline and its "without step reward" ablation), or "module.function": fn(task, traj) -> [r_t].
+
+    python reward.py annotate --in trajs.jsonl --out annotated.jsonl [--judge-url URL --judge-model M]
+    python reward.py convert --in step_grained_for_ppo.tsv --out trajs.jsonl   # and .jsonl -> .tsv
+    python reward.py bench        # time the shaping of 1,000 embedded-benchmark episodes
+
+Files: our trajectory JSONL is one env.Trajectory.to_dict() per line, plus `rewards` once shaped; a row
+that came from the original's training TSV (read_tsv / write_tsv) also keeps its `prompt` / `response`
+text, so TSV -> JSONL -> TSV is exact. Other rows go to TSV rendered in Qwen2's chat format from
+their task (found by query_id in the task files, --tasks) and their steps.
+
+Departures from the paper and the original code:
+1. r_t is divided by (1 + alpha), which keeps it in [0, 1] as in the original's released training
+   data (its rewards are (mean success + mean contribution / 5) / 2); the paper has no divisor.
+2. The LCS is exact but bit-parallel (len(b) steps of len(a)-bit integer operations) instead of the
+   original notebook's O(n*m) table (`bench` times both), and reads the first 1,024 characters of the
+   response (env.ToolEnv shows the model 1,024 characters of a record).
+3. The original's check_success said "success" for any record with an empty error (its later checks
+   were unreachable); our rules also read the response (succ_calling).
+4. An episode that never called Finish has no a_T: each step is an intermediate call, and the final
+   reward, IsSolved = 0, is added to the last step (in `final` mode the episode is all zeros).
+5. A task without answer facts, with no judge (or a failed one), counts a non-empty answer as Unsure
+   (0.5): no rule grades free text. Answer facts decide IsSolved even when a judge is given; the judge
+   then scores the intermediate steps only.
+6. A judge that fails (HTTP error, timeout, unparseable reply) after retries with backoff falls back
+   to the rules for that episode, and shape_batch counts it: training never stops on a judge.
+Left out: the original's GPT-4 prompt (ours is our own wording), DFSDT search trees (one path per
+episode), and the original's per-query annotation JSON as an input of `annotate` (annotation_rewards
+turns one entry of it into rewards).
+"""
+import argparse
+import ast
+import csv
+import importlib
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+
+import requests
+
+import env
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TASK_FILES = [os.path.join(HERE, "data", f"bench_{s}.json") for s in ("train", "test")]
+STATUS = {"solved": 1.0, "unsure": 0.5, "unsolved": 0.0}  # AnswerStatus -> IsSolved
+
+
+# ---- SuccCalling ----------------------------------------------------------------------------
+SHORT = 300  # characters: a longer text response is data, whatever words it contains
+_ERROR_WORDS = re.compile(r"\b(errors?|invalid|not found|no such|unknown|missing|wrong|is empty|must be|failed|"
+                          r"does ?n[o']t exist|unauthori[sz]ed|forbidden|not subscribed|disabled|blocked|"
+                          r"too many requests|rate limit|exceeded|timed? ?out|expired|bad request)\b", re.I)
+_PLEASE = re.compile(r"(^|[.!?]\s+)please\b", re.I)  # "Please check what you are inputting"
+_ENVELOPE = {"message", "msg", "detail", "error", "errors", "status", "statuscode", "status_code", "code", "success"}
+
+
+def _literal(s):
+    """JSON or Python-literal text -> its value (data only, never run), or None."""
+    try:
+        return json.loads(s)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return ast.literal_eval(s) if len(s) < 20000 else None
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def failed_response(resp):
+    """True when a tool response reads as a failure (the rules are listed in succ_calling)."""
+    if isinstance(resp, str):
+        s = resp.strip()
+        parsed = _literal(s) if s[:1] in ("{", "[") else None
+        if parsed is not None:
+            return failed_response(parsed)
+        return not s or (len(s) <= SHORT and bool(_ERROR_WORDS.search(s) or _PLEASE.search(s)))
+    if resp is None or (isinstance(resp, (dict, list)) and not resp):
+        return True
+    if not isinstance(resp, dict):
+        return False
+    low = {str(k).lower(): v for k, v in resp.items()}
+    for k in ("status", "statuscode", "status_code", "code"):
+        v = low.get(k)
+        v = int(v) if isinstance(v, str) and v.strip().isdigit() else v
+        if (type(v) is int and 400 <= v < 600) or (isinstance(v, str) and v.lower() in ("error", "fail", "failed")):
+            return True
+    if low.get("success") is False or low.get("error") or low.get("errors"):
+        return True
+    text = " ".join(str(v) for v in low.values())
+    return set(low) <= _ENVELOPE and bool(_ERROR_WORDS.search(text) or _PLEASE.search(text))
+
+
+def succ_calling(step, offered=None):
+    """SuccCalling_t in {0, 1} by rules (Sec. 4.1). 0 when:
+    a. the turn did not parse, named an unknown function or made no call (step.error, no record);
+       a Finish step is no call;
+    b. `offered` (a set of function names) is given and lacks the function;
+    c. the server's record has a non-empty `error` (protocol errors: parse error, API not found);
+    d. the response is a failure: empty (None, "", {}, []); a top-level status / statusCode /
+       status_code / code of 400-599 or "error"/"fail"; `success: false`; a non-empty top-level
+       error / errors; or error wording (error, invalid, not found, missing, must be, not subscribed,
+       rate limit, ...) or a "Please ..." instruction in a short text (<= 300 characters) or in a dict
+       of message fields only (message, msg, detail, error, status, code, success).
+    A response that is JSON or Python-literal text ("{'statusCode': 404, ...}") is read as its value."""
+    if step.error or not isinstance(step.record, dict) or step.name == "Finish":
+        return 0
+    if offered is not None and step.name not in offered:
+        return 0
+    if str(step.record.get("error") or "").strip():
+        return 0
+    return 0 if failed_response(step.record.get("response")) else 1
+
+
+# ---- Contribution ---------------------------------------------------------------------------
+def lcs_length(a, b):
+    """Length of the longest common subsequence of strings a and b, exact, in len(b) steps of a few
+    len(a)-bit integer operations (bit-parallel LCS: Allison & Dix 1986, Hyyro 2004). Bit i of V is 1
+    while a[i] is unmatched; the LCS length is the number of 0 bits at the end."""
+    match = {}
+    for i, ch in enumerate(a):
+        match[ch] = match.get(ch, 0) | (1 << i)  # where ch occurs in a, as bits
+    mask = (1 << len(a)) - 1
+    V = mask
+    for ch in b:
+        U = V & match.get(ch, 0)
+        if U:
+            V = ((V + U) | (V - U)) & mask
+    return len(a) - V.bit_count()
+
+
+def lcs_table(a, b):
+    """The same length by the original notebook's O(len(a) * len(b)) table: the reference in tests, and
+    the cost that `bench` compares lcs_length with."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def contribution(step, final_answer, threshold=0.3, max_chars=1024):
+    """Contribution_t (Sec. 4.1) by the original's rule: LCS(response, final answer) / len(response),
+    response = str() of the record's response, cut to `max_chars`; 1 if >= threshold else 0, or the
+    ratio itself when threshold is None. A failed call or an empty response contributes 0."""
+    return _contribution(step, final_answer, threshold, max_chars) if succ_calling(step) else 0.0
+
+
+def _contribution(step, final_answer, threshold, max_chars=1024):  # for a call that succeeded
+    resp = step.record.get("response")
+    text = (resp if isinstance(resp, str) else str(resp))[:max_chars]
+    if not text or not final_answer:
+        return 0.0
+    ratio = lcs_length(text, final_answer) / len(text)
+    return ratio if threshold is None else float(ratio >= threshold)
+
+
+# ---- IsSolved -------------------------------------------------------------------------------
+def is_solved(task, traj, judge=None, ann=None):
+    """IsSolved(q, a_T) (Sec. 4.1): 1 Solved, 0.5 Unsure, 0 Unsolved. No Finish, a give-up or an empty
+    answer -> 0. With answer facts (the embedded benchmark): all facts in the answer (case-insensitive)
+    -> 1, some -> 0.5, none -> 0. Without: the mean status of the judge's annotation `ann` (made here if
+    a judge is given), or 0.5 (departure 5)."""
+    if traj.finish != "give_answer" or not traj.final_answer.strip():
+        return 0.0
+    if task.answer:
+        answer = traj.final_answer.lower()
+        found = sum(a.lower() in answer for a in task.answer)
+        return 1.0 if found == len(task.answer) else 0.5 if found else 0.0
+    if ann is None and judge is not None:
+        ann = _annotate(judge, task, traj)[0]
+    return annotation_means(ann)[2] if ann else 0.5
+
+
+# ---- step rewards ---------------------------------------------------------------------------
+def intermediate(traj):
+    """The intermediate calls a_1 .. a_{T-1}: every step but a final Finish (all steps if none)."""
+    return traj.steps[:-1] if traj.finish else traj.steps
+
+
+def shaped(succ, contrib, alpha=1.0):
+    return [(alpha * s + c) / (1 + alpha) for s, c in zip(succ, contrib)]  # Sec. 4.1, r_t (departure 1)
+
+
+def step_rewards(task, traj, mode="stepgrained", alpha=1.0, judge=None, contribution_threshold=0.3):
+    """[r_1 .. r_T], one per step of traj; the last one carries IsSolved (departure 4 if unfinished)."""
+    return _shape(task, traj, _mode(mode), alpha, judge, contribution_threshold)[0]
+
+
+def _mode(mode):
+    if callable(mode) or mode in ("stepgrained", "final"):
+        return mode
+    module, _, name = str(mode).rpartition(".")
+    if not module:
+        raise ValueError(f"unknown reward mode {mode!r}: stepgrained, final, or module.function")
+    return getattr(importlib.import_module(module), name)
+
+
+def _shape(task, traj, mode, alpha, judge, threshold):
+    """-> (rewards, info): info holds the parts (succ, contrib, solved) and the judge's flags."""
+    if callable(mode):
+        r = [float(x) for x in mode(task, traj)]
+        if len(r) != len(traj.steps):
+            raise ValueError(f"reward function {mode.__name__}: {len(r)} rewards for {len(traj.steps)} steps")
+        return r, {"judged": 0, "error": ""}
+    mid = intermediate(traj)
+    use_judge = judge is not None and (mode == "stepgrained" or (not task.answer and traj.finish == "give_answer"))
+    ann, err = _annotate(judge, task, traj) if use_judge else (None, "")
+    if ann:
+        succ, contrib, _ = annotation_means(ann)
+    else:
+        offered = {f["name"] for f in task.functions} or None
+        succ = [succ_calling(s, offered) for s in mid]
+        contrib = [_contribution(s, traj.final_answer, threshold) if ok else 0.0 for s, ok in zip(mid, succ)]
+    solved = is_solved(task, traj, ann=ann)
+    r = [0.0] * len(mid) if mode == "final" else shaped(succ, contrib, alpha)  # final: PPO (final reward)
+    if traj.finish:
+        r.append(solved)      # Sec. 4.1, r_T = IsSolved
+    elif r:
+        r[-1] += solved       # = 0: no Finish (departure 4)
+    return r, {"succ": succ, "contrib": contrib, "solved": solved, "judged": int(bool(ann)), "error": err}
+
+
+def shape_batch(tasks, trajs, mode="stepgrained", alpha=1.0, judge=None, contribution_threshold=0.3, workers=8):
+    """step_rewards of many episodes (each PPO iteration) -> (rewards, stats). stats: episodes, steps,
+    reward (mean over steps), succ_calling and contribution (means over intermediate calls), is_solved
+    (mean over episodes), judged and judge_fallbacks (episodes), seconds."""
+    t0, fn = time.perf_counter(), _mode(mode)
+    shape = lambda pair: _shape(pair[0], pair[1], fn, alpha, judge, contribution_threshold)
+    if judge is None:
+        out = [shape(p) for p in zip(tasks, trajs)]
+    else:  # judge requests wait on the network: send several at once
+        with ThreadPoolExecutor(workers) as pool:
+            out = list(pool.map(shape, zip(tasks, trajs)))
+    rewards, infos = [r for r, _ in out], [i for _, i in out]
+    errors = [i["error"] for i in infos if i["error"]]
+    if errors:  # reported, not raised: these episodes got the rules (departure 6)
+        print(f"reward: the judge failed on {len(errors)} of {len(infos)} episodes; rules used. Last: {errors[-1]}",
+              file=sys.stderr)
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    flat = [x for r in rewards for x in r]
+    return rewards, {"episodes": len(rewards), "steps": len(flat), "reward": mean(flat),
+                     "succ_calling": mean([s for i in infos for s in i.get("succ", [])]),
+                     "contribution": mean([c for i in infos for c in i.get("contrib", [])]),
+                     "is_solved": mean([i["solved"] for i in infos if "solved" in i]),
+                     "judged": sum(i["judged"] for i in infos), "judge_fallbacks": len(errors),
+                     "seconds": time.perf_counter() - t0}
+
+
+def annotation_means(ann):
+    """An annotation in the original's format, {"process_reward": {repeat: {"succeed_tool_calling":
+    [0/1 ..], "contributions": [0..5 ..]}}, "is_solved": {repeat: "AnswerStatus.Solved" ..}} ->
+    (mean SuccCalling per step, mean contribution / 5 per step, mean IsSolved), over the repeats."""
+    reps = list(ann["process_reward"].values())
+    n = len(reps[0]["succeed_tool_calling"])
+    succ = [sum(float(r["succeed_tool_calling"][i]) for r in reps) / len(reps) for i in range(n)]
+    contrib = [sum(float(r["contributions"][i]) for r in reps) / (5 * len(reps)) for i in range(n)]
+    status = [STATUS[str(s).split(".")[-1].lower()] for s in ann["is_solved"].values()]
+    return succ, contrib, sum(status) / len(status)
+
+
+def annotation_rewards(ann, alpha=1.0):
+    """The training rewards of an annotated episode: shaped r_1 .. r_{T-1}, then r_T = IsSolved."""
+    succ, contrib, solved = annotation_means(ann)
+    return shaped(succ, contrib, alpha) + [solved]
+
+
+# ---- the LLM judge --------------------------------------------------------------------------
+JUDGE_SYSTEM = (
+    "You review how an AI assistant used tools (APIs) to answer a user's query. You get the query, each "
+    "tool call with the response it got, and the assistant's final answer. For every tool call give\n"
+    "- success: 1 if the call worked and returned usable data, 0 if it failed (an error, an empty or "
+    "meaningless response, a wrong function or wrong arguments);\n"
+    "- contribution: 0 (the final answer uses nothing from this call) to 5 (the final answer rests on it).\n"
+    "Then grade the final answer: \"Solved\" if it answers the whole query with information from the tools, "
+    "\"Unsolved\" if it does not or gives up, \"Unsure\" if you cannot tell.\n"
+    "Reply with JSON only: {\"steps\": [{\"success\": 0 or 1, \"contribution\": 0 to 5}, ... one per tool "
+    "call, in order], \"status\": \"Solved\" | \"Unsure\" | \"Unsolved\"}")
+
+
+class JudgeError(RuntimeError):
+    pass
+
+
+def judge_messages(task, traj, max_chars=1024):
+    """The chat that asks the judge to annotate one episode (our wording of the paper's procedure)."""
+    calls = [{"call": i + 1, "function": s.name or "(unparsed)", "arguments": s.arguments,
+              "response": (json.dumps(s.record, ensure_ascii=False) if s.record else s.observation)[:max_chars]}
+             for i, s in enumerate(intermediate(traj))]
+    answer = {"give_answer": traj.final_answer, "give_up": "(the assistant gave up)"}.get(traj.finish, "(none)")
+    tools = ", ".join(f["name"] for f in task.functions) or "?"
+    user = (f"Query: {task.query or traj.query}\nTools offered: {tools}\n"
+            f"Tool calls ({len(calls)}):\n{json.dumps(calls, ensure_ascii=False, indent=1)}\nFinal answer: {answer}")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_judge_reply(reply, n):
+    """A chat completion -> ([success 0/1] * n, [contribution 0..5] * n, status). The JSON may be a
+    function call's arguments or the message text (code fences and words around it are skipped).
+    Raises ValueError / KeyError / TypeError / IndexError when the reply does not fit."""
+    msg = reply["choices"][0]["message"]
+    calls = msg.get("tool_calls") or ([{"function": msg["function_call"]}] if msg.get("function_call") else [])
+    text = calls[0]["function"]["arguments"] if calls else msg.get("content") or ""
+    obj = text if isinstance(text, dict) else json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
+    status = str(obj["status"]).split(".")[-1].strip().lower()
+    succ = [float(s["success"]) for s in obj["steps"]]
+    contrib = [float(s["contribution"]) for s in obj["steps"]]
+    if len(succ) != n or status not in STATUS or not all(s in (0, 1) for s in succ) or not all(0 <= c <= 5 for c in contrib):
+        raise ValueError(f"judge reply does not fit {n} steps: {json.dumps(obj)[:200]}")
+    return [int(s) for s in succ], contrib, status.capitalize()
+
+
+class Judge:
+    """An LLM annotator at any OpenAI-compatible endpoint (a hosted model, a vLLM server): URL .../v1 or
+    .../v1/chat/completions. The key is read from the environment variable `key_env` at each request
+    (none: no Authorization header); it is never stored, printed or logged."""
+
+    def __init__(self, url, model, key_env="OPENAI_API_KEY", repeats=3, timeout=60.0, retries=2, backoff=1.0,
+                 max_chars=1024):
+        u = url.rstrip("/")
+        u = u if u.endswith("/chat/completions") or u.endswith("/v1") else u + "/v1"
+        self.url = u if u.endswith("/chat/completions") else u + "/chat/completions"
+        self.model, self.key_env, self.repeats, self.timeout = model, key_env, repeats, timeout
+        self.retries, self.backoff, self.max_chars = retries, backoff, max_chars
+
+    def annotate(self, task, traj):
+        """One episode -> an annotation in the original's format (annotation_means); `repeats` requests."""
+        n, messages = len(intermediate(traj)), judge_messages(task, traj, self.max_chars)
+        reps = [self._ask(messages, n) for _ in range(self.repeats)]
+        return {"process_reward": {str(i): {"succeed_tool_calling": s, "contributions": c}
+                                   for i, (s, c, _) in enumerate(reps)},
+                "is_solved": {str(i): f"AnswerStatus.{st}" for i, (_, _, st) in enumerate(reps)}}
+
+    def _ask(self, messages, n):
+        body = {"model": self.model, "messages": messages}  # the server's default temperature: repeats differ
+        key = os.environ.get(self.key_env, "").strip()
+        headers, last = {"Authorization": f"Bearer {key}"} if key else {}, ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                r = requests.post(self.url, json=body, headers=headers, timeout=self.timeout)
+                if r.status_code != 200:
+                    last = f"HTTP {r.status_code}"
+                    continue
+                return parse_judge_reply(r.json(), n)
+            except (requests.RequestException, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                text = str(e)
+                for k in (key, repr(key)[1:-1]) if key else ():  # requests quotes a malformed header
+                    text = text.replace(k, "<key>")
+                last = f"{type(e).__name__}: {text[:200]}"
+        raise JudgeError(f"judge at {self.url} failed {self.retries + 1} times; last: {last}")
+
+
+def _annotate(judge, task, traj):
+    """-> (annotation, "") or (None, the error): a failing judge never stops training (departure 6)."""
+    try:
+        return judge.annotate(task, traj), ""
+    except JudgeError as e:
+        return None, str(e)
+
+
+# ---- files: our trajectory JSONL and the original StepTool training TSV ----------------------
+IM_END, ASSISTANT = "<|im_end|>\n", "<|im_start|>assistant\n"
+_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.S)
+
+
+def read_tsv(path):
+    """The original's training TSV (header prompt, response, reward; each cell a Python-literal list,
+    read with ast.literal_eval) -> [{prompt, response, reward}]. Malformed rows raise ValueError."""
+    csv.field_size_limit(sys.maxsize)
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t")
+        try:
+            if next(reader, None) != ["prompt", "response", "reward"]:
+                raise ValueError(f"{path}:1: the header must be prompt<TAB>response<TAB>reward")
+            line = 2
+            for cells in reader:
+                where, line = f"{path}:{line}", reader.line_num + 1  # a row's first line; cells may span lines
+                if not cells:
+                    continue
+                if len(cells) != 3:
+                    raise ValueError(f"{where}: expected 3 tab-separated cells, got {len(cells)}")
+                try:
+                    p, r, w = (ast.literal_eval(c) for c in cells)
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+                    raise ValueError(f"{where}: a cell is not a Python-literal list ({type(e).__name__})") from None
+                if not (all(isinstance(x, list) for x in (p, r, w)) and len(p) == len(r) == len(w)
+                        and all(isinstance(x, str) for x in p + r) and all(type(x) in (int, float) for x in w)):
+                    raise ValueError(f"{where}: prompt, response, reward must be lists of equal length "
+                                     "(of str, str, numbers)")
+                rows.append({"prompt": p, "response": r, "reward": w})
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: {e}") from None
+    return rows
+
+
+def write_tsv(path, rows):
+    """[{prompt, response, reward}] -> the original's TSV, written as its own files are."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["prompt", "response", "reward"])
+        for row in rows:
+            reward = [x if type(x) in (int, float) else float(x) for x in row["reward"]]  # no numpy reprs
+            w.writerow([repr(list(row["prompt"])), repr(list(row["response"])), repr(reward)])
+
+
+def read_jsonl(path):
+    """-> [(line number, object)] of a JSONL file."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                out += [(i, json.loads(line))] if line.strip() else []
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+    return out
+
+
+def tsv_row_to_traj(row, n):
+    """A TSV row -> our trajectory dict: steps parsed from the text, and the text itself (prompt,
+    response) with the rewards. A TSV row has no query id: row n gets -n (negative: unknown)."""
+    user = dict(_TURN.findall(row["prompt"][0])).get("user", "")
+    t = {"query_id": -n, "query": user.strip().removesuffix("Begin!").strip(), "group": "tsv", "steps": [],
+         "finish": "", "final_answer": "", "end": ""}
+    for k, text in enumerate(row["response"]):
+        text, nxt = text.removesuffix(IM_END), row["prompt"][k + 1] if k + 1 < len(row["prompt"]) else ""
+        m, act = _TURN.match(nxt), env.parse_action(text)
+        obs = m.group(2) if m else nxt
+        step = {"text": text, "name": act.name, "arguments": act.arguments, "observation": obs, "record": None,
+                "error": act.error}
+        kind = act.arguments.get("return_type")
+        if not act.error and act.name == "Finish" and kind in ("give_answer", "give_up_and_restart"):
+            t.update(finish="give_answer" if kind == "give_answer" else "give_up", end="finish",
+                     final_answer=str(act.arguments.get("final_answer", "")) if kind == "give_answer" else "")
+        elif not act.error and act.name != "Finish":  # the original cut long observations ("..."): keep the text
+            rec, prefix = _literal(obs) if obs.startswith("{") else None, '{"error": "", "response": '
+            step["record"] = (rec if isinstance(rec, dict) and "response" in rec else
+                              {"error": "", "response": obs[len(prefix):]} if obs.startswith(prefix) else
+                              {"error": obs, "response": ""})
+        t["steps"].append(step)
+    return {**t, "rewards": row["reward"], "prompt": row["prompt"], "response": row["response"]}
+
+
+def traj_to_tsv_row(d, tasks):
+    """Our trajectory dict (with `rewards`) -> a TSV row. A row that came from a TSV gives back its text;
+    others are rendered in Qwen2's chat format: env.initial_messages(task) (task by query_id, from the
+    task files), then each step, tool observations in the `function` role as in the original."""
+    if "rewards" not in d:
+        raise ValueError("no `rewards`: shape them first with `python reward.py annotate`")
+    if "prompt" in d and "response" in d:
+        return {"prompt": d["prompt"], "response": d["response"], "reward": d["rewards"]}
+    task, steps = tasks.get(d["query_id"]), d["steps"]
+    if task is None or task.query != d["query"]:
+        raise ValueError(f"query_id {d['query_id']} with this query is in none of the task files (--tasks)")
+    if len(d["rewards"]) != len(steps):
+        raise ValueError(f"{len(d['rewards'])} rewards for {len(steps)} steps")
+    head = "".join(f"<|im_start|>{m['role']}\n{m['content']}{IM_END}" for m in env.initial_messages(task))
+    prompt = [head + ASSISTANT] + [f"<|im_start|>function\n{s['observation']}{IM_END}{ASSISTANT}" for s in steps[:-1]]
+    return {"prompt": prompt, "response": [s["text"] + IM_END for s in steps], "reward": d["rewards"]}
+
+
+def load_task_index(paths):
+    return {t.query_id: t for p in paths if os.path.exists(p) for t in env.load_tasks(p)}
+
+
+def convert(src, dst, task_files=TASK_FILES):
+    """TSV -> JSONL or JSONL -> TSV, by the files' extensions. Returns the number of rows."""
+    kinds = (os.path.splitext(src)[1].lower(), os.path.splitext(dst)[1].lower())
+    if kinds == (".tsv", ".jsonl"):
+        rows = [tsv_row_to_traj(r, n) for n, r in enumerate(read_tsv(src), 1)]
+        with open(dst, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    elif kinds == (".jsonl", ".tsv"):
+        tasks, rows = load_task_index(task_files), []
+        for i, d in read_jsonl(src):
+            try:
+                rows.append(traj_to_tsv_row(d, tasks))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{src}:{i}: {type(e).__name__}: {e}") from None
+        write_tsv(dst, rows)
+    else:
+        raise ValueError(f"convert reads .tsv and writes .jsonl, or the reverse; got {kinds[0]} -> {kinds[1]}")
+    return len(rows)
+
+
+def annotate(src, dst, task_files=TASK_FILES, judge=None, **kw):
+    """Shape the step rewards of recorded trajectories: JSONL -> the same rows with `rewards`; -> stats.
+    A trajectory's task (answer facts, offered functions) is found by query_id and query."""
+    items, tasks, keys = read_jsonl(src), load_task_index(task_files), [f.name for f in fields(env.Trajectory)]
+    trajs = [env.Trajectory.from_dict({k: d[k] for k in keys if k in d}) for _, d in items]
+    ts = [tasks[t.query_id] if t.query_id in tasks and tasks[t.query_id].query == t.query
+          else env.Task(t.query_id, t.query, [], [], t.group, {}) for t in trajs]
+    rewards, stats = shape_batch(ts, trajs, judge=judge, **kw)
+    with open(dst, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({**d, "rewards": r}, ensure_ascii=False) + "\n" for (_, d), r in zip(items, rewards))
+    return stats
+
+
+# ---- bench: what shaping costs ---------------------------------------------------------------
+def bench(n=1000, runs=3, seed=0):
+    """Time shape_batch on n embedded-benchmark episodes (expert replays, 60% perturbed), and the LCS of
+    a 1,024 x 2,000-character pair: the original notebook's O(n*m) table against lcs_length."""
+    import random
+    import server
+    rng, tasks, srv, episodes = random.Random(seed), env.load_tasks(TASK_FILES[0]), server.start_in_thread(), []
+    kinds = ["expert"] * 4 + ["bad argument", "unknown function", "unparseable", "fact dropped", "gives up",
+                              "no Finish"]
+    try:
+        client = env.ToolClient(srv.url)
+        for i in range(n):
+            task, kind = tasks[i % len(tasks)], rng.choice(kinds)
+            act = lambda name, args: env.format_action("", name, args)
+            texts = [act(s["name"], s["arguments"]) for s in task.expert]
+            first, answer = task.expert[0], task.expert[-1]["arguments"]["final_answer"]
+            texts = {"bad argument": [act(first["name"], {k: "Nowhere" for k in first["arguments"]})] + texts[1:],
+                     "unknown function": [act("lookup_all", {})] + texts, "unparseable": ["I will look."] + texts,
+                     "fact dropped": texts[:-1] + [act("Finish", {"return_type": "give_answer",
+                                                                  "final_answer": answer.partition(", ")[2]})],
+                     "gives up": texts[:-1] + [act("Finish", {"return_type": "give_up_and_restart"})],
+                     "no Finish": texts[:-1]}.get(kind, texts)
+            e = env.ToolEnv(client)
+            e.reset(task)
+            for text in texts:
+                e.step(text)
+            episodes.append((task, e.traj, kind))
+    finally:
+        srv.shutdown()
+    runs_out = [shape_batch([t for t, _, _ in episodes], [j for _, j, _ in episodes]) for _ in range(runs)]
+    rewards, stats = runs_out[-1]
+    med = statistics.median(s["seconds"] for _, s in runs_out)
+    print(f"shape_batch (rules), {n} episodes, {stats['steps']} steps: median of {runs} runs {med * 1e3:.1f} ms, "
+          f"{med / n * 1e3:.3f} ms per episode\n  {_fmt(stats)}")
+    for kind in dict.fromkeys(k for _, _, k in episodes):
+        rs = [r for r, (_, _, k) in zip(rewards, episodes) if k == kind]
+        mid = [x for r in rs for x in r[:-1]] or [0.0]
+        print(f"  {kind:16s} {len(rs):4d} episodes: mean r_t (t < T) {sum(mid) / len(mid):.3f}, "
+              f"mean last reward {sum(r[-1] for r in rs) / len(rs):.3f}")
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 ,.:'\"{}[]-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    a, b = ("".join(rng.choice(chars) for _ in range(k)) for k in (1024, 2000))
+    for name, fn in (("O(n*m) table", lcs_table), ("bit-parallel lcs_length", lcs_length)):
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn(a, b)
+            ts.append(time.perf_counter() - t0)
+        print(f"LCS of 1,024 x 2,000 random characters, {name}: median of {runs} runs "
+              f"{statistics.median(ts) * 1e3:.3f} ms")
+
+
+# ---- command line ---------------------------------------------------------------------------
+def _fmt(stats):
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:  # `annotate`'s options
+    mode: str = opt("stepgrained", "stepgrained | final | module.function (your own reward function)")
+    alpha: float = opt(1.0, "alpha: weight of SuccCalling against Contribution (Sec. 4.1)")
+    threshold: float = opt(0.3, "Contribution threshold on LCS / response length; 0: the ratio itself")
+    tasks: str = opt(",".join(TASK_FILES), "task files, comma-separated: answer facts, offered functions, prompts")
+    judge_url: str = opt("", "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; empty: rules only")
+    judge_model: str = opt("", "the judge's model name at that endpoint")
+    judge_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's key (never logged)")
+    judge_repeats: int = opt(3, "annotations per episode, averaged")
+    judge_timeout: float = opt(60.0, "seconds per judge request")
+    judge_retries: int = opt(2, "retries per judge request, with exponential backoff")
+    workers: int = opt(8, "judge requests in flight")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p_ann = sub.add_parser("annotate", help="shape the step rewards of trajectories (JSONL -> JSONL with `rewards`)")
+    p_conv = sub.add_parser("convert", help="our trajectory JSONL <-> the original StepTool training TSV")
+    p_bench = sub.add_parser("bench", help="time the shaping of embedded-benchmark episodes")
+    for p in (p_ann, p_conv):
+        p.add_argument("--in", dest="src", required=True)
+        p.add_argument("--out", dest="dst", required=True)
+    p_conv.add_argument("--tasks", default=Config.tasks, help=Config.__dataclass_fields__["tasks"].metadata["help"])
+    for f in fields(Config):
+        p_ann.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=f.metadata["help"])
+    p_bench.add_argument("--n", type=int, default=1000, help="episodes")
+    p_bench.add_argument("--runs", type=int, default=3, help="timed runs (the median is printed)")
+    a = ap.parse_args()
+    try:
+        if a.command == "bench":
+            bench(a.n, a.runs)
+        elif a.command == "convert":
+            print(f"{a.dst}: {convert(a.src, a.dst, a.tasks.split(','))} rows")
+        else:
+            c = Config(**{f.name: getattr(a, f.name) for f in fields(Config)})
+            if c.judge_url and not c.judge_model:
+                ap.error("--judge-url needs --judge-model")
+            judge = Judge(c.judge_url, c.judge_model, c.judge_key_env, c.judge_repeats, c.judge_timeout,
+                          c.judge_retries) if c.judge_url else None
+            s = annotate(a.src, a.dst, c.tasks.split(","), judge, mode=c.mode, alpha=c.alpha,
+                         contribution_threshold=c.threshold or None, workers=c.workers)
+            print(f"{a.dst}: {_fmt(s)}")
+    except (ValueError, OSError) as e:  # bad files: one line, no traceback
+        ap.exit(1, f"reward.py {a.command}: error: {e}\n")
