@@ -327,17 +327,44 @@ def evaluate(trajectories, tasks, judge_fn, repeats=3, workers=8):
     return labels, scored, group_means(scored)
 
 
-def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0):
-    """THIN STUB, wired by the policy issue: roll the policy out on tasks -> [env.Trajectory], one per task.
+def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0, batch_size=32,
+               max_new_tokens=256, max_context=4096, progress=True):
+    """Roll the policy out on tasks -> [env.Trajectory], one per task, in task order.
 
-    model: what policy.load_policy accepts, or a checkpoint folder of ours; tool_server: URL;
-    temperature 0 = greedy (the paper's evaluation)."""
-    raise NotImplementedError("wired by the policy issue")
+    model: a policy.Policy, or what policy.load_policy accepts (hub id, folder, our checkpoint,
+    "tiny"); tool_server: URL or env.ToolClient; temperature 0 = greedy (the paper's evaluation)."""
+    import policy as P
+    import rollout
+    pol = model if isinstance(model, P.Policy) else P.load_policy(model)
+    client = tool_server if isinstance(tool_server, env.ToolClient) else env.ToolClient(tool_server)
+    client.check()
+    trajs = []
+    with tqdm(total=len(tasks), desc="eval rollouts", disable=not progress, leave=False) as bar:
+        for i in range(0, len(tasks), batch_size):
+            _, tr = rollout.rollout(pol, tasks[i:i + batch_size], client, seed=seed, iteration=1 << 30, first_episode=i,  # an rng stream of its own
+                                    max_steps=max_steps, max_new_tokens=max_new_tokens, max_context=max_context,
+                                    temperature=temperature)
+            trajs += tr
+            bar.update(len(tr))
+    return trajs
 
 
-def make_judge(judge_url=""):
-    """THIN STUB, wired by the reward issue: reward.py's is_solved as judge_fn(task, traj) -> 1 | 0.5 | 0."""
-    raise NotImplementedError("wired by the reward issue")
+def make_judge(judge_url="", judge_model="gpt-4o-mini"):
+    """reward.py's is_solved as judge_fn(task, traj) -> 1 | 0.5 | 0.
+
+    Embedded tasks are judged by their answer facts; StableToolBench tasks need --judge-url (an
+    OpenAI-compatible endpoint), each of eval's --repeats asking it once. Without one they are
+    Unsure (0.5) -- a warning says so, since such numbers are not a pass rate."""
+    import reward
+    judge = reward.Judge(judge_url, judge_model, repeats=1) if judge_url else None
+    warned = []
+
+    def judge_fn(task, traj):
+        if judge is None and not task.answer and not warned:
+            warned.append(1)
+            print("eval.py: warning: no --judge-url; tasks without answer facts are judged Unsure", file=sys.stderr)
+        return reward.is_solved(task, traj, judge)
+    return judge_fn
 
 
 # ---- the benchmark of the scorer -------------------------------------------------------------
@@ -389,10 +416,12 @@ class Args:
     model: str = opt("", "policy: what policy.load_policy accepts, or a checkpoint folder of ours")
     tasks: tuple = opt((), "task files: StableToolBench query files or data/bench_test.json")
     tool_server: str = opt("", "tool server URL; empty: start the embedded one")
-    judge_url: str = opt("", "judge for is_solved (reward.py); empty: its default")
+    judge_url: str = opt("", "OpenAI-compatible judge for StableToolBench tasks (key: $OPENAI_API_KEY)")
+    judge_model: str = opt("gpt-4o-mini", "model name sent to the judge")
     repeats: int = opt(3, "judge repeats per answer (StableToolBench's evaluate_times)")
     temperature: float = opt(0.0, "sampling temperature; 0 = greedy, as the paper")
     max_steps: int = opt(12, "actions per episode")
+    max_new_tokens: int = opt(256, "tokens per assistant turn")
     seed: int = opt(0, "rollout seed")
     out: str = opt("out/eval", "folder for label files, results.json/.csv, trajectories.jsonl")
     labels: tuple = opt((), "score these StableToolBench pass-rate label files instead")
@@ -435,12 +464,13 @@ def main(argv=None):
         import server
         srv = server.start_in_thread()
     try:
-        trajectories = run_policy(a.model, tasks, a.tool_server or srv.url, a.temperature, a.max_steps, a.seed)
+        trajectories = run_policy(a.model, tasks, a.tool_server or srv.url, a.temperature, a.max_steps, a.seed,
+                                  max_new_tokens=a.max_new_tokens)
     finally:
         if srv:
             srv.shutdown()
     write_trajectories(os.path.join(a.out, "trajectories.jsonl"), trajectories)  # kept even if judging fails
-    labels, scored, groups = evaluate(trajectories, tasks, make_judge(a.judge_url), a.repeats)
+    labels, scored, groups = evaluate(trajectories, tasks, make_judge(a.judge_url, a.judge_model), a.repeats)
     write_outputs(a.out, labels, scored, groups)
     print(format_table(scored, groups))
     print(f"wrote {a.out}/results.json, results.csv, trajectories.jsonl and {len(labels)} label files")

@@ -248,7 +248,7 @@ def test_written_outputs_read_back_through_labels(tmp_path):
 # ---- command line ---------------------------------------------------------------------------
 def run_cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
+                          cwd=ROOT, timeout=180)
 
 
 def test_cli_labels_prints_the_table_and_a_json_last_line():
@@ -268,6 +268,21 @@ def test_cli_reports_the_failing_file_and_exits_nonzero(tmp_path):
     assert list(json.loads(r.stdout.strip().splitlines()[-1])["files"]) == [LABELS]
 
 
-def test_model_path_is_a_marked_stub_until_the_policy_is_wired():
-    with pytest.raises(NotImplementedError, match="policy issue"):
-        ev.run_policy("tiny", [], "http://127.0.0.1:1")
+def test_cli_model_path_runs_a_saved_model_and_writes_every_output(tmp_path):
+    bench = json.load(open(os.path.join(ROOT, "data", "bench_test.json")))
+    bench["tasks"] = [next(t for t in bench["tasks"] if t["group"] == g) for g in ("G1", "G2", "G3")]
+    tasks = write(tmp_path, "tasks.json", json.dumps(bench))
+    model = str(tmp_path / "model")
+    subprocess.run([sys.executable, os.path.join(ROOT, "policy.py"), "--save-tiny", model], check=True, capture_output=True)
+    out = str(tmp_path / "out")
+    r = run_cli("--model", model, "--tasks", tasks, "--max-steps", "2", "--max-new-tokens", "12",
+                "--repeats", "2", "--out", out)
+    assert r.returncode == 0, r.stderr
+    for name in ("results.json", "results.csv", "trajectories.jsonl", "G1.json", "G2.json", "G3.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert set(res["groups"]) >= {"G1", "G2", "G3"}
+    assert all(m["n"] == 1 and m["repeats"] == 2 for m in res["files"].values())
+    trajs = [json.loads(l) for l in open(os.path.join(out, "trajectories.jsonl"))]
+    assert [t["query_id"] for t in trajs] == [t["query_id"] for t in bench["tasks"]]
+    assert all(1 <= len(t["steps"]) <= 2 for t in trajs)
