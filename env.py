@@ -34,8 +34,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-FINISH = {"name": "Finish", "description": "Call this at the end. If you can answer, give the answer "
-          "with return_type give_answer; if you cannot, give up with return_type give_up_and_restart.",
+FINISH = {"name": "Finish", "description": "End: return_type give_answer with final_answer, or give_up_and_restart.",
           "parameters": {"type": "object", "properties": {"return_type": {"type": "string"},
                          "final_answer": {"type": "string"}}, "required": ["return_type"]}}
 
@@ -131,10 +130,8 @@ def _stb_task(d, group):
 
 
 # ---- the prompt -----------------------------------------------------------------------------
-SYSTEM = ("You answer the user's query by calling functions. Each turn, write:\n"
-          "Thought: <your reasoning>\nAction: <function name>\nAction Input: <JSON arguments>\n"
-          "Finish with Action: Finish and Action Input {{\"return_type\": \"give_answer\", \"final_answer\": ...}}"
-          " or {{\"return_type\": \"give_up_and_restart\"}}.\nFunctions:\n{functions}")
+SYSTEM = ("Answer the query with function calls. Each turn write Thought: ..., Action: <function>, "
+          "Action Input: <JSON>. End with Action: Finish.\nFunctions:\n{functions}")
 
 
 def render_function(f):

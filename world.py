@@ -375,7 +375,7 @@ class _Expert:
         cat, tool, api, desc, *_ = API[(tool.lower(), api)]
         resp = call_api(self.w, tool, api, args)["response"]
         assert "message" not in resp, (tool_api, args, resp)  # an expert never errs
-        self.steps.append({"thought": f"I need the {desc[0].lower() + desc[1:-1]}.",
+        self.steps.append({"thought": f"I need the {desc[:-1] if desc[:2].isupper() else desc[0].lower() + desc[1:-1]}.",
                            "name": function_name(tool, api), "arguments": args})
         return resp
 

@@ -3,12 +3,17 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import env  # noqa: E402
 import server  # noqa: E402
+
+# The test models are tiny: one thread is ~100x faster than OpenMP threads spin-waiting on a busy
+# 2-core machine, and never slower.
+torch.set_num_threads(1)
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 STB_QUERIES = os.path.join(FIXTURES, "stb_queries.json")  # our own StableToolBench-format queries
@@ -32,3 +37,33 @@ def test_tasks():
 @pytest.fixture(scope="session")
 def train_tasks():
     return env.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    """The tiny model's BPE tokenizer, trained once per session (~3 s)."""
+    import policy
+    return policy.build_tiny_tokenizer()
+
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+
+
+@pytest.fixture
+def make_policy(tiny_tok):
+    """make_policy(seed, lora_dropout=0.0, full_finetune=False) -> a ~0.2 M-parameter Policy, built as
+    load_policy builds one (LoRA r=4 on every projection), with the session's tokenizer."""
+    import policy as P
+    import torch
+
+    def make(seed=0, lora_dropout=0.0, full_finetune=False):
+        model, tok = P.build_tiny(seed, tok=tiny_tok, **SMALL)
+        model.config.use_cache = False
+        lora = None if full_finetune else dict(r=4, alpha=8, dropout=lora_dropout, targets=list(P.LORA_TARGETS))
+        if lora:
+            model.requires_grad_(False)
+            P.inject_lora(model, lora["r"], lora["alpha"], lora["dropout"], tuple(lora["targets"]))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return P.Policy(model, tok, "tiny", lora, full_finetune)
+    return make

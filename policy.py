@@ -1,0 +1,411 @@
+"""The policy pi_theta of StepTool (paper Sec. 4.2): any HF causal LM + hand-written LoRA + a value head.
+
+    load_policy("Qwen/Qwen2-7B" | "/local/dir" | "<our checkpoint dir>" | "tiny") -> Policy
+
+- LoRA (Hu et al. 2021): W x + (alpha / r) * B A x on the attention and MLP projections; B starts
+  at 0, so a fresh adapter is an exact no-op. Only LoRA and value-head weights train by default.
+- The reference policy pi_ref of the KL penalty is the same weights with LoRA switched off (no
+  second copy of the model); with --full-finetune it is a frozen copy.
+- The value head V(s) is one linear layer on the last hidden state (as trl's ValueHead).
+- Logits are computed only where a log-prob is needed (the action tokens), never over the whole
+  sequence: the LM head of a 150k-vocabulary model costs more memory than the rest of a step.
+- `generate` samples a batch of next turns with the KV cache (left padding), temperature / top-p,
+  one uniform draw per token from each episode's own generator, so an episode's randomness
+  depends on (seed, iteration, episode) only, not on what else is in the batch.
+- `encode_*` turn a dialogue into token ids turn by turn; rollout.py builds episodes with them.
+
+    python policy.py --save-tiny DIR     # write the tiny model + tokenizer with save_pretrained
+
+Departures from the original code:
+1. The original wraps peft + trl's AutoModelForCausalLMWithValueHead; both are replaced by ~60
+   lines here so a reader sees exactly which weights train.
+2. `tiny` is a random ~5 M-parameter Qwen2 with a BPE tokenizer trained on the embedded
+   benchmark's train split: the CPU stand-in for Qwen2-7B (same code path; no download).
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TINY = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=688, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+# ---- LoRA -----------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x); W frozen, A ~ Kaiming, B = 0 (an exact no-op at start)."""
+
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / r, True
+        self.A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x):
+        y = self.base(x)
+        return y + (self.drop(x) @ self.A.T @ self.B.T) * self.scale if self.enabled else y
+
+    def merged_weight(self):
+        return self.base.weight + self.scale * (self.B @ self.A)
+
+
+def inject_lora(model, r=8, alpha=16, dropout=0.05, targets=LORA_TARGETS):
+    """Wrap every nn.Linear whose name ends in one of `targets`; returns how many were wrapped."""
+    hits = [(n, m) for n, m in model.named_modules() if n.split(".")[-1] in targets and isinstance(m, nn.Linear)]
+    for name, lin in hits:
+        parent, child = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model, name.rsplit(".", 1)[-1]
+        setattr(parent, child, LoRALinear(lin, r, alpha, dropout))
+    return len(hits)
+
+
+# ---- the tiny model -------------------------------------------------------------------------
+def build_tiny_tokenizer(vocab_size=2048):
+    """Byte-level BPE trained on the embedded benchmark's train split (no download)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    import env
+    tasks = env.load_tasks(os.path.join(HERE, "data", "bench_train.json"))
+    def texts():
+        for t in tasks:
+            yield "\n".join(m["content"] for m in env.initial_messages(t))
+            for s in t.expert:
+                yield env.format_action(s["thought"], s["name"], s["arguments"])
+                yield json.dumps({"error": "", "response": {"status": 404, "message": "Not found."}})
+    tk = Tokenizer(models.BPE())
+    # words ([A-Za-z0-9_]+) never carry a space or punctuation, so a name (forecast_for_skycast,
+    # Velmora) is the same tokens in the prompt, in an action and in an observation: easy to copy
+    word = Regex(r"[A-Za-z0-9_]+|[^A-Za-z0-9_]+")
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(word, "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk.train_from_iterator(texts(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny(seed=0, tok=None, **overrides):
+    """A random Qwen2 (TINY, with config overrides) and its tokenizer (trained here unless `tok` is given)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    tok = tok or build_tiny_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, **{**TINY, **overrides})
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model, tok
+
+
+# ---- the policy -----------------------------------------------------------------------------
+class Policy(nn.Module):
+    """pi_theta (LM + LoRA) and V (value head): one nn.Module, so DDP/FSDP wrap it in one place."""
+
+    def __init__(self, model, tok, source, lora=None, full_finetune=False):
+        super().__init__()
+        self.model, self.tok, self.source, self.lora_cfg = model, tok, source, lora
+        self.full_finetune, self.base_modified = full_finetune, source == "tiny" or full_finetune
+        self.v_head = nn.Linear(model.config.hidden_size, 1, dtype=model.dtype, device=model.device)
+        nn.init.zeros_(self.v_head.bias); nn.init.normal_(self.v_head.weight, std=1 / (model.config.hidden_size + 1))
+        self.ref_model = copy.deepcopy(model).requires_grad_(False).eval() if full_finetune else None
+        self.eot_id, self.eot = _end_of_turn(tok)
+        self.stop_ids = sorted({self.eot_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+
+    @property
+    def device(self):
+        return self.v_head.weight.device
+
+    def lora_modules(self):
+        return [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+
+    @contextlib.contextmanager
+    def reference(self):
+        """pi_ref: LoRA off (same weights, no copy), or the frozen copy when fully fine-tuning."""
+        if self.ref_model is not None:
+            old, self.model = self.model, self.ref_model
+            try:
+                yield
+            finally:
+                self.model = old
+            return
+        mods = self.lora_modules()
+        for m in mods:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.enabled = True
+
+    def forward(self, ids, mask, act_idx, act_tok, v_idx, entropy=False):
+        """Log-probs of the action tokens, values at the value positions (and entropies).
+
+        ids, mask: [B, T] (any padding side; positions come from the mask)
+        act_idx: ([N], [N]) (row, position) of each action token; act_tok: [N] its id
+        v_idx:   ([M], [M]) (row, position) where V is read (the last token of a state)
+        -> logp [N], values [M], ent [N] or None
+        """
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)                       # [B, T]
+        full = bool(mask.all())  # no padding: let attention take its plain causal (faster) path
+        h = self.model.base_model(input_ids=ids, attention_mask=None if full else mask, position_ids=pos).last_hidden_state
+        b, t = act_idx
+        logits = self.model.get_output_embeddings()(h[b, t - 1]).float()       # [N, V]: token t is predicted at t-1
+        logp_all = F.log_softmax(logits, -1)
+        logp = logp_all.gather(-1, act_tok[:, None]).squeeze(-1)              # [N]
+        values = self.v_head(h[v_idx]).squeeze(-1).float()                    # [M]
+        ent = -(logp_all.exp() * logp_all).sum(-1) if entropy else None       # [N]
+        return logp, values, ent
+
+    def freeze_reference(self):
+        """Make the current policy pi_ref (after the SFT warm start), so the KL keeps PPO near it.
+
+        LoRA: merge B A into W and restart the adapter at B = 0 (then "LoRA off" is this policy);
+        full fine-tuning: a new frozen copy."""
+        if self.ref_model is not None:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+            return
+        with torch.no_grad():
+            for m in self.lora_modules():
+                m.base.weight += m.scale * (m.B @ m.A)
+                nn.init.kaiming_uniform_(m.A, a=math.sqrt(5)); m.B.zero_()
+        self.base_modified = True  # checkpoints must now carry the base weights
+
+    # ---- sampling ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, generators=None):
+        """Next turn of each prompt (lists of token ids), batched with the KV cache and left padding.
+
+        Returns the sampled ids of each row, ending with a stop token unless max_new_tokens hit.
+        temperature 0 = greedy. generators: one torch.Generator per row (CPU), for sampling.
+        """
+        dev, B = self.device, len(prompts)
+        L = max(map(len, prompts))
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.stop_ids[0]
+        ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts], device=dev)   # [B, L] left-padded
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        logits, pos = out.logits[:, -1].float(), pos[:, -1:]                  # [B, V], [B, 1]
+        rows, outs = list(range(B)), [[] for _ in range(B)]
+        stop = torch.tensor(self.stop_ids, device=dev)
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits, temperature, top_p, [generators[r] for r in rows] if generators else None)  # [b]
+            done = torch.isin(nxt, stop).tolist()
+            for r, tok_id in zip(rows, nxt.tolist()):
+                outs[r].append(tok_id)
+            keep = [i for i, d in enumerate(done) if not d]
+            if not keep:
+                break
+            if len(keep) < len(rows):  # drop finished rows from the batch and the cache
+                k = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(k)
+                nxt, mask, pos, rows = nxt[k], mask[k], pos[k], [rows[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+            pos = pos + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                             past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+        return outs
+
+    # ---- tokenization of dialogues ----------------------------------------------------------
+    def encode_prompt(self, messages):
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def encode_observation(self, messages, ended):
+        """Tokens between the end of the last assistant turn and the next generation prompt.
+
+        messages ends with [..., assistant, observation]; `ended`: the sampled turn ended with the
+        end-of-turn token (else the template's end-of-turn is added here, as a non-action token).
+        """
+        before = self.tok.apply_chat_template(messages[:-1], tokenize=False)
+        full = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not full.startswith(before):
+            raise ValueError("the chat template re-renders earlier turns; step-wise tokenization needs a "
+                             "prefix-stable template")
+        k = before.rindex(self.eot)
+        text = before[k + len(self.eot) if ended else k:] + full[len(before):]
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def encode_action(self, text):
+        """Expert / recorded turns: their tokens followed by the end-of-turn token."""
+        return self.tok(text, add_special_tokens=False)["input_ids"] + [self.eot_id]
+
+    def decode_action(self, ids):
+        return self.tok.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
+
+    # ---- saving -----------------------------------------------------------------------------
+    def trainable_state(self):
+        """What a checkpoint must hold: LoRA + value head (or every weight when fully fine-tuning)."""
+        return {k: v for k, v in self.state_dict().items()  # full fine-tuning: pi_ref's frozen copy too
+                if self.full_finetune or k.startswith("v_head.") or k.endswith(".A") or k.endswith(".B")}
+
+    def save(self, path):
+        """Our checkpoint: policy.json + trainable weights + tokenizer (+ base weights if not on disk)."""
+        os.makedirs(path, exist_ok=True)
+        base = os.path.abspath(self.source) if os.path.isdir(self.source) else self.source  # any cwd can load it
+        if self.base_modified:  # a random or changed base must travel along
+            self._merged_model_save(os.path.join(path, "base"), merge=False)
+            base = "base"
+        torch.save(self.trainable_state(), os.path.join(path, "policy.pt"))
+        self.tok.save_pretrained(path)
+        with open(os.path.join(path, "policy.json"), "w") as f:
+            json.dump({"base": base, "lora": self.lora_cfg, "full_finetune": self.full_finetune}, f)
+
+    def export_merged(self, path):
+        """A plain HF checkpoint (LoRA merged into W) that transformers and vLLM load as is."""
+        self._merged_model_save(path, merge=True)
+        self.tok.save_pretrained(path)
+
+    def _merged_model_save(self, path, merge):
+        sd = {}
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, LoRALinear):
+                sd[name + ".weight"] = (mod.merged_weight() if merge else mod.base.weight).detach().contiguous()
+                if mod.base.bias is not None:
+                    sd[name + ".bias"] = mod.base.bias.detach()
+        for k, v in self.model.state_dict().items():
+            if ".base." not in k and not k.endswith((".A", ".B")):
+                sd.setdefault(k, v)
+        self.model.save_pretrained(path, state_dict=sd)
+
+
+def _end_of_turn(tok):
+    """The token that ends an assistant turn in this chat template (e.g. <|im_end|>, <|eot_id|>)."""
+    probe = "XYZZY"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                   tokenize=False)
+    tail = tok(text[text.rindex(probe) + len(probe):], add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<|end|>")
+                                          if t in tok.get_vocab()}
+    eot = next((i for i in tail if i in special), tok.eos_token_id)
+    if eot is None:
+        raise ValueError("cannot find the end-of-turn token of this chat template")
+    return eot, tok.convert_ids_to_tokens(eot)
+
+
+def _sample(logits, temperature, top_p, gens):
+    """One token per row; inverse-CDF sampling with one uniform per row from its own generator."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, -1)                               # [b, V]
+    p, idx = probs.sort(-1, descending=True)
+    if top_p < 1.0:
+        p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)                      # nucleus: smallest set with mass >= top_p
+    cdf = p.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g) for g in gens]) if gens else torch.rand(len(p))
+    u = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)                          # [b, 1], scaled to the kept mass
+    k = torch.searchsorted(cdf, u).clamp(max=p.shape[-1] - 1)
+    return idx.gather(-1, k).squeeze(-1)
+
+
+def _hub_reachable(timeout=3.0):
+    """Does the Hub (HF_ENDPOINT) answer within `timeout` s? Probed in a thread: DNS ignores timeouts."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    import threading
+    import requests
+    ok = []
+    def probe():
+        try:
+            requests.head(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=timeout)
+            ok.append(True)
+        except requests.RequestException:
+            pass
+    t = threading.Thread(target=probe, daemon=True)
+    t.start(); t.join(timeout + 1)
+    return bool(ok)
+
+
+def _load_tokenizer(path, **kw):
+    """AutoTokenizer, except that a tokenizer saved as a plain `tokenizers` backend (the tiny BPE) is
+    read exactly as saved: transformers 5 loads any folder whose config.json says qwen2 as a
+    Qwen2Tokenizer, with Qwen2's hard-coded pre-tokenizer, which splits text differently."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            plain = json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    except (OSError, ValueError):
+        plain = False
+    return (PreTrainedTokenizerFast if plain else AutoTokenizer).from_pretrained(path, **kw)
+
+
+def default_device(device=None):
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dropout=0.05,
+                lora_targets=LORA_TARGETS, full_finetune=False, gradient_checkpointing=False, seed=0):
+    """Any HF causal LM id or folder, our checkpoint folder, or "tiny" -> Policy on `device`.
+
+    bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise. Hub ids need network; without it only
+    the local Hub cache is tried (a few seconds), so pass a local folder (save_pretrained) instead.
+    """
+    from transformers import AutoModelForCausalLM
+    device = default_device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ckpt = os.path.isfile(os.path.join(str(name), "policy.json"))
+    if ckpt:
+        with open(os.path.join(name, "policy.json")) as f:
+            meta = json.load(f)
+        base = os.path.join(name, meta["base"]) if meta["base"] == "base" else meta["base"]
+        lora, full_finetune = meta["lora"], meta["full_finetune"]
+    else:
+        base, lora = name, (None if full_finetune else dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                                                            targets=list(lora_targets)))
+    if base == "tiny":
+        model, tok = build_tiny(seed)
+    else:
+        # a name that is no folder is a Hub id: without network only the local cache is tried, so we
+        # fail in seconds instead of after huggingface_hub's retries (~50 s)
+        offline = not os.path.isdir(base) and not _hub_reachable()
+        try:
+            tok = _load_tokenizer(name if ckpt else base, local_files_only=offline)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=offline)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load model '{base}': {e}\nWithout network access, pass a local folder "
+                             "written by save_pretrained (or one of our checkpoints) as --model.") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        tok.chat_template = CHAT_TEMPLATE  # base models ship none; ChatML as the original's Qwen2 data
+    model.to(device=device, dtype=dtype)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model.requires_grad_(False)
+        inject_lora(model, lora["r"], lora["alpha"], lora["dropout"], tuple(lora["targets"]))
+    policy = Policy(model, tok, "tiny" if base == "tiny" else (meta["base"] if ckpt and meta["base"] != "base" else base),
+                    lora, full_finetune).to(device)
+    if ckpt:
+        policy.base_modified = meta["base"] == "base"
+        missing = policy.load_state_dict(torch.load(os.path.join(name, "policy.pt"), map_location=device), strict=False)
+        bad = [k for k in missing.unexpected_keys]
+        if bad:
+            raise ValueError(f"{name}/policy.pt has unexpected weights: {bad[:5]}")
+    return policy
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Write the tiny model and tokenizer with save_pretrained")
+    ap.add_argument("--save-tiny", required=True, metavar="DIR")
+    a = ap.parse_args()
+    m, t = build_tiny()
+    m.save_pretrained(a.save_tiny); t.save_pretrained(a.save_tiny)
+    print(f"tiny Qwen2 ({sum(p.numel() for p in m.parameters()) / 1e6:.1f} M params, vocab {len(t)}) -> {a.save_tiny}")

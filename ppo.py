@@ -1,0 +1,386 @@
+"""Step-grained PPO (paper Sec. 4.2), by hand.
+
+Letters used in shape comments: B episodes, S steps (tool-call turns) of an episode, T tokens,
+N action tokens (sampled by the policy), U advantage units (steps, or action tokens with
+--advantage token), V vocabulary.
+
+For a batch of episodes with step rewards r_t (reward.py) and, from `prepare`, old log-probs
+log pi_old, reference log-probs log pi_ref and values V(s_t) read at the last token of each state:
+
+  KL penalty     r_t <- r_t - beta * sum_{k in a_t} (log pi_old(k) - log pi_ref(k))     (k1 estimator)
+  TD error       delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   V(s_{S}) = 0            Eq. (5)
+  advantage      A_t = sum_l (gamma * lam)^l delta_{t+l}                               Eq. (6)
+  return         R_t = A_t + V(s_t)
+  every action token of step t gets A_t; prompt and observation tokens get no gradient.
+  policy loss    mean over action tokens of max(-A rho, -A clip(rho, 1-eps, 1+eps)),
+                 rho = pi_theta / pi_old                                               Eq. (7)
+  value loss     0.5 * mean over steps of max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)
+  KL coef beta   adaptive (Ziegler et al. 2019): beta *= 1 + clip(KL/target - 1, +-0.2) * B/horizon
+
+    python ppo.py --bench                                  # tiny model, fixed shapes
+    python ppo.py --bench --model DIR --data FILE.tsv      # paper config on StepTool TSV trajectories
+
+Departures from the original code (StepTool's subclass of trl 0.10's PPOTrainer):
+1. GAE runs over steps, not tokens: the original runs it per token through tool-response tokens
+   (reward 0, value 0 there), so credit for a later step decays by (gamma*lam)^(tokens between).
+   Its variant is kept as --advantage token (rewards on each step's last action token, per-token
+   KL, observation tokens skipped rather than decayed through), for the ablation.
+2. The final IsSolved reward enters the return with weight 1; the original weighted step k's
+   score by (N - k - 1), which gives the final reward weight 0.
+3. Advantages are whitened over the batch's units (steps), each step counted once.
+4. A loss or gradient that is NaN/inf skips that update and is counted; it never reaches the weights.
+"""
+import argparse
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+import rollout
+
+
+@dataclass
+class PPOConfig:
+    lr: float = 1e-5               # Adam learning rate (paper config)
+    batch_size: int = 8            # episodes per PPO update
+    mini_batch_size: int = 2       # episodes per forward/backward pass
+    grad_accum: int = 4            # mini-batches per optimizer step
+    ppo_epochs: int = 4            # passes over the batch per update
+    init_kl_coef: float = 0.3      # beta_0
+    adaptive_kl: bool = True       # Ziegler et al.'s controller; False keeps beta fixed
+    target_kl: float = 6.0         # KL target of the controller (nats per episode)
+    horizon: int = 10000           # controller horizon
+    gamma: float = 0.99            # discount over steps
+    lam: float = 0.95              # GAE lambda
+    cliprange: float = 0.2         # epsilon of the clipped surrogate
+    cliprange_value: float = 0.2   # epsilon_v of the clipped value loss
+    vf_coef: float = 0.1           # weight of the value loss
+    ent_coef: float = 0.0          # entropy bonus (0 = off, as the paper)
+    max_grad_norm: float = 1.0     # gradient clipping
+    whiten: bool = True            # normalize advantages over the batch
+    advantage: str = "step"        # "step" (StepTool) or "token" (the original code's variant)
+
+
+class KLController:
+    """beta of the KL penalty; adaptive as Ziegler et al. (2019), or fixed."""
+
+    def __init__(self, cfg):
+        self.beta, self.cfg = cfg.init_kl_coef, cfg
+
+    def update(self, kl, n):
+        if self.cfg.adaptive_kl:
+            err = max(-0.2, min(0.2, kl / self.cfg.target_kl - 1))
+            self.beta *= 1 + err * n / self.cfg.horizon
+
+
+# ---- units: where values are read and advantages live ---------------------------------------
+def units(ep, mode):
+    """-> (action positions [N], value positions [U], unit of each action token [N], last action token of each step [S]).
+
+    step:  one unit per step; V(s_t) at the state's last token; all tokens of a_t share unit t.
+    token: one unit per action token (the original's per-token GAE); V at the token before it.
+    Computed once per episode and cached on it.
+    """
+    key = "_units_" + mode
+    if key not in ep.__dict__:
+        pos = torch.tensor(ep.act).nonzero().squeeze(-1)                      # [N] action token positions
+        step = torch.tensor(ep.step)[pos]                                     # [N] their step index
+        N = len(pos)
+        last = torch.zeros(ep.n_steps, dtype=torch.long).scatter_reduce(0, step, torch.arange(N), "amax")  # [S]
+        if mode == "step":
+            ep.__dict__[key] = (pos, torch.tensor(ep.state_end), step, last)
+        else:
+            ep.__dict__[key] = (pos, pos - 1, torch.arange(N), last)
+    return ep.__dict__[key]
+
+
+def collate(eps, mode, device):
+    """Right-pad a list of episodes into one forward batch, with flat index tensors.
+
+    ids, mask [B, T]; act_idx ([N], [N]) (row, position) and act_tok [N]; v_idx ([U], [U]);
+    unit [N]: index of each action token's unit in the flat [U] order of the batch.
+    """
+    T = max(len(e.ids) for e in eps)
+    ids = torch.zeros(len(eps), T, dtype=torch.long)
+    mask = torch.zeros(len(eps), T, dtype=torch.long)
+    ab, at, vb, vt, unit, u0 = [], [], [], [], [], 0
+    for b, e in enumerate(eps):
+        ids[b, :len(e.ids)] = torch.tensor(e.ids)
+        mask[b, :len(e.ids)] = 1
+        pos, vpos, unit_of, _ = units(e, mode)
+        ab.append(torch.full_like(pos, b)); at.append(pos)
+        vb.append(torch.full_like(vpos, b)); vt.append(vpos)
+        unit.append(unit_of + u0); u0 += len(vpos)
+    d = lambda xs: torch.cat(xs).to(device)
+    act_idx, ids, mask = (d(ab), d(at)), ids.to(device), mask.to(device)
+    return dict(ids=ids, mask=mask, act_idx=act_idx, act_tok=ids[act_idx], v_idx=(d(vb), d(vt)), unit=d(unit))
+
+
+def _chunks(eps, size):
+    """Mini-batches of similar length (less padding): sort by length, then cut."""
+    order = sorted(range(len(eps)), key=lambda i: len(eps[i].ids))
+    return [[eps[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
+
+
+@torch.no_grad()
+def prepare(policy, eps, cfg):
+    """Old log-probs, reference log-probs and old values of each episode (no gradient)."""
+    was = policy.training
+    policy.eval()
+    for mb in _chunks(eps, cfg.mini_batch_size):
+        c = collate(mb, cfg.advantage, policy.device)
+        logp, V, _ = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
+        with policy.reference():
+            ref_logp, _, _ = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
+        n = [len(units(e, cfg.advantage)[0]) for e in mb]
+        u = [len(units(e, cfg.advantage)[1]) for e in mb]
+        for e, lp, rl, v in zip(mb, logp.split(n), ref_logp.split(n), V.split(u)):
+            e.old_logp, e.ref_logp, e.old_values = lp.cpu(), rl.cpu(), v.cpu()
+    policy.train(was)
+
+
+def gae(r, V, mask, gamma, lam):
+    """Generalized advantage estimation over units, as an explicit reversed loop (Eq. 5-6).
+
+    r, V, mask: [B, U], units padded at the end (mask 0). V after the last unit is 0.
+    -> A, R: [B, U]
+    """
+    B, U = r.shape
+    A = torch.zeros_like(r)
+    last = torch.zeros(B)
+    for t in reversed(range(U)):
+        nxt = mask[:, t + 1] if t + 1 < U else torch.zeros(B)         # 1 if s_{t+1} exists
+        V_next = V[:, t + 1] * nxt if t + 1 < U else torch.zeros(B)
+        delta = r[:, t] + gamma * V_next - V[:, t]                      # Eq. (5)
+        last = delta + gamma * lam * nxt * last                         # Eq. (6)
+        A[:, t] = last * mask[:, t]
+    return A, (A + V) * mask
+
+
+def advantages(eps, beta, cfg):
+    """Step rewards - KL penalty -> GAE -> whitened advantages; stored on each episode."""
+    r_list, V_list, kls = [], [], []
+    for e in eps:
+        kl_tok = e.old_logp - e.ref_logp                                    # [N] k1 estimate of KL per token
+        kls.append(kl_tok.sum().item())
+        _, vpos, unit_of, last_tok = units(e, cfg.advantage)
+        r = torch.zeros(len(vpos))
+        r.index_add_(0, unit_of, -beta * kl_tok)                            # KL penalty, summed over each unit's tokens
+        step_r = torch.tensor(e.rewards, dtype=torch.float)                # [S]
+        if cfg.advantage == "step":
+            r += step_r                                                     # r_t on step t
+        else:
+            r[last_tok] += step_r                             # r_t on the last action token of step t
+        r_list.append(r); V_list.append(e.old_values)
+    U = max(len(r) for r in r_list)
+    pad = lambda xs: torch.stack([torch.cat([x, x.new_zeros(U - len(x))]) for x in xs])  # [B, U]
+    mask = pad([torch.ones(len(r)) for r in r_list])
+    A, R = gae(pad(r_list), pad(V_list), mask, cfg.gamma, cfg.lam)
+    if cfg.whiten:
+        a = A[mask.bool()]
+        A = (A - a.mean()) / (a.std(unbiased=False) + 1e-8) * mask
+    for b, e in enumerate(eps):
+        n = len(r_list[b])
+        e.A, e.R = A[b, :n], R[b, :n]
+    return {"reward/step_mean": torch.cat([torch.tensor(e.rewards, dtype=torch.float) for e in eps]).mean().item(),
+            "ppo/kl": sum(kls) / len(kls), "ppo/returns": R[mask.bool()].mean().item()}
+
+
+def policy_loss(logp, old_logp, A, eps):
+    """Clipped surrogate (Eq. 7), averaged over action tokens: logp, old_logp, A [N] -> (loss, rho [N])."""
+    ratio = (logp - old_logp).exp()                                    # rho = pi_theta / pi_old
+    return torch.max(-A * ratio, -A * ratio.clamp(1 - eps, 1 + eps)).mean(), ratio
+
+
+def value_loss(V, old_V, R, eps_v):
+    """Clipped value loss, averaged over units: V, old_V, R [U] -> 0.5 * mean max((V-R)^2, (V_clip-R)^2)."""
+    V_clip = old_V + (V - old_V).clamp(-eps_v, eps_v)                  # V may move at most eps_v from V_old
+    return 0.5 * torch.max((V - R) ** 2, (V_clip - R) ** 2).mean()
+
+
+def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
+    """One PPO update on a batch of episodes that carry `rewards`. Returns logged statistics."""
+    eps = [e for e in eps if e.n_steps > 0]
+    if not eps:  # e.g. every prompt too long for max_context: nothing to learn from
+        return {"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": 0, "ppo/episodes": 0, "ppo/tokens": 0}
+    prepare(policy, eps, cfg)
+    stats = advantages(eps, kl_ctl.beta, cfg)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    agg, skipped, n_mb = {}, 0, 0
+    policy.train()
+    group = cfg.mini_batch_size * cfg.grad_accum
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(len(eps), generator=gen).tolist()
+        for g in range(0, len(eps), group):                            # one optimizer step per group
+            mbs = _chunks([eps[i] for i in perm[g:g + group]], cfg.mini_batch_size)
+            optimizer.zero_grad(set_to_none=True)
+            ok = True
+            for mb in mbs:
+                c = collate(mb, cfg.advantage, policy.device)
+                dev = policy.device
+                old_logp = torch.cat([e.old_logp for e in mb]).to(dev)         # [N]
+                old_V = torch.cat([e.old_values for e in mb]).to(dev)          # [U]
+                A_unit = torch.cat([e.A for e in mb]).to(dev)                  # [U]
+                R = torch.cat([e.R for e in mb]).to(dev)                       # [U]
+                A = A_unit[c["unit"]]                                          # [N] step advantage -> each of its tokens
+                logp, V, ent = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"], entropy=cfg.ent_coef > 0)
+                pg, ratio = policy_loss(logp, old_logp, A, cfg.cliprange)       # Eq. (7)
+                vf = value_loss(V, old_V, R, cfg.cliprange_value)
+                loss = pg + cfg.vf_coef * vf - (cfg.ent_coef * ent.mean() if ent is not None else 0)
+                if not torch.isfinite(loss):
+                    ok = False
+                    break
+                (loss / len(mbs)).backward()
+                n_mb += 1
+                with torch.no_grad():
+                    for k, v in {"loss/policy": pg, "loss/value": vf, "loss/entropy": ent.mean() if ent is not None else 0.0,
+                                 "ppo/ratio": ratio.mean(), "ppo/clipfrac": ((ratio - 1).abs() > cfg.cliprange).float().mean(),
+                                 "ppo/approx_kl": 0.5 * ((logp - old_logp) ** 2).mean()}.items():
+                        agg[k] = agg.get(k, 0.0) + float(v)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")) if ok else torch.tensor(float("nan"))
+            if not ok or not torch.isfinite(norm):
+                optimizer.zero_grad(set_to_none=True)                          # a NaN never reaches the weights
+                skipped += 1
+                continue
+            optimizer.step()
+    kl_ctl.update(stats["ppo/kl"], len(eps))
+    stats.update({k: v / max(n_mb, 1) for k, v in agg.items()})
+    stats.update({"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": skipped, "ppo/episodes": len(eps),
+                  "ppo/tokens": sum(len(e.ids) for e in eps)})
+    return stats
+
+
+def make_optimizer(policy, cfg):
+    """The one place that builds the optimizer (DDP/FSDP wrapping goes next to it)."""
+    return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+
+
+# ---- fixed trajectories (the original StepTool TSV) -----------------------------------------
+def episodes_from_rows(policy, rows, max_tokens=None):
+    """TSV rows {prompt, response, reward} (reward.read_tsv) -> Episodes with step rewards.
+
+    prompt[0] is the state before the first action; prompt[k] is the observation after action k-1.
+    With max_tokens, each trajectory keeps its last max_tokens tokens; a step whose action (or the
+    state token before it) is cut is dropped with its reward, and counted in the second return value.
+    """
+    eps, dropped = [], 0
+    for row in rows:
+        ep = rollout.Episode()
+        for k, (p, r) in enumerate(zip(row["prompt"], row["response"])):
+            ep.add_context(policy.tok(p, add_special_tokens=False)["input_ids"])
+            ep.add_action(policy.tok(r, add_special_tokens=False)["input_ids"])
+        ep.rewards = list(row["reward"])
+        if max_tokens and len(ep.ids) > max_tokens:
+            ep, d = truncate_left(ep, max_tokens)
+            dropped += d
+        eps.append(ep)
+    return eps, dropped
+
+
+def truncate_left(ep, n):
+    """Keep the last n tokens. A step survives only with its whole action and the last token of its
+    state (where V(s_t) is read); the others lose their gradient and reward."""
+    cut = len(ep.ids) - n
+    keep = [t for t in range(ep.n_steps) if ep.state_end[t] >= cut]
+    new = rollout.Episode(ids=ep.ids[cut:], act=[], step=[], state_end=[], rewards=[ep.rewards[t] for t in keep])
+    remap = {t: i for i, t in enumerate(keep)}
+    for p in range(cut, len(ep.ids)):
+        s = ep.step[p] if ep.act[p] and ep.step[p] in remap else -1
+        new.act.append(s >= 0); new.step.append(remap.get(s, -1) if s >= 0 else -1)
+    new.state_end = [ep.state_end[t] - cut for t in keep]
+    return new, ep.n_steps - len(keep)
+
+
+# ---- benchmark ------------------------------------------------------------------------------
+def _peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(args):
+    import policy as P
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    pol = P.load_policy(args.model, device=args.device, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    cfg = PPOConfig(advantage=args.advantage)
+    if args.data:
+        import reward
+        rows = reward.read_tsv(args.data)
+        all_eps, dropped = episodes_from_rows(pol, rows, max_tokens=args.max_tokens)
+        batches = [[all_eps[(i * cfg.batch_size + j) % len(all_eps)] for j in range(cfg.batch_size)] for i in range(args.updates + 1)]
+        shape = f"{len(rows)} TSV trajectories, last {args.max_tokens} tokens, {dropped} cut steps dropped"
+    else:
+        g = torch.Generator().manual_seed(0)
+        V = len(pol.tok)
+        def synth():
+            ep = rollout.Episode(); ep.add_context(torch.randint(3, V, (400,), generator=g).tolist())
+            for t in range(3):
+                ep.add_action(torch.randint(3, V, (64,), generator=g).tolist())
+                ep.add_context(torch.randint(3, V, (150,), generator=g).tolist())
+            ep.rewards = [0.5, 1.0, 0.0]
+            return ep
+        batches = [[synth() for _ in range(cfg.batch_size)] for _ in range(args.updates + 1)]
+        shape = "8 synthetic episodes x 1,042 tokens (400 prompt + 3 x (64 action + 150 observation))"
+    opt, kl = make_optimizer(pol, cfg), KLController(cfg)
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        update(pol, opt, [rollout.Episode(e.ids, e.act, e.step, e.state_end, e.rewards) for e in b], cfg, kl)
+        if i:  # the first update is a warm-up
+            times.append(time.perf_counter() - t0)
+    toks = [sum(len(e.ids) for e in b) for b in batches[1:]]
+    med = sorted(times)[len(times) // 2]
+    n_params = sum(p.numel() for n, p in pol.model.named_parameters() if ".A" not in n and ".B" not in n)
+    # FLOPs of an update: 2 no-grad passes + epochs x (fwd + bwd of activations, ~2 fwd) at ~2 * params per token
+    flops = sum(toks) / len(toks) * 2 * n_params * (2 + cfg.ppo_epochs * 3)
+    out = {"impl": "steptool", "shape": shape, "update_s_median": med, "tokens_per_update": sum(toks) / len(toks),
+           "update_tokens_per_s": sum(toks) / sum(times), "peak_rss_mib": _peak_rss_mib(), "threads": args.threads}
+    try:
+        from bench_trl import matmul_peak_gflops
+        peak = matmul_peak_gflops(threads=args.threads)
+        out.update(matmul_peak_gflops=peak, mfu=flops / med / 1e9 / peak)
+    except ImportError:
+        pass
+    if not args.data:
+        out.update(bench_rollouts(pol, args))
+    print(f"update: {med:.2f} s median over {len(times)}, {out['update_tokens_per_s']:.0f} tokens/s, peak RSS {out['peak_rss_mib']:.0f} MiB ({shape})")
+    print(json.dumps(out))
+
+
+def bench_rollouts(pol, args):
+    """16 episodes batched vs one at a time, on the embedded server (tiny random model: long, wrong turns)."""
+    import env
+    import server
+    srv = server.start_in_thread()
+    try:
+        client = env.ToolClient(srv.url)
+        tasks = env.load_tasks(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bench_test.json"))[:16]
+        kw = dict(max_steps=3, max_new_tokens=64, temperature=1.0)
+        res = {}
+        for name, groups in (("batched", [tasks]), ("sequential", [[t] for t in tasks])):
+            t0, new = time.perf_counter(), 0
+            for i, grp in enumerate(groups):
+                eps, _ = rollout.rollout(pol, grp, client, first_episode=i, **kw)
+                new += sum(sum(e.act) for e in eps)
+            dt = time.perf_counter() - t0
+            res[f"rollout_{name}_tokens_per_s"] = new / dt
+            print(f"rollout {name}: {new} sampled tokens in {dt:.1f} s = {new / dt:.0f} tokens/s")
+        res["rollout_speedup"] = res["rollout_batched_tokens_per_s"] / res["rollout_sequential_tokens_per_s"]
+        return res
+    finally:
+        srv.shutdown()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Benchmark the step-grained PPO update and batched rollouts")
+    ap.add_argument("--bench", action="store_true", required=True)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--data", help="StepTool training TSV (PPO on its trajectories, paper config)")
+    ap.add_argument("--max-tokens", type=int, default=1280, help="cut each TSV trajectory to its last N tokens")
+    ap.add_argument("--updates", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--advantage", default="step", choices=["step", "token"])
+    ap.add_argument("--device")
+    bench(ap.parse_args())

@@ -1,0 +1,271 @@
+"""Specification of policy.py: log-probs that do not depend on batching or padding, greedy generation
+with the KV cache equal to a plain loop, LoRA as an exact no-op that merges and saves faithfully, the
+reference policy, and load_policy's failure modes. Models are ~0.2 M-parameter random Qwen2s
+(conftest.make_policy); fp32 throughout."""
+import time
+
+import pytest
+import torch
+
+import policy as P
+import ppo
+import rollout
+from conftest import SMALL
+
+
+def random_episodes(seed, shapes, vocab=2048):
+    """[(prompt, action, observation, action)] token counts -> Episodes of random non-special ids."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()
+    eps = []
+    for n_p, n_a, n_o, n_b in shapes:
+        ep = rollout.Episode()
+        ep.add_context(r(n_p)); ep.add_action(r(n_a)); ep.add_context(r(n_o)); ep.add_action(r(n_b))
+        eps.append(ep)
+    return eps
+
+
+EPS = [(7, 3, 4, 2), (15, 5, 9, 4), (3, 2, 2, 1)]
+
+
+def forward(pol, eps, mode="step"):
+    c = ppo.collate(eps, mode, pol.device)
+    with torch.no_grad():
+        return pol(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])[:2]
+
+
+def randomize_lora(pol, seed=1, scale=0.1):
+    """As if trained: B != 0 (B = 0 would hide any merge or save mistake)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in pol.lora_modules():
+        m.B.data = torch.randn(m.B.shape, generator=g) * scale
+    pol.v_head.weight.data += 0.1
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+# ---- log-probs: batching and padding -------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["step", "token"])
+def test_batched_log_probs_and_values_equal_per_episode_ones(make_policy, mode):
+    pol = make_policy().eval()
+    randomize_lora(pol)
+    eps = random_episodes(0, EPS)
+    logp, V = forward(pol, eps, mode)
+    alone = [forward(pol, [e], mode) for e in eps]
+    torch.testing.assert_close(logp, torch.cat([a[0] for a in alone]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(V, torch.cat([a[1] for a in alone]), atol=1e-5, rtol=0)
+    assert len(logp) == sum(sum(e.act) for e in eps)
+
+
+def test_left_and_right_padding_give_the_same_log_probs(make_policy):
+    pol = make_policy().eval()
+    randomize_lora(pol)
+    eps = random_episodes(0, EPS)
+    c = ppo.collate(eps, "step", pol.device)  # right padding
+    T = c["ids"].shape[1]
+    shift = torch.tensor([T - len(e.ids) for e in eps])
+    ids = torch.zeros_like(c["ids"]); mask = torch.zeros_like(c["mask"])
+    for b, e in enumerate(eps):  # the same rows, padded on the left by hand
+        ids[b, shift[b]:] = torch.tensor(e.ids); mask[b, shift[b]:] = 1
+    (ab, at), (vb, vt) = c["act_idx"], c["v_idx"]
+    with torch.no_grad():
+        right = pol(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
+        left = pol(ids, mask, (ab, at + shift[ab]), c["act_tok"], (vb, vt + shift[vb]))
+    torch.testing.assert_close(left[0], right[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(left[1], right[1], atol=1e-5, rtol=0)
+
+
+def greedy_without_cache(model, prompt, n, stop_ids):
+    """The reference: one full forward of the unpadded sequence per new token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(logits(model, ids)[-1].argmax()))
+        if ids[-1] in stop_ids:
+            break
+    return ids[len(prompt):]
+
+
+def test_greedy_generate_equals_a_no_cache_loop_alone_and_inside_a_left_padded_batch(make_policy):
+    pol = make_policy().eval()
+    randomize_lora(pol, scale=1.0)  # a fresh random model repeats one token forever; this one does not
+    g = torch.Generator().manual_seed(5)
+    short, mid, long = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (4, 11, 23))
+    ref = greedy_without_cache(pol.model, mid, 12, pol.stop_ids)
+    assert len(set(ref)) > 1  # not a degenerate repeat of one token
+    assert pol.generate([mid], 12, temperature=0) == [ref]
+    assert pol.generate([long, mid, short], 12, temperature=0)[1] == ref
+    assert pol.generate([short, mid], 12, temperature=0)[1] == ref
+
+
+def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(make_policy):
+    pol = make_policy().eval()
+    g = torch.Generator().manual_seed(6)
+    a, b = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (9, 14))
+    ref_b = greedy_without_cache(pol.model, b, 10, pol.stop_ids)
+    pol.stop_ids = [greedy_without_cache(pol.model, a, 1, [])[0]]  # a's first greedy token now ends its turn
+    assert ref_b[:10].count(pol.stop_ids[0]) == 0
+    out = pol.generate([a, b], 10, temperature=0)
+    assert out[0] == pol.stop_ids and out[1] == ref_b  # b goes on after a left the batch and the cache
+
+
+def test_sampling_depends_on_each_rows_generator_only(make_policy):
+    pol = make_policy().eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    both = pol.generate(prompts, 8, temperature=1.0, generators=gens(1, 2))
+    assert pol.generate(prompts[1:], 8, temperature=1.0, generators=gens(2)) == both[1:]
+    assert pol.generate(prompts, 8, temperature=1.0, generators=gens(1, 3))[0] == both[0]
+
+
+def test_top_p_keeps_only_the_smallest_set_of_tokens_with_mass_top_p():
+    logits_ = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(200, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(200)]
+    drawn = set(P._sample(logits_, 1.0, 0.75, gens).tolist())
+    assert drawn == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3
+    assert set(P._sample(logits_, 1.0, 1.0, gens).tolist()) == {0, 1, 2, 3}
+
+
+# ---- LoRA, the reference policy, saving --------------------------------------------------------
+@pytest.fixture
+def base_model(tiny_tok):
+    """base_model(seed): the random Qwen2 that make_policy(seed) wraps, without LoRA."""
+    return lambda seed: P.build_tiny(seed, tok=tiny_tok, **SMALL)[0].eval()
+
+
+IDS = list(range(3, 40))
+TEXT = 'Thought: weather first.\nAction: forecast_for_skycast\nAction Input: {"city": "Velmora"}'
+
+
+def test_fresh_lora_is_an_exact_no_op(make_policy, base_model):
+    pol = make_policy(seed=2).eval()
+    assert len(pol.lora_modules()) == 2 * 7 and all((m.B == 0).all() for m in pol.lora_modules())
+    assert torch.equal(logits(pol.model, IDS), logits(base_model(2), IDS))
+
+
+def test_only_lora_and_value_head_weights_train(make_policy):
+    pol = make_policy()
+    trainable = {n for n, p in pol.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".A", ".B")) or n.startswith("v_head.") for n in trainable)
+
+
+def test_reference_switches_lora_off_and_back_on(make_policy, base_model):
+    pol = make_policy(seed=2).eval()
+    randomize_lora(pol)
+    eps = random_episodes(0, EPS)
+    adapted = forward(pol, eps)[0]
+    base_pol = P.Policy(base_model(2), pol.tok, "tiny").eval()
+    with pol.reference():
+        ref = forward(pol, eps)[0]
+    torch.testing.assert_close(ref, forward(base_pol, eps)[0], atol=1e-6, rtol=0)
+    assert (ref - adapted).abs().max() > 1e-3
+    assert torch.equal(forward(pol, eps)[0], adapted)  # back on
+
+
+def test_full_finetune_reference_is_a_frozen_copy_of_the_starting_weights(make_policy):
+    pol = make_policy(seed=2, full_finetune=True).eval()
+    assert all(p.requires_grad for p in pol.model.parameters())
+    assert not any(p.requires_grad for p in pol.ref_model.parameters())
+    eps = random_episodes(0, EPS)
+    before = forward(pol, eps)[0]
+    with torch.no_grad():
+        pol.model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    with pol.reference():
+        torch.testing.assert_close(forward(pol, eps)[0], before, atol=0, rtol=0)
+    assert (forward(pol, eps)[0] - before).abs().max() > 1e-4
+
+
+def test_export_merged_loads_in_plain_transformers_with_the_adapters_logits(make_policy, base_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+    pol = make_policy(seed=2).eval()
+    randomize_lora(pol)
+    pol.export_merged(str(tmp_path))
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert not any("lora" in n or n.endswith((".A", ".B")) for n, _ in plain.named_parameters())
+    torch.testing.assert_close(logits(plain, IDS), logits(pol.model, IDS), atol=1e-5, rtol=0)
+    assert (logits(plain, IDS) - logits(base_model(2), IDS)).abs().max() > 1e-3  # the adapter is in there
+    assert P.load_policy(str(tmp_path), device="cpu").tok(TEXT)["input_ids"] == pol.tok(TEXT)["input_ids"]
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_save_then_load_policy_restores_log_probs_values_and_reference(make_policy, tmp_path, full_finetune):
+    pol = make_policy(seed=2, full_finetune=full_finetune).eval()
+    eps = random_episodes(0, EPS)
+    with pol.reference():
+        ref = forward(pol, eps)[0]
+    if full_finetune:  # as if trained: the weights move, the reference must not
+        with torch.no_grad():
+            for p in pol.model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        pol.v_head.weight.data += 0.1
+    else:
+        randomize_lora(pol)
+    pol.save(str(tmp_path))
+    back = P.load_policy(str(tmp_path), device="cpu").eval()
+    assert back.full_finetune == full_finetune and back.lora_cfg == pol.lora_cfg
+    for a, b in zip(forward(back, eps), forward(pol, eps)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with back.reference():
+        torch.testing.assert_close(forward(back, eps)[0], ref, atol=1e-6, rtol=0)
+
+
+def test_a_checkpoint_of_a_policy_from_a_relative_folder_loads_from_any_working_directory(
+        tiny_tok, base_model, tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    base_model(4).save_pretrained(str(tmp_path / "models" / "m")); tiny_tok.save_pretrained(str(tmp_path / "models" / "m"))
+    monkeypatch.chdir(tmp_path / "models")
+    pol = P.load_policy("m", device="cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    randomize_lora(pol)
+    pol.save(str(tmp_path / "ckpt"))
+    monkeypatch.chdir(tmp_path)
+    back = P.load_policy(str(tmp_path / "ckpt"), device="cpu")
+    eps = random_episodes(0, EPS)
+    torch.testing.assert_close(forward(back, eps)[0], forward(pol.eval(), eps)[0], atol=1e-6, rtol=0)
+
+
+# ---- load_policy ---------------------------------------------------------------------------------
+def test_load_policy_on_an_unknown_name_fails_fast_saying_to_pass_a_local_folder():
+    for name in ("nobody-here/no-such-model-xyz", "/no/such/folder"):
+        t0 = time.time()
+        with pytest.raises(ValueError, match="local folder"):
+            P.load_policy(name, device="cpu")
+        assert time.time() - t0 < 30, name
+
+
+def test_load_policy_reads_a_save_pretrained_folder(tiny_tok, base_model, tmp_path):
+    model = base_model(4)
+    model.save_pretrained(str(tmp_path)); tiny_tok.save_pretrained(str(tmp_path))
+    pol = P.load_policy(str(tmp_path), device="cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    assert pol.source == str(tmp_path) and len(pol.lora_modules()) == 14
+    assert pol.eot == "<|im_end|>" and pol.stop_ids == [pol.eot_id]
+    assert pol.tok(TEXT)["input_ids"] == tiny_tok(TEXT)["input_ids"]  # as trained, not re-split as Qwen2's
+    torch.testing.assert_close(logits(pol.model, IDS), logits(model, IDS), atol=0, rtol=0)
+    out = pol.generate([pol.encode_prompt([{"role": "user", "content": "hi"}])], 4, temperature=0)
+    assert len(out[0]) >= 1
+
+
+# ---- step-wise tokenization ----------------------------------------------------------------------
+def test_step_wise_tokens_equal_the_whole_dialogue_rendered_by_the_chat_template(make_policy):
+    pol = make_policy()
+    msgs = [{"role": "system", "content": "Functions: f(x)"}, {"role": "user", "content": "Do it."}]
+    ids = pol.encode_prompt(msgs)
+    for act, obs in [("Thought: a\nAction: f\nAction Input: {}", '{"error": "", "response": 1}'),
+                     ("Thought: b\nAction: Finish\nAction Input: {}", None)]:
+        ids += pol.encode_action(act)  # ends with the end-of-turn token, as a sampled turn does
+        msgs.append({"role": "assistant", "content": act})
+        if obs is not None:
+            msgs.append({"role": "function", "content": obs})
+            ids += pol.encode_observation(msgs, ended=True)
+    whole = pol.tok.apply_chat_template(msgs, tokenize=False).removesuffix("\n")  # after the last <|im_end|>: not sampled
+    assert ids == pol.tok(whole, add_special_tokens=False)["input_ids"]
+
+
+def test_a_turn_cut_by_max_new_tokens_gets_the_templates_end_of_turn_as_context(make_policy):
+    pol = make_policy()
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Thought: cut"},
+            {"role": "function", "content": "obs"}]
+    ended = pol.encode_observation(msgs, ended=True)
+    cut = pol.encode_observation(msgs, ended=False)
+    assert cut == [pol.eot_id] + ended
