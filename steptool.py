@@ -1,43 +1,344 @@
-"""StepTool entry point. For now: start the embedded tool server and replay the embedded
-benchmark's expert trajectories through env, printing how many solve their task.
-(The training loop arrives with the PPO issues.)
+"""StepTool: step-grained reinforcement learning for multi-step tool use (Yu et al., arXiv 2410.07745).
 
-    python steptool.py [--tasks data/bench_test.json]
+    python steptool.py                                  # the whole method on the embedded benchmark, CPU
+    python steptool.py --quick                          # a one-minute smoke run
+    python steptool.py --model Qwen/Qwen2-7B --tool-server http://HOST:8080 \\
+        --tasks train_queries.json --eval-tasks G1_instruction.json ... --judge-url URL
+    python steptool.py --data step_grained_for_ppo.qwen2.tsv --model DIR   # the paper's offline mode
+
+The algorithm box (online mode, the default):
+    SFT warm start on expert trajectories (optional; the paper fine-tunes before PPO)
+    for each iteration:
+        roll out a batch of tasks with pi_theta                 (rollout.py; env.py + the tool server)
+        step rewards r_t: SuccCalling, Contribution, IsSolved   (reward.py, Sec. 4.1)
+        GAE over steps, K epochs of clipped PPO with a KL penalty (ppo.py, Sec. 4.2)
+        log; every --eval-every iterations Pass Rate and Recall (eval.py); checkpoint
+Offline mode (--data FILE.tsv) replaces the rollouts by a fixed set of trajectories with their step
+rewards, in the original's TSV format: PPO over them, as the paper's released code trains.
+
+Departures from the original code:
+1. Online rollouts by default (the original trains only offline, with "old" log-probs computed by
+   the model being trained: our offline mode does the same, online mode is on-policy PPO).
+2. An episode that overflows --max-context ends unsolved and keeps its completed steps' rewards
+   (the original cut the context to its last 4,096 tokens and silently dropped cut steps' rewards).
+3. If the tool server stays unreachable after the client's retries, the run stops with an error;
+   the last checkpoint is intact and --resume continues from it.
 """
 import argparse
+import json
+import math
 import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from tqdm import tqdm
 
 import env
+import eval as evaluation
+import policy as P
+import ppo
+import reward
+import rollout
 import server
+import sft as SFT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def replay_experts(tasks, client):
-    """Replay each task's expert trajectory through the environment; count those that solve it."""
-    solved = 0
-    for task in tasks:
-        e = env.ToolEnv(client)
-        e.reset(task)
-        for s in task.expert:
-            if e.done:
-                break
-            e.step(env.format_action(s["thought"], s["name"], s["arguments"]))
-        answer = e.traj.final_answer.lower()
-        solved += e.traj.finish == "give_answer" and all(a.lower() in answer for a in task.answer)
-    return solved
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to train, on what
+    model: str = opt("tiny", "hub id, local folder, our checkpoint, or tiny (built locally)")
+    tasks: tuple = opt((), "training task files (default: the embedded benchmark's train split)")
+    eval_tasks: tuple = opt((), "evaluation task files (default: the embedded benchmark's test split)")
+    eval_limit: int = opt(None, "evaluate on the first N tasks of each group (0 = all)")
+    tool_server: str = opt("", "StableToolBench-compatible server URL; empty: start the embedded one")
+    data: str = opt("", "offline mode: PPO over the trajectories of this StepTool TSV")
+    judge_url: str = opt("", "OpenAI-compatible judge for tasks without answer facts (key: $OPENAI_API_KEY)")
+    judge_model: str = opt("gpt-4o-mini", "judge model name")
+    # rewards (Sec. 4.1) and advantages (Sec. 4.2)
+    reward: str = opt("stepgrained", "stepgrained | final | module.function")
+    alpha: float = opt(1.0, "alpha of r_t = (alpha SuccCalling + Contribution) / (1 + alpha)")
+    advantage: str = opt("step", "step (GAE over tool-call steps) | token (the original's per-token GAE)")
+    # schedule
+    sft_epochs: int = opt(None, "epochs of SFT warm start on expert trajectories (0 = none)")
+    sft_lr: float = opt(None, "SFT peak learning rate")
+    iterations: int = opt(None, "PPO iterations (one batch of rollouts + one update each)")
+    episodes_per_iteration: int = opt(None, "episodes per iteration = PPO batch size")
+    eval_every: int = opt(None, "evaluate every N iterations (0 = only at start and end)")
+    save_every: int = opt(10, "checkpoint every N iterations (and at the end)")
+    # PPO (paper config for real models)
+    lr: float = opt(None, "PPO learning rate")
+    mini_batch_size: int = opt(2, "episodes per forward/backward")
+    grad_accum: int = opt(None, "mini-batches per optimizer step")
+    ppo_epochs: int = opt(4, "PPO epochs per batch")
+    init_kl_coef: float = opt(None, "initial KL coefficient beta")
+    target_kl: float = opt(6.0, "KL target of the adaptive controller")
+    horizon: int = opt(10000, "KL controller horizon")
+    gamma: float = opt(0.99, "discount over steps")
+    lam: float = opt(0.95, "GAE lambda")
+    cliprange: float = opt(0.2, "PPO clip epsilon")
+    cliprange_value: float = opt(0.2, "value clip epsilon")
+    vf_coef: float = opt(0.1, "value loss weight")
+    ent_coef: float = opt(0.0, "entropy bonus weight")
+    # rollouts
+    temperature: float = opt(1.0, "sampling temperature of training rollouts")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    max_steps: int = opt(12, "actions per episode")
+    max_new_tokens: int = opt(None, "tokens per assistant turn")
+    max_context: int = opt(4096, "tokens per episode; a turn that would not fit ends it (unsolved)")
+    obs_chars: int = opt(1024, "tool responses are cut to this many characters")
+    # model
+    full_finetune: bool = opt(None, "train every weight (else LoRA + value head)")
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(16, "LoRA alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (memory for time)")
+    # run
+    output: str = opt("runs/steptool", "folder for checkpoints, metrics.jsonl, curves.png, final model")
+    resume: str = opt("", "continue the run in this folder from its last checkpoint")
+    seed: int = opt(0, "seed of everything")
+    device: str = opt("", "cuda | cpu (default: cuda if available)")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    quick: bool = opt(False, "a tiny budget: a smoke run in about a minute")
+
+
+# defaults that differ between a real model (the paper's config) and the from-scratch tiny model
+PAPER = dict(sft_epochs=0, sft_lr=1e-4, iterations=200, episodes_per_iteration=8, eval_every=50, eval_limit=0,
+             lr=1e-5, grad_accum=4, init_kl_coef=0.3, max_new_tokens=512, full_finetune=False)
+TINY = dict(sft_epochs=2, sft_lr=2e-3, iterations=40, episodes_per_iteration=16, eval_every=10, eval_limit=40,
+            lr=5e-5, grad_accum=8, init_kl_coef=0.05, max_new_tokens=96, full_finetune=True)
+QUICK = dict(sft_epochs=1, iterations=2, episodes_per_iteration=4, eval_every=0, eval_limit=2, ppo_epochs=1,
+             max_steps=4, max_new_tokens=48, grad_accum=2, save_every=1)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        kw = ({"action": argparse.BooleanOptionalAction} if f.type is bool or f.name == "full_finetune" else
+              {"nargs": "+"} if f.type is tuple else {"type": {"int": int, "float": float, "str": str}.get(f.type, f.type)})
+        if f.name in PAPER and "type" in kw:
+            kw["type"] = type(PAPER[f.name])
+        ap.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
+    cfg = Config(**vars(ap.parse_args(argv)))
+    given = {k for k, v in asdict(cfg).items() if v is not None and k in PAPER}
+    base = dict(TINY if cfg.model == "tiny" else PAPER, **(QUICK if cfg.quick else {}))
+    for k, v in base.items():
+        if k not in given and (k in PAPER or getattr(cfg, k) == Config.__dataclass_fields__[k].default):
+            setattr(cfg, k, v)
+    return cfg
+
+
+def ppo_config(cfg):
+    return ppo.PPOConfig(lr=cfg.lr, batch_size=cfg.episodes_per_iteration, mini_batch_size=cfg.mini_batch_size,
+                         grad_accum=cfg.grad_accum, ppo_epochs=cfg.ppo_epochs, init_kl_coef=cfg.init_kl_coef,
+                         target_kl=cfg.target_kl, horizon=cfg.horizon, gamma=cfg.gamma, lam=cfg.lam,
+                         cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+                         ent_coef=cfg.ent_coef, advantage=cfg.advantage)
+
+
+# ---- checkpoints: written to a temporary folder, then renamed ----------------------------------
+def save_checkpoint(path, policy, optimizer, kl_ctl, iteration, cfg, metrics):
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save(tmp)
+    torch.save({"optimizer": optimizer.state_dict() if optimizer else None, "kl_beta": kl_ctl.beta,
+                "iteration": iteration, "config": asdict(cfg), "metrics": metrics,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
+               os.path.join(tmp, "state.pt"))
+    if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)          # the new checkpoint is complete before the old one goes
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir):
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
+        if os.path.isfile(os.path.join(run_dir, name, "state.pt")):
+            return os.path.join(run_dir, name)
+    raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in it")
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+def evaluate(policy, tasks, client, cfg, judge_fn):
+    """Greedy rollouts on the eval tasks -> {group: {pass_rate, recall}} (eval.py's definitions)."""
+    trajs = evaluation.run_policy(policy, tasks, client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
+                                  max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context)
+    _, scored, groups = evaluation.evaluate(trajs, tasks, judge_fn, repeats=1 if all(t.answer for t in tasks) else 3)
+    out = {g: {"pass_rate": m["pass_rate"], "recall": m["recall"]} for _, g, m in scored}
+    if "Avg" in groups:
+        out["overall"] = {"pass_rate": groups["Avg"]["pass_rate"], "recall": groups["Avg"]["recall"]}
+    return out
+
+
+def limit_per_group(tasks, n):
+    if not n:
+        return tasks
+    seen = {}
+    return [t for t in tasks if seen.setdefault(t.group, []).append(t) or len(seen[t.group]) <= n]
+
+
+def log_line(metrics_path, rec):
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    keys = [k for k in rec if k.startswith(("rollout/", "reward/", "loss/", "ppo/kl", "eval/")) and "/G" not in k]
+    print(f"iter {rec['iteration']:4d} | " + " | ".join(f"{k} {rec[k]:.3f}" for k in keys if isinstance(rec[k], float))
+          + f" | {rec['time/iteration_s']:.1f}s")
+
+
+def plot(metrics, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("steptool: matplotlib is not installed; no curves.png (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, key in zip(axes, ["eval/overall/pass_rate", "eval/overall/recall", "reward/step_mean", "ppo/kl"]):
+        pts = [(m["iteration"], m[key]) for m in metrics if m.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None)
+        ax.set_title(key); ax.set_xlabel("iteration")
+    fig.tight_layout(); fig.savefig(path, dpi=80); plt.close(fig)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.resume:
+        ckpt = find_checkpoint(cfg.resume)
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+        cfg = Config(**{**state["config"], "resume": cfg.resume, "tool_server": cfg.tool_server or state["config"]["tool_server"]})
+    # derived sizes and paths
+    tasks_files = cfg.tasks or (os.path.join(HERE, "data", "bench_train.json"),)
+    eval_files = cfg.eval_tasks or (os.path.join(HERE, "data", "bench_test.json"),)
+    os.makedirs(cfg.output, exist_ok=True)
+    metrics_path = os.path.join(cfg.output, "metrics.jsonl")
+    ckpt_path = os.path.join(cfg.output, "checkpoint")
+    # seeding, in one block; each rollout's randomness comes from (seed, iteration, episode)
+    random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    srv = None
+    if not cfg.tool_server:
+        srv = server.start_in_thread()
+    url = cfg.tool_server or srv.url
+    try:
+        client = env.ToolClient(url)
+        client.check()                                   # a dead server fails here, before any training
+        train_tasks = [t for p in tasks_files for t in env.load_tasks(p)]
+        eval_tasks = limit_per_group([t for p in eval_files for t in env.load_tasks(p)], cfg.eval_limit)
+        judge = reward.Judge(cfg.judge_url, cfg.judge_model, repeats=1) if cfg.judge_url else None
+        judge_fn = evaluation.make_judge(cfg.judge_url, cfg.judge_model)
+        if cfg.resume:
+            policy = P.load_policy(ckpt, device=cfg.device or None)
+        else:
+            policy = P.load_policy(cfg.model, device=cfg.device or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                   lora_dropout=cfg.lora_dropout, full_finetune=cfg.full_finetune,
+                                   gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+        pcfg = ppo_config(cfg)
+        kl_ctl = ppo.KLController(pcfg)
+        optimizer = ppo.make_optimizer(policy, pcfg)     # the one place to wrap in DDP/FSDP later
+        start, metrics = 0, []
+        if cfg.resume:
+            optimizer.load_state_dict(state["optimizer"])
+            kl_ctl.beta, start, metrics = state["kl_beta"], state["iteration"], state["metrics"]
+            torch.set_rng_state(state["rng"]["torch"]); np.random.set_state(state["rng"]["numpy"])
+            random.setstate(state["rng"]["python"])
+            with open(metrics_path, "w") as f:               # drop lines written after the checkpoint
+                f.writelines(json.dumps(m) + "\n" for m in metrics)
+            print(f"steptool: resumed {ckpt} at iteration {start}")
+        else:
+            open(metrics_path, "w").close()
+            # ---- SFT warm start ----
+            if cfg.sft_epochs:
+                experts = [t for t in train_tasks if t.expert]
+                eps = [rollout.expert_episode(policy, t, client)[0] for t in tqdm(experts, desc="expert episodes", leave=False)]
+                t0 = time.time()
+                losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, seed=cfg.seed)
+                print(f"sft: {len(eps)} expert episodes x {cfg.sft_epochs} epochs, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
+            policy.freeze_reference()                       # pi_ref = the SFT policy
+            optimizer = ppo.make_optimizer(policy, pcfg)
+            t0 = time.time()
+            ev = evaluate(policy, eval_tasks, client, cfg, judge_fn)
+            metrics.append({"iteration": 0, "time/iteration_s": time.time() - t0,
+                            **{f"eval/{g}/{k}": v for g, m in ev.items() for k, v in m.items()}})
+            log_line(metrics_path, metrics[-1])
+            save_checkpoint(ckpt_path, policy, optimizer, kl_ctl, 0, cfg, metrics)
+
+        offline = None
+        if cfg.data:
+            offline, dropped = ppo.episodes_from_rows(policy, reward.read_tsv(cfg.data), cfg.max_context)
+            print(f"offline: {len(offline)} trajectories from {cfg.data}" + (f", {dropped} cut steps" if dropped else ""))
+        B = cfg.episodes_per_iteration
+        for it in range(start + 1, cfg.iterations + 1):
+            t0 = time.time()
+            torch.manual_seed(cfg.seed * 100003 + it)       # dropout etc.: a function of (seed, iteration)
+            gen = torch.Generator().manual_seed(cfg.seed * 100003 + it)
+            # ---- roll out (or take fixed trajectories) ----
+            if offline is not None:
+                idx = torch.randperm(len(offline), generator=gen)[:B].tolist()
+                eps = [rollout.Episode(offline[i].ids, offline[i].act, offline[i].step, offline[i].state_end,
+                                       offline[i].rewards) for i in idx]
+                rec = {}
+            else:
+                batch = [train_tasks[i] for i in torch.randint(len(train_tasks), (B,), generator=gen).tolist()]
+                eps, trajs = rollout.rollout(policy, batch, client, seed=cfg.seed, iteration=it, max_steps=cfg.max_steps,
+                                             max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context,
+                                             temperature=cfg.temperature, top_p=cfg.top_p, obs_chars=cfg.obs_chars)
+                # ---- step rewards (Sec. 4.1) ----
+                rewards, rstats = reward.shape_batch(batch, trajs, cfg.reward, cfg.alpha, judge)
+                for e, r in zip(eps, rewards):
+                    e.rewards = r
+                rec = {"rollout/steps": float(np.mean([e.n_steps for e in eps])),
+                       "rollout/tokens": float(np.mean([len(e.ids) for e in eps])),
+                       "rollout/finished": float(np.mean([t.finish == "give_answer" for t in trajs])),
+                       "reward/is_solved": float(rstats["is_solved"]),
+                       "reward/succ_calling": float(rstats["succ_calling"]),
+                       "reward/contribution": float(rstats["contribution"])}
+            # ---- PPO update over steps (Sec. 4.2) ----
+            stats = ppo.update(policy, optimizer, eps, pcfg, kl_ctl, gen)
+            rec.update({k: float(v) for k, v in stats.items()})
+            # ---- log / evaluate / save ----
+            if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations:
+                ev = evaluate(policy, eval_tasks, client, cfg, judge_fn)
+                rec.update({f"eval/{g}/{k}": v for g, m in ev.items() for k, v in m.items()})
+            rec.update({"iteration": it, "episodes": it * B, "time/iteration_s": time.time() - t0})
+            metrics.append(rec)
+            log_line(metrics_path, rec)
+            if it % cfg.save_every == 0 or it == cfg.iterations:
+                save_checkpoint(ckpt_path, policy, optimizer, kl_ctl, it, cfg, metrics)
+    except env.ToolServerError as e:
+        sys.exit(f"steptool: {e}\nThe last checkpoint in {cfg.output} is intact; continue with --resume {cfg.output}")
+    finally:
+        if srv:
+            srv.shutdown()
+
+    # ---- the final table: SFT start vs after PPO ----
+    first, last = metrics[0], metrics[-1]
+    groups = sorted({k.split("/")[1] for k in first if k.startswith("eval/")})
+    print(f"\n{'group':10s} {'pass rate: start':>18s} {'after PPO':>10s} {'recall: start':>14s} {'after PPO':>10s}")
+    for g in groups:
+        f = lambda m, k: m.get(f"eval/{g}/{k}") if m.get(f"eval/{g}/{k}") is not None else float("nan")
+        print(f"{g:10s} {f(first, 'pass_rate'):18.1f} {f(last, 'pass_rate'):10.1f} {f(first, 'recall'):14.1f} {f(last, 'recall'):10.1f}")
+    final = os.path.join(cfg.output, "final_model")
+    policy.export_merged(final)
+    plot(metrics, os.path.join(cfg.output, "curves.png"))
+    print(f"steptool: metrics {metrics_path}, merged model {final}")
+    return metrics
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", default=os.path.join(HERE, "data", "bench_test.json"))
-    a = ap.parse_args()
-    srv = server.start_in_thread()
-    try:
-        client = env.ToolClient(srv.url)
-        client.check()
-        tasks = env.load_tasks(a.tasks)
-        n = replay_experts(tasks, client)
-        print(f"expert trajectories: {n}/{len(tasks)} solve their task (server {srv.url})")
-    finally:
-        srv.shutdown()
+    main()

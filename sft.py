@@ -1,0 +1,130 @@
+"""Supervised fine-tuning on tool-use trajectories: StepTool's warm start and the RFT baseline (Sec. 5).
+
+    loss = - mean over assistant tokens of log pi_theta(token | prefix)
+
+Prompt and observation (tool response) tokens are context only: masked out of the loss, exactly
+the tokens that PPO gives no gradient (Episode.act). The paper fine-tunes Qwen2 / Llama-3.1 on
+ToolBench's solution paths before PPO; RFT (rejection-sampling fine-tuning) is the same loss on the
+policy's own Solved trajectories.
+
+    python sft.py --model M --data FILE --output DIR [--epochs 2] [--lr 1e-4]
+
+FILE is the original StepTool training TSV (its responses are the targets), or a task file with
+expert trajectories (the embedded benchmark's data/bench_train.json), replayed through the
+embedded tool server so the observations are the server's real answers.
+
+Departures: none in the loss; batches are sorted by length inside each batch to save padding.
+"""
+import argparse
+import math
+import os
+
+import torch
+from tqdm import tqdm
+
+import ppo
+
+
+def sft(policy, episodes, epochs=1, lr=1e-4, batch_size=16, micro_batch_size=8, seed=0, warmup=0.05,
+        progress=True, desc="sft"):
+    """Train on the action tokens of `episodes` (in place). Returns the mean loss of each epoch.
+
+    lr: peak, with linear warm-up over `warmup` of the steps and cosine decay to 10 %.
+    A non-finite loss or gradient skips that step; it never reaches the weights.
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = epochs * math.ceil(len(episodes) / batch_size)
+    w = max(1, int(warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / w) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+    gen = torch.Generator().manual_seed(seed)
+    policy.train()
+    losses, skipped = [], 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(episodes), generator=gen).tolist()
+        tot, n = 0.0, 0
+        for b in range(0, len(perm), batch_size):
+            batch = [episodes[i] for i in perm[b:b + batch_size]]
+            n_tok = sum(sum(e.act) for e in batch)
+            opt.zero_grad(set_to_none=True)
+            loss_sum, ok = 0.0, True
+            for mb in ppo._chunks(batch, micro_batch_size):
+                c = ppo.collate(mb, "step", policy.device)
+                logp, _, _ = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
+                loss = -logp.sum() / n_tok                                  # token mean over the whole batch
+                if not torch.isfinite(loss):
+                    ok = False
+                    break
+                loss.backward()
+                loss_sum += loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0) if ok else None
+            if not ok or not torch.isfinite(norm):
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+            else:
+                opt.step()
+            sched.step()
+            tot, n = tot + loss_sum, n + 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss_sum:.3f}")
+        losses.append(tot / max(n, 1))
+    bar.close()
+    if skipped:
+        print(f"sft: skipped {skipped} steps with a non-finite loss or gradient")
+    return losses
+
+
+def load_episodes(policy, path, max_tokens=None):
+    """A TSV of the original's format, or a task file with expert trajectories -> [Episode]."""
+    if path.endswith(".tsv"):
+        import reward
+        eps, dropped = ppo.episodes_from_rows(policy, reward.read_tsv(path), max_tokens)
+        if dropped:
+            print(f"sft: {dropped} steps cut by --max-tokens")
+        return eps
+    import env
+    import rollout
+    import server
+    tasks = [t for t in env.load_tasks(path) if t.expert]
+    if not tasks:
+        raise ValueError(f"{path}: no task has an expert trajectory to train on")
+    srv = server.start_in_thread()
+    try:
+        client = env.ToolClient(srv.url)
+        return [rollout.expert_episode(policy, t, client)[0] for t in tqdm(tasks, desc="expert episodes", leave=False)]
+    finally:
+        srv.shutdown()
+
+
+if __name__ == "__main__":
+    import policy as P
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="what policy.load_policy accepts")
+    ap.add_argument("--data", required=True, help="StepTool TSV, or a task file with expert trajectories")
+    ap.add_argument("--output", required=True, help="checkpoint folder (ours; load_policy reads it)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=4096, help="cut TSV trajectories to their last N tokens")
+    ap.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
+    ap.add_argument("--export", help="also write a merged save_pretrained model here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device")
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    pol = P.load_policy(a.model, device=a.device, full_finetune=a.full_finetune, seed=a.seed)
+    eps = load_episodes(pol, a.data, a.max_tokens)
+    losses = sft(pol, eps, a.epochs, a.lr, a.batch_size, a.micro_batch_size, a.seed)
+    print("sft: loss per epoch " + " ".join(f"{x:.4f}" for x in losses))
+    tmp = a.output.rstrip("/") + ".tmp"
+    pol.save(tmp)
+    if os.path.isdir(a.output):
+        import shutil
+        shutil.rmtree(a.output)
+    os.replace(tmp, a.output)
+    if a.export:
+        pol.export_merged(a.export)
+    print(f"sft: saved {a.output}" + (f", merged model {a.export}" if a.export else ""))
