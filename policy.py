@@ -157,9 +157,15 @@ class Policy(nn.Module):
         v_idx:   ([M], [M]) (row, position) where V is read (the last token of a state)
         -> logp [N], values [M], ent [N] or None
         """
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)                       # [B, T]
-        full = bool(mask.all())  # no padding: let attention take its plain causal (faster) path
-        h = self.model.base_model(input_ids=ids, attention_mask=None if full else mask, position_ids=pos).last_hidden_state
+        # Right padding needs no padding mask: under causal attention a real token never sees the
+        # pads after it. Without a mask (and with plain 0..T-1 positions, which transformers does not
+        # mistake for packed sequences), attention takes its causal kernel, which skips the masked
+        # half of the work; an explicit mask makes it compute every pair.
+        if bool((mask[:, 1:] <= mask[:, :-1]).all()):                         # right padded (or none)
+            pos, attn = torch.arange(ids.shape[1], device=ids.device).expand_as(ids), None
+        else:
+            pos, attn = (mask.long().cumsum(-1) - 1).clamp(min=0), mask       # [B, T]
+        h = self.model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
         b, t = act_idx
         logits = self.model.get_output_embeddings()(h[b, t - 1]).float()       # [N, V]: token t is predicted at t-1
         logp_all = F.log_softmax(logits, -1)
@@ -303,15 +309,16 @@ def _sample(logits, temperature, top_p, gens):
     """One token per row; inverse-CDF sampling with one uniform per row from its own generator."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = F.softmax(logits / temperature, -1)                               # [b, V]
-    p, idx = probs.sort(-1, descending=True)
-    if top_p < 1.0:
+    p = F.softmax(logits / temperature, -1)                                   # [b, V]
+    idx = None
+    if top_p < 1.0:                                                           # (a sort costs more than the model at small b)
+        p, idx = p.sort(-1, descending=True)
         p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)                      # nucleus: smallest set with mass >= top_p
     cdf = p.cumsum(-1)
     u = torch.stack([torch.rand((), generator=g) for g in gens]) if gens else torch.rand(len(p))
     u = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)                          # [b, 1], scaled to the kept mass
     k = torch.searchsorted(cdf, u).clamp(max=p.shape[-1] - 1)
-    return idx.gather(-1, k).squeeze(-1)
+    return (k if idx is None else idx.gather(-1, k)).squeeze(-1)
 
 
 def _hub_reachable(timeout=3.0):

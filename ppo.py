@@ -235,11 +235,11 @@ def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
                     break
                 (loss / len(mbs)).backward()
                 n_mb += 1
-                with torch.no_grad():
+                with torch.no_grad():  # summed as tensors: no device sync per mini-batch
                     for k, v in {"loss/policy": pg, "loss/value": vf, "loss/entropy": ent.mean() if ent is not None else 0.0,
                                  "ppo/ratio": ratio.mean(), "ppo/clipfrac": ((ratio - 1).abs() > cfg.cliprange).float().mean(),
                                  "ppo/approx_kl": 0.5 * ((logp - old_logp) ** 2).mean()}.items():
-                        agg[k] = agg.get(k, 0.0) + float(v)
+                        agg[k] = agg.get(k, 0.0) + v
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")) if ok else torch.tensor(float("nan"))
             if not ok or not torch.isfinite(norm):
                 optimizer.zero_grad(set_to_none=True)                          # a NaN never reaches the weights
@@ -247,7 +247,7 @@ def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
                 continue
             optimizer.step()
     kl_ctl.update(stats["ppo/kl"], len(eps))
-    stats.update({k: v / max(n_mb, 1) for k, v in agg.items()})
+    stats.update({k: float(v) / max(n_mb, 1) for k, v in agg.items()})
     stats.update({"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": skipped, "ppo/episodes": len(eps),
                   "ppo/tokens": sum(len(e.ids) for e in eps)})
     return stats
@@ -299,8 +299,20 @@ def _peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def update_flops(c, tokens, action_tokens, sum_sq_len, cfg):
+    """Model FLOPs of one update: (2 no-grad passes + epochs x (forward + activation backward ~ 1 forward))
+    x [2 * body params per token + causal attention 2 * layers * hidden * len^2 / 2 per episode * 2
+    + the LM head at action tokens only]. LoRA's few FLOPs are left out."""
+    H, L, I, V = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    kv = H // c.num_attention_heads * c.num_key_value_heads
+    body = L * (2 * H * H + 2 * H * kv + 3 * H * I)                     # q, o, k, v, gate, up, down
+    fwd = 2 * body * tokens + 2 * L * H * sum_sq_len + 2 * H * V * action_tokens
+    return fwd * (2 + 2 * cfg.ppo_epochs)
+
+
 def bench(args):
     import policy as P
+    trl = compare_trl(args) if args.compare_trl else None   # trl first, then ours, in one command
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     pol = P.load_policy(args.model, device=args.device, lora_r=8, lora_alpha=16, lora_dropout=0.0)
@@ -331,22 +343,42 @@ def bench(args):
         if i:  # the first update is a warm-up
             times.append(time.perf_counter() - t0)
     toks = [sum(len(e.ids) for e in b) for b in batches[1:]]
+    acts = [sum(sum(e.act) for e in b) for b in batches[1:]]
     med = sorted(times)[len(times) // 2]
-    n_params = sum(p.numel() for n, p in pol.model.named_parameters() if ".A" not in n and ".B" not in n)
-    # FLOPs of an update: 2 no-grad passes + epochs x (fwd + bwd of activations, ~2 fwd) at ~2 * params per token
-    flops = sum(toks) / len(toks) * 2 * n_params * (2 + cfg.ppo_epochs * 3)
     out = {"impl": "steptool", "shape": shape, "update_s_median": med, "tokens_per_update": sum(toks) / len(toks),
            "update_tokens_per_s": sum(toks) / sum(times), "peak_rss_mib": _peak_rss_mib(), "threads": args.threads}
+    out["update_gflop"] = update_flops(pol.model.config, sum(toks) / len(toks), sum(acts) / len(acts),
+                                       sum(len(e.ids) ** 2 for b in batches[1:] for e in b) / len(times), cfg) / 1e9
     try:
         from bench_trl import matmul_peak_gflops
         peak = matmul_peak_gflops(threads=args.threads)
-        out.update(matmul_peak_gflops=peak, mfu=flops / med / 1e9 / peak)
+        out.update(matmul_peak_gflops=peak, peak_fraction=out["update_gflop"] * len(times) / sum(times) / peak)
     except ImportError:
         pass
     if not args.data:
         out.update(bench_rollouts(pol, args))
     print(f"update: {med:.2f} s median over {len(times)}, {out['update_tokens_per_s']:.0f} tokens/s, peak RSS {out['peak_rss_mib']:.0f} MiB ({shape})")
+    if trl:
+        out["trl"] = trl
+        out["speedup_vs_trl"] = out["update_tokens_per_s"] / trl["update_tokens_per_s"]
+        out["peak_rss_ratio_vs_trl"] = out["peak_rss_mib"] / trl["peak_rss_mib"]
+        print(f"trl 0.11.4: {trl['update_s_median']:.2f} s median, {trl['update_tokens_per_s']:.0f} tokens/s, peak RSS "
+              f"{trl['peak_rss_mib']:.0f} MiB -> ours {out['speedup_vs_trl']:.2f}x its real tokens/s")
     print(json.dumps(out))
+
+
+def compare_trl(args):
+    """Run bench_trl.py's trl timing (its own interpreter: trl 0.11.4 needs transformers 4.46) on the same
+    model and data, right before ours in the same command; returns its JSON summary."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([args.compare_trl, os.path.join(here, "bench_trl.py"), "trl", "--model", args.model, "--data",
+                        args.data, "--updates", str(args.updates), "--threads", str(args.threads)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"ppo.py --compare-trl: bench_trl.py failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def bench_rollouts(pol, args):
@@ -383,4 +415,5 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--advantage", default="step", choices=["step", "token"])
     ap.add_argument("--device")
+    ap.add_argument("--compare-trl", metavar="PYTHON", help="also time trl 0.11.4 (bench_trl.py) with this interpreter, first")
     bench(ap.parse_args())
