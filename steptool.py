@@ -72,6 +72,7 @@ class Config:
     # schedule
     sft_epochs: int = opt(None, "epochs of SFT warm start on expert trajectories (0 = none)")
     sft_lr: float = opt(None, "SFT peak learning rate")
+    sft_episodes: int = opt(None, "expert episodes for SFT (0 = every training task with one)")
     iterations: int = opt(None, "PPO iterations (one batch of rollouts + one update each)")
     episodes_per_iteration: int = opt(None, "episodes per iteration = PPO batch size")
     eval_every: int = opt(None, "evaluate every N iterations (0 = only at start and end)")
@@ -113,11 +114,11 @@ class Config:
 
 
 # defaults that differ between a real model (the paper's config) and the from-scratch tiny model
-PAPER = dict(sft_epochs=0, sft_lr=1e-4, iterations=200, episodes_per_iteration=8, eval_every=50, eval_limit=0,
+PAPER = dict(sft_epochs=0, sft_lr=1e-4, sft_episodes=0, iterations=200, episodes_per_iteration=8, eval_every=50, eval_limit=0,
              lr=1e-5, grad_accum=4, init_kl_coef=0.3, max_new_tokens=512, full_finetune=False)
-TINY = dict(sft_epochs=2, sft_lr=2e-3, iterations=40, episodes_per_iteration=16, eval_every=10, eval_limit=40,
+TINY = dict(sft_epochs=2, sft_lr=2e-3, sft_episodes=0, iterations=40, episodes_per_iteration=16, eval_every=10, eval_limit=40,
             lr=5e-5, grad_accum=8, init_kl_coef=0.05, max_new_tokens=96, full_finetune=True)
-QUICK = dict(sft_epochs=1, iterations=2, episodes_per_iteration=4, eval_every=0, eval_limit=2, ppo_epochs=1,
+QUICK = dict(sft_epochs=1, sft_episodes=32, iterations=2, episodes_per_iteration=4, eval_every=0, eval_limit=2, ppo_epochs=1,
              max_steps=4, max_new_tokens=48, grad_accum=2, save_every=1)
 
 
@@ -263,8 +264,8 @@ def main(argv=None):
         else:
             open(metrics_path, "w").close()
             # ---- SFT warm start ----
-            if cfg.sft_epochs:
-                experts = [t for t in train_tasks if t.expert]
+            if cfg.sft_epochs and not cfg.data:  # offline mode trains on its TSV alone
+                experts = [t for t in train_tasks if t.expert][:cfg.sft_episodes or None]
                 eps = [rollout.expert_episode(policy, t, client)[0] for t in tqdm(experts, desc="expert episodes", leave=False)]
                 t0 = time.time()
                 losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, seed=cfg.seed)
@@ -321,7 +322,11 @@ def main(argv=None):
             if it % cfg.save_every == 0 or it == cfg.iterations:
                 save_checkpoint(ckpt_path, policy, optimizer, kl_ctl, it, cfg, metrics)
     except env.ToolServerError as e:
+        if not os.path.isdir(ckpt_path):
+            sys.exit(f"steptool: {e}")
         sys.exit(f"steptool: {e}\nThe last checkpoint in {cfg.output} is intact; continue with --resume {cfg.output}")
+    except ValueError as e:  # a model that cannot be loaded, a malformed task or TSV file
+        sys.exit(f"steptool: {e}")
     finally:
         if srv:
             srv.shutdown()

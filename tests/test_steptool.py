@@ -1,0 +1,141 @@
+"""steptool.py end to end, as subprocesses: the quick run, the real-model path, offline mode,
+resume after a kill, and a tool server that is down or dies mid-run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import FIXTURES, ROOT, SMALL
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SMALL_RUN = ["--quick", "--threads", "1", "--eval-limit", "1", "--episodes-per-iteration", "2",
+             "--max-new-tokens", "24", "--max-steps", "3"]
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "steptool.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory, tiny_tok):
+    """A ~0.2 M-parameter Qwen2 and its tokenizer, written by save_pretrained: the --model DIR path."""
+    import policy as P
+    d = str(tmp_path_factory.mktemp("model"))
+    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in f]
+
+
+def test_quick_run_of_the_default_finishes_with_metrics_checkpoint_and_merged_model(tmp_path):
+    out = str(tmp_path / "run")
+    r = run("--quick", "--output", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics(out)
+    assert [x["iteration"] for x in m] == [0, 1, 2]
+    assert "eval/overall/pass_rate" in m[0] and "eval/overall/pass_rate" in m[-1]
+    assert "loss/policy" in m[1] and "reward/step_mean" in m[1]
+    assert os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
+    assert os.path.isfile(os.path.join(out, "final_model", "config.json"))
+    assert "after PPO" in r.stdout
+
+
+def test_real_model_path_from_a_save_pretrained_folder_runs_an_iteration(tmp_path, small_model):
+    out = str(tmp_path / "run")
+    r = run("--model", small_model, *SMALL_RUN, "--iterations", "1", "--output", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["iteration"] for x in metrics(out)] == [0, 1]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(os.path.join(out, "final_model"))  # a plain HF checkpoint
+
+
+def test_offline_mode_runs_ppo_over_the_trajectories_of_a_tsv(tmp_path, small_model):
+    out = str(tmp_path / "run")
+    r = run("--model", small_model, *SMALL_RUN, "--iterations", "2", "--data",
+            os.path.join(FIXTURES, "reward_steptool.tsv"), "--output", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "offline:" in r.stdout
+    m = metrics(out)
+    assert m[-1]["iteration"] == 2 and m[-1]["ppo/episodes"] == 2 and "rollout/steps" not in m[-1]
+
+
+def test_a_malformed_tsv_fails_naming_the_file_and_line(tmp_path, small_model):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("prompt\tresponse\treward\n['a']\t['b', 'c']\t[1.0]\n")
+    r = run("--model", small_model, *SMALL_RUN, "--data", str(bad), "--output", str(tmp_path / "run"))
+    assert r.returncode != 0 and "bad.tsv:2:" in r.stderr  # file and line
+
+
+def test_killed_right_after_a_checkpoint_and_resumed_ends_with_the_same_metrics(tmp_path, small_model):
+    args = ["--model", small_model, *SMALL_RUN, "--iterations", "3", "--save-every", "1"]
+    whole = str(tmp_path / "whole")
+    assert run(*args, "--output", whole).returncode == 0
+    cut = str(tmp_path / "cut")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "steptool.py"), *args, "--output", cut],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:                      # kill it once iteration 2's checkpoint is on disk
+        if line.startswith("iter    2"):
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                st = os.path.join(cut, "checkpoint", "state.pt")
+                if os.path.isfile(st) and torch.load(st, weights_only=False)["iteration"] == 2:
+                    break
+                time.sleep(0.05)
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    assert p.returncode == -signal.SIGKILL and len(metrics(cut)) == 3
+    r = run("--resume", cut)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed" in r.stdout
+    assert metrics(cut) == metrics(whole)
+
+
+def test_an_unreachable_tool_server_fails_before_any_training(tmp_path):
+    t0 = time.time()
+    r = run("--tool-server", "http://127.0.0.1:9", "--output", str(tmp_path / "run"), timeout=60)
+    assert r.returncode != 0 and "http://127.0.0.1:9" in r.stderr and "not reachable" in r.stderr
+    assert time.time() - t0 < 60 and not os.path.exists(tmp_path / "run" / "checkpoint")
+
+
+def test_a_tool_server_lost_mid_run_stops_the_run_with_its_last_checkpoint_intact(tmp_path, small_model, monkeypatch):
+    """Iteration 2's rollout finds the server gone (the client has retried and raised, as
+    test_env's ToolClient tests show): the run stops with an error that points to --resume, and the
+    checkpoint of iteration 1 is whole. (In-process: a random model makes no tool call of its own.)"""
+    import env
+    import policy as P
+    import rollout
+    import steptool
+    real = rollout.rollout
+
+    def dying(policy, tasks, client, iteration=0, **kw):
+        if iteration == 2:
+            raise env.ToolServerError(f"tool server at {client.url} unreachable after 4 tries: HTTP 503")
+        return real(policy, tasks, client, iteration=iteration, **kw)
+
+    monkeypatch.setattr(rollout, "rollout", dying)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        steptool.main(["--model", small_model, *SMALL_RUN, "--iterations", "3", "--save-every", "1", "--output", out])
+    assert "unreachable" in str(e.value) and f"--resume {out}" in str(e.value)
+    P.load_policy(os.path.join(out, "checkpoint"))  # the checkpoint is whole
+    assert torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)["iteration"] == 1
+    assert [m["iteration"] for m in metrics(out)] == [0, 1]
+
+
+def test_a_model_that_cannot_be_loaded_fails_fast(tmp_path):
+    t0 = time.time()
+    r = run("--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "run"), timeout=120)
+    assert r.returncode != 0 and "local folder" in r.stderr
+    assert time.time() - t0 < 60
