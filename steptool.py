@@ -66,9 +66,9 @@ class Config:
     judge_url: str = opt("", "OpenAI-compatible judge for tasks without answer facts (key: $OPENAI_API_KEY)")
     judge_model: str = opt("gpt-4o-mini", "judge model name")
     # rewards (Sec. 4.1) and advantages (Sec. 4.2)
-    reward: str = opt("stepgrained", "stepgrained | final | module.function")
+    reward: str = opt("stepgrained", "stepgrained, final, or module.function (your own)")
     alpha: float = opt(1.0, "alpha of r_t = (alpha SuccCalling + Contribution) / (1 + alpha)")
-    advantage: str = opt("step", "step (GAE over tool-call steps) | token (the original's per-token GAE)")
+    advantage: str = opt("step", "step (GAE over tool-call steps) or token (the original's per-token GAE)")
     # schedule
     sft_epochs: int = opt(None, "epochs of SFT warm start on expert trajectories (0 = none)")
     sft_lr: float = opt(None, "SFT peak learning rate")
@@ -108,7 +108,7 @@ class Config:
     output: str = opt("runs/steptool", "folder for checkpoints, metrics.jsonl, curves.png, final model")
     resume: str = opt("", "continue the run in this folder from its last checkpoint")
     seed: int = opt(0, "seed of everything")
-    device: str = opt("", "cuda | cpu (default: cuda if available)")
+    device: str = opt("", "cuda or cpu (default: cuda if available)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
     quick: bool = opt(False, "a tiny budget: a smoke run in about a minute")
 

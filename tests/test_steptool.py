@@ -139,3 +139,14 @@ def test_a_model_that_cannot_be_loaded_fails_fast(tmp_path):
     r = run("--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "run"), timeout=120)
     assert r.returncode != 0 and "local folder" in r.stderr
     assert time.time() - t0 < 60
+
+
+def test_readme_documents_every_flag_and_the_two_commands():
+    import steptool
+    from dataclasses import fields
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    missing = [f.name for f in fields(steptool.Config) if f"`--{f.name.replace('_', '-')}`" not in readme]
+    assert not missing, f"README lacks flags {missing}"
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    test_cmd = ci.strip().splitlines()[-1]
+    assert test_cmd in readme and "pip install -r requirements.txt && python steptool.py" in readme
