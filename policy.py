@@ -43,22 +43,26 @@ TINY = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key
 
 # ---- LoRA -----------------------------------------------------------------------------------
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A dropout(x); W frozen, A ~ Kaiming, B = 0 (an exact no-op at start)."""
+    """y = W x + (alpha / r) * B A dropout(x); W frozen, A ~ Kaiming, B = 0 (an exact no-op at start).
+
+    A and B are fp32 whatever W's dtype: Adam updates of bf16 weights lose most of their bits."""
 
     def __init__(self, base, r, alpha, dropout):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / r, True
-        self.A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        self.A = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.float32, device=base.weight.device))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, dtype=torch.float32, device=base.weight.device))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x):
         y = self.base(x)
-        return y + (self.drop(x) @ self.A.T @ self.B.T) * self.scale if self.enabled else y
+        if not self.enabled:
+            return y
+        return y + ((self.drop(x).to(self.A.dtype) @ self.A.T @ self.B.T) * self.scale).to(y.dtype)
 
     def merged_weight(self):
-        return self.base.weight + self.scale * (self.B @ self.A)
+        return self.base.weight + (self.scale * (self.B @ self.A)).to(self.base.weight.dtype)
 
 
 def inject_lora(model, r=8, alpha=16, dropout=0.05, targets=LORA_TARGETS):
@@ -117,7 +121,7 @@ class Policy(nn.Module):
         super().__init__()
         self.model, self.tok, self.source, self.lora_cfg = model, tok, source, lora
         self.full_finetune, self.base_modified = full_finetune, source == "tiny" or full_finetune
-        self.v_head = nn.Linear(model.config.hidden_size, 1, dtype=model.dtype, device=model.device)
+        self.v_head = nn.Linear(model.config.hidden_size, 1, device=model.device)  # fp32, as LoRA
         nn.init.zeros_(self.v_head.bias); nn.init.normal_(self.v_head.weight, std=1 / (model.config.hidden_size + 1))
         self.ref_model = copy.deepcopy(model).requires_grad_(False).eval() if full_finetune else None
         self.eot_id, self.eot = _end_of_turn(tok)
@@ -170,7 +174,7 @@ class Policy(nn.Module):
         logits = self.model.get_output_embeddings()(h[b, t - 1]).float()       # [N, V]: token t is predicted at t-1
         logp_all = F.log_softmax(logits, -1)
         logp = logp_all.gather(-1, act_tok[:, None]).squeeze(-1)              # [N]
-        values = self.v_head(h[v_idx]).squeeze(-1).float()                    # [M]
+        values = self.v_head(h[v_idx].float()).squeeze(-1)                    # [M]
         ent = -(logp_all.exp() * logp_all).sum(-1) if entropy else None       # [N]
         return logp, values, ent
 
@@ -184,7 +188,7 @@ class Policy(nn.Module):
             return
         with torch.no_grad():
             for m in self.lora_modules():
-                m.base.weight += m.scale * (m.B @ m.A)
+                m.base.weight += (m.scale * (m.B @ m.A)).to(m.base.weight.dtype)
                 nn.init.kaiming_uniform_(m.A, a=math.sqrt(5)); m.B.zero_()
         self.base_modified = True  # checkpoints must now carry the base weights
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import env
+import policy as P
 import ppo
 import reward
 import rollout
@@ -254,6 +255,20 @@ def test_a_finite_update_counts_no_skips_and_changes_the_lora_weights(make_polic
     after = weights(pol)
     assert stats["ppo/skipped_updates"] == 0
     changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith((".A", ".B")) or k.startswith("v_head.") for k in changed)
+
+
+def test_a_bf16_model_trains_fp32_adapters_and_value_head_and_its_base_stays_frozen(tiny_tok):
+    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    model.to(torch.bfloat16).requires_grad_(False)
+    P.inject_lora(model, 4, 8, 0.0)
+    pol = P.Policy(model, tok, "tiny", dict(r=4, alpha=8, dropout=0.0, targets=list(P.LORA_TARGETS)))
+    trainable = {n: p for n, p in pol.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    before = {k: v.clone() for k, v in pol.state_dict().items()}
+    stats = ppo.update(pol, ppo.make_optimizer(pol, cfg()), two_episodes(), cfg(), ppo.KLController(cfg()))
+    assert stats["ppo/skipped_updates"] == 0
+    changed = {k for k, v in pol.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(k.endswith((".A", ".B")) or k.startswith("v_head.") for k in changed)
 
 
