@@ -139,7 +139,7 @@ def render_function(f):
     req = set(p.get("required", []))
     args = ", ".join(f"{k}{'' if k in req else '?'}: {v.get('type', 'string')}"
                      for k, v in p.get("properties", {}).items())
-    return f"{f['name']}({args}) - {f.get('description', '')}"
+    return f"{f['name']}({args}) - {' '.join(str(f.get('description', '')).split())}"  # one line per function
 
 
 def initial_messages(task):
