@@ -19,7 +19,7 @@
 Departures from the original code:
 1. The original wraps peft + trl's AutoModelForCausalLMWithValueHead; both are replaced by ~60
    lines here so a reader sees exactly which weights train.
-2. `tiny` is a random ~5 M-parameter Qwen2 with a BPE tokenizer trained on the embedded
+2. `tiny` is a random ~1.6 M-parameter Qwen2 with a BPE tokenizer trained on the embedded
    benchmark's train split: the CPU stand-in for Qwen2-7B (same code path; no download).
 """
 import argparse
@@ -37,8 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TINY = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=688, max_position_embeddings=2048, tie_word_embeddings=True)
+TINY = dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=512, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
 # ---- LoRA -----------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ def default_device(device=None):
 
 
 def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                lora_targets=LORA_TARGETS, full_finetune=False, gradient_checkpointing=False, seed=0):
+                lora_targets=LORA_TARGETS, full_finetune=False, gradient_checkpointing=False, seed=0, tiny=None):
     """Any HF causal LM id or folder, our checkpoint folder, or "tiny" -> Policy on `device`.
 
     bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise. Hub ids need network; without it only
@@ -380,7 +380,7 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
         base, lora = name, (None if full_finetune else dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                                                             targets=list(lora_targets)))
     if base == "tiny":
-        model, tok = build_tiny(seed)
+        model, tok = build_tiny(seed, **(tiny or {}))  # tiny: size overrides of TINY
     else:
         # a name that is no folder is a Hub id: without network only the local cache is tried, so we
         # fail in seconds instead of after huggingface_hub's retries (~50 s)

@@ -310,12 +310,15 @@ def update_flops(c, tokens, action_tokens, sum_sq_len, cfg):
     return fwd * (2 + 2 * cfg.ppo_epochs)
 
 
+BENCH_TINY = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688)  # the bench's fixed "tiny" (3.4 M)
+
+
 def bench(args):
     import policy as P
     trl = compare_trl(args) if args.compare_trl else None   # trl first, then ours, in one command
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    pol = P.load_policy(args.model, device=args.device, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    pol = P.load_policy(args.model, device=args.device, lora_r=8, lora_alpha=16, lora_dropout=0.0, tiny=BENCH_TINY)
     cfg = PPOConfig(advantage=args.advantage)
     if args.data:
         import reward

@@ -116,8 +116,8 @@ class Config:
 # defaults that differ between a real model (the paper's config) and the from-scratch tiny model
 PAPER = dict(sft_epochs=0, sft_lr=1e-4, sft_episodes=0, iterations=200, episodes_per_iteration=8, eval_every=50, eval_limit=0,
              lr=1e-5, grad_accum=4, init_kl_coef=0.3, max_new_tokens=512, full_finetune=False)
-TINY = dict(sft_epochs=2, sft_lr=2e-3, sft_episodes=0, iterations=40, episodes_per_iteration=16, eval_every=10, eval_limit=40,
-            lr=5e-5, grad_accum=8, init_kl_coef=0.05, max_new_tokens=96, full_finetune=True)
+TINY = dict(sft_epochs=7, sft_lr=3e-3, sft_episodes=0, iterations=20, episodes_per_iteration=16, eval_every=0, eval_limit=40,
+            lr=2e-5, grad_accum=8, init_kl_coef=0.2, max_new_tokens=96, full_finetune=True)
 QUICK = dict(sft_epochs=1, sft_episodes=32, iterations=2, episodes_per_iteration=4, eval_every=0, eval_limit=2, ppo_epochs=1,
              max_steps=4, max_new_tokens=48, grad_accum=2, save_every=1)
 
