@@ -8,12 +8,12 @@ For a batch of episodes with step rewards r_t (reward.py) and, from `prepare`, o
 log pi_old, reference log-probs log pi_ref and values V(s_t) read at the last token of each state:
 
   KL penalty     r_t <- r_t - beta * sum_{k in a_t} (log pi_old(k) - log pi_ref(k))     (k1 estimator)
-  TD error       delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   V(s_{S}) = 0            Eq. (5)
-  advantage      A_t = sum_l (gamma * lam)^l delta_{t+l}                               Eq. (6)
+  TD error       delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   V(s_{S}) = 0            Sec. 4.2
+  advantage      A_t = sum_l (gamma * lam)^l delta_{t+l}                               Sec. 4.2
   return         R_t = A_t + V(s_t)
   every action token of step t gets A_t; prompt and observation tokens get no gradient.
   policy loss    mean over action tokens of max(-A rho, -A clip(rho, 1-eps, 1+eps)),
-                 rho = pi_theta / pi_old                                               Eq. (7)
+                 rho = pi_theta / pi_old                                               Sec. 4.2
   value loss     0.5 * mean over steps of max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)
   KL coef beta   adaptive (Ziegler et al. 2019): beta *= 1 + clip(KL/target - 1, +-0.2) * B/horizon
 
@@ -143,7 +143,7 @@ def prepare(policy, eps, cfg):
 
 
 def gae(r, V, mask, gamma, lam):
-    """Generalized advantage estimation over units, as an explicit reversed loop (Eq. 5-6).
+    """Generalized advantage estimation over units, as an explicit reversed loop (Sec. 4.2).
 
     r, V, mask: [B, U], units padded at the end (mask 0). V after the last unit is 0.
     -> A, R: [B, U]
@@ -154,8 +154,8 @@ def gae(r, V, mask, gamma, lam):
     for t in reversed(range(U)):
         nxt = mask[:, t + 1] if t + 1 < U else torch.zeros(B)         # 1 if s_{t+1} exists
         V_next = V[:, t + 1] * nxt if t + 1 < U else torch.zeros(B)
-        delta = r[:, t] + gamma * V_next - V[:, t]                      # Eq. (5)
-        last = delta + gamma * lam * nxt * last                         # Eq. (6)
+        delta = r[:, t] + gamma * V_next - V[:, t]                      # TD error over steps, Sec. 4.2
+        last = delta + gamma * lam * nxt * last                         # GAE recursion over steps, Sec. 4.2
         A[:, t] = last * mask[:, t]
     return A, (A + V) * mask
 
@@ -190,7 +190,7 @@ def advantages(eps, beta, cfg):
 
 
 def policy_loss(logp, old_logp, A, eps):
-    """Clipped surrogate (Eq. 7), averaged over action tokens: logp, old_logp, A [N] -> (loss, rho [N])."""
+    """Clipped surrogate (Sec. 4.2), averaged over action tokens: logp, old_logp, A [N] -> (loss, rho [N])."""
     ratio = (logp - old_logp).exp()                                    # rho = pi_theta / pi_old
     return torch.max(-A * ratio, -A * ratio.clamp(1 - eps, 1 + eps)).mean(), ratio
 
@@ -227,7 +227,7 @@ def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
                 R = torch.cat([e.R for e in mb]).to(dev)                       # [U]
                 A = A_unit[c["unit"]]                                          # [N] step advantage -> each of its tokens
                 logp, V, ent = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"], entropy=cfg.ent_coef > 0)
-                pg, ratio = policy_loss(logp, old_logp, A, cfg.cliprange)       # Eq. (7)
+                pg, ratio = policy_loss(logp, old_logp, A, cfg.cliprange)       # clipped surrogate, Sec. 4.2
                 vf = value_loss(V, old_V, R, cfg.cliprange_value)
                 loss = pg + cfg.vf_coef * vf - (cfg.ent_coef * ent.mean() if ent is not None else 0)
                 if not torch.isfinite(loss):

@@ -26,7 +26,6 @@ Departures from the original code:
 """
 import argparse
 import json
-import math
 import os
 import random
 import shutil

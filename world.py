@@ -530,7 +530,7 @@ def _g3(rng, w, split, e):
 
 def make_tasks(world, split, counts, first_id):
     """Deterministic tasks of one split: {"G1": n1, ...} -> list of task dicts."""
-    schemas, names = function_schemas(), sorted(function_schemas())
+    names = sorted(function_schemas())
     tasks, seen = [], set()
     for group, n in counts.items():
         rng, make, tries = _rng("tasks", split, group), {"G1": _g1, "G2": _g2, "G3": _g3}[group], 0

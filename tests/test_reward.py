@@ -1,6 +1,5 @@
 """Specification of reward.py: the rules, the modes, the LLM judge (against a fake OpenAI-compatible
 server on a loopback port), the TSV <-> JSONL round trip and the command line."""
-import ast
 import json
 import os
 import random
