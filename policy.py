@@ -32,6 +32,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,6 +73,32 @@ def inject_lora(model, r=8, alpha=16, dropout=0.05, targets=LORA_TARGETS):
         parent, child = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model, name.rsplit(".", 1)[-1]
         setattr(parent, child, LoRALinear(lin, r, alpha, dropout))
     return len(hits)
+
+
+# ---- the decode cache ---------------------------------------------------------------------
+class _TurnBuffer(DynamicLayer):
+    """One layer's keys and values for a turn: a buffer with room for every new token, filled up to n
+    (transformers' DynamicCache concatenates, copying the whole cache for every sampled token)."""
+
+    def __init__(self, bk, bv, n):  # bk, bv: [B, H, capacity, D]
+        super().__init__()
+        self.bk, self.bv, self.n, self.is_initialized = bk, bv, n, True
+        self.dtype, self.device = bk.dtype, bk.device
+        self.keys, self.values = bk[:, :, :n], bv[:, :, :n]
+
+    def update(self, k, v, *args, **kwargs):
+        q = k.shape[2]
+        self.bk[:, :, self.n:self.n + q], self.bv[:, :, self.n:self.n + q] = k, v
+        self.n += q
+        self.keys, self.values = self.bk[:, :, :self.n], self.bv[:, :, :self.n]
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.n
+
+    def batch_select_indices(self, idx):
+        self.bk, self.bv = self.bk[idx], self.bv[idx]
+        self.keys, self.values = self.bk[:, :, :self.n], self.bv[:, :, :self.n]
 
 
 # ---- the tiny model -------------------------------------------------------------------------
@@ -194,30 +221,61 @@ class Policy(nn.Module):
 
     # ---- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, generators=None):
+    def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, generators=None, caches=None):
         """Next turn of each prompt (lists of token ids), batched with the KV cache and left padding.
 
         Returns the sampled ids of each row, ending with a stop token unless max_new_tokens hit.
         temperature 0 = greedy. generators: one torch.Generator per row (CPU), for sampling.
+        caches: optional list, one entry per row, None or (n, [(k, v)] per layer) holding the keys and
+        values of the row's first n prompt tokens (its earlier turns); on return each entry holds the
+        row's prompt and sampled turn (all but the last token), ready for the row's next turn.
         """
-        dev, B = self.device, len(prompts)
-        L = max(map(len, prompts))
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.stop_ids[0]
-        ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts], device=dev)   # [B, L] left-padded
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         from transformers import DynamicCache
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        logits, pos = out.logits[:, -1].float(), pos[:, -1:]                  # [B, V], [B, 1]
+        from transformers.cache_utils import Cache
+        dev, B = self.device, len(prompts)
+        caches = caches if caches is not None else [None] * B
+        # prefill one row at a time: without padding, attention takes its causal kernel; a cached row
+        # computes only its new tokens (the last sampled token of its previous turn and the observation)
+        rows_kv, logits = [], []
+        for p, c in zip(prompts, caches):
+            n, past = c if c is not None else (0, None)
+            if n >= len(p):
+                raise ValueError(f"a row's cache holds {n} tokens but its prompt has only {len(p)}: caches are for a next turn")
+            cache = DynamicCache(past) if past else DynamicCache()
+            out = self.model(input_ids=torch.tensor([p[n:]], device=dev), position_ids=torch.arange(n, len(p), device=dev)[None],
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits.append(out.logits[0, -1].float())
+            rows_kv.append([(layer.keys, layer.values) for layer in cache.layers])
+        # stack the rows left-padded into buffers sized for the whole turn: decoding copies no cache
+        L, lens = max(map(len, prompts)), [len(p) for p in prompts]
+        layers = []
+        for kv in zip(*rows_kv):                                           # one layer, every row
+            k0 = kv[0][0]
+            bk = k0.new_zeros(B, k0.shape[1], L + max_new_tokens, k0.shape[3]); bv = torch.zeros_like(bk)
+            for r, (k, v) in enumerate(kv):
+                bk[r, :, L - lens[r]:L], bv[r, :, L - lens[r]:L] = k[0], v[0]
+            layers.append(_TurnBuffer(bk, bv, L))
+        cache = Cache(layers=layers)
+        mask = torch.tensor([[0] * (L - n) + [1] * n for n in lens], device=dev)   # [B, L]
+        logits, pos = torch.stack(logits), torch.tensor(lens, device=dev)[:, None] - 1  # [B, V], [B, 1]
         rows, outs = list(range(B)), [[] for _ in range(B)]
         stop = torch.tensor(self.stop_ids, device=dev)
-        for _ in range(max_new_tokens):
+
+        def keep_cache(j, r):  # row r (at batch index j) is done: its keys and values for the next turn
+            m = layers[0].n
+            caches[r] = (m - (L - lens[r]), [(l.bk[j:j + 1, :, L - lens[r]:m].clone(), l.bv[j:j + 1, :, L - lens[r]:m].clone())
+                                             for l in layers])
+
+        for step in range(max_new_tokens):
             nxt = _sample(logits, temperature, top_p, [generators[r] for r in rows] if generators else None)  # [b]
             done = torch.isin(nxt, stop).tolist()
             for r, tok_id in zip(rows, nxt.tolist()):
                 outs[r].append(tok_id)
+            if step == max_new_tokens - 1:
+                done = [True] * len(rows)
+            for j, d in enumerate(done):
+                if d:
+                    keep_cache(j, rows[j])
             keep = [i for i, d in enumerate(done) if not d]
             if not keep:
                 break

@@ -385,7 +385,8 @@ def compare_trl(args):
 
 
 def bench_rollouts(pol, args):
-    """16 episodes batched vs one at a time, on the embedded server (tiny random model: long, wrong turns)."""
+    """16 episodes batched vs one at a time, on the embedded server (tiny random model: long, wrong turns).
+    The two modes alternate, --reps times each after a warm-up; medians and the ratio of medians."""
     import env
     import server
     srv = server.start_in_thread()
@@ -393,17 +394,22 @@ def bench_rollouts(pol, args):
         client = env.ToolClient(srv.url)
         tasks = env.load_tasks(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bench_test.json"))[:16]
         kw = dict(max_steps=3, max_new_tokens=64, temperature=1.0)
-        res = {}
-        for name, groups in (("batched", [tasks]), ("sequential", [[t] for t in tasks])):
-            t0, new = time.perf_counter(), 0
-            for i, grp in enumerate(groups):
-                eps, _ = rollout.rollout(pol, grp, client, first_episode=i, **kw)
-                new += sum(sum(e.act) for e in eps)
-            dt = time.perf_counter() - t0
-            res[f"rollout_{name}_tokens_per_s"] = new / dt
-            print(f"rollout {name}: {new} sampled tokens in {dt:.1f} s = {new / dt:.0f} tokens/s")
-        res["rollout_speedup"] = res["rollout_batched_tokens_per_s"] / res["rollout_sequential_tokens_per_s"]
-        return res
+        rates = {"batched": [], "sequential": []}
+        for rep in range(args.reps + 1):
+            for name, groups in (("batched", [tasks]), ("sequential", [[t] for t in tasks])):
+                t0, new = time.perf_counter(), 0
+                for i, grp in enumerate(groups):
+                    eps, _ = rollout.rollout(pol, grp, client, first_episode=i, **kw)
+                    new += sum(sum(e.act) for e in eps)
+                dt = time.perf_counter() - t0
+                if rep:  # rep 0 is a warm-up
+                    rates[name].append(new / dt)
+                    print(f"rollout {name}: {new} sampled tokens in {dt:.1f} s = {new / dt:.0f} tokens/s")
+        med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+        print(f"rollouts, median of {args.reps}: batched {med['batched']:.0f}, one at a time {med['sequential']:.0f} "
+              f"tokens/s = {med['batched'] / med['sequential']:.1f}x")
+        return {"rollout_batched_tokens_per_s": med["batched"], "rollout_sequential_tokens_per_s": med["sequential"],
+                "rollout_speedup": med["batched"] / med["sequential"], "rollout_reps": args.reps}
     finally:
         srv.shutdown()
 
@@ -415,6 +421,7 @@ if __name__ == "__main__":
     ap.add_argument("--data", help="StepTool training TSV (PPO on its trajectories, paper config)")
     ap.add_argument("--max-tokens", type=int, default=1280, help="cut each TSV trajectory to its last N tokens")
     ap.add_argument("--updates", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="timed rollout runs per mode (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--advantage", default="step", choices=["step", "token"])
     ap.add_argument("--device")

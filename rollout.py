@@ -59,6 +59,7 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
         eps[-1].add_context(policy.encode_prompt(e.reset(task)))
     gens = [episode_generator(seed, iteration, first_episode + i) for i in range(len(tasks))]
     live = list(range(len(tasks)))
+    caches = [None] * len(tasks)  # each episode's keys and values: a turn computes only its new tokens
     was_training = policy.training
     policy.eval()
     try:
@@ -69,10 +70,12 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
             live = [i for i in live if not envs[i].done]
             if not live:
                 break
-            outs = policy.generate([eps[i].ids for i in live], max_new_tokens, temperature, top_p, [gens[i] for i in live])
+            kv = [caches[i] for i in live]
+            outs = policy.generate([eps[i].ids for i in live], max_new_tokens, temperature, top_p, [gens[i] for i in live], kv)
             results = env.step_all(client, [envs[i] for i in live], [policy.decode_action(o) for o in outs])
-            for i, out, (_, done, _) in zip(live, outs, results):
+            for i, out, c, (_, done, _) in zip(live, outs, kv, results):
                 eps[i].add_action(out)
+                caches[i] = None if done else c
                 if not done:
                     # a turn that stopped at max_new_tokens, or at an eos that is not the template's end of turn,
                     # gets the template's end-of-turn token as context

@@ -100,6 +100,25 @@ def test_greedy_generate_equals_a_no_cache_loop_alone_and_inside_a_left_padded_b
     assert pol.generate([short, mid], 12, temperature=0)[1] == ref
 
 
+def test_a_turn_from_the_cached_earlier_turns_equals_one_from_the_whole_dialogue(make_policy):
+    pol = make_policy().eval()
+    randomize_lora(pol, scale=1.0)
+    g = torch.Generator().manual_seed(8)
+    a, b, obs_a, obs_b = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (9, 17, 6, 3))
+    caches = [None, None]
+    first = pol.generate([a, b], 7, temperature=0, caches=caches)
+    assert [c[0] for c in caches] == [len(a) + len(first[0]) - 1, len(b) + len(first[1]) - 1]
+    assert all(k.shape[2] == c[0] for c in caches for k, v in c[1])
+    second = [a + first[0] + obs_a, b + first[1] + obs_b]
+    ref = [greedy_without_cache(pol.model, p, 7, pol.stop_ids) for p in second]
+    assert len(set(ref[0])) > 1
+    assert pol.generate(second, 7, temperature=0) == ref
+    assert pol.generate(second[::-1], 7, temperature=0, caches=[caches[1], None]) == ref[::-1]  # cached beside not
+    assert pol.generate(second, 7, temperature=0, caches=caches) == ref
+    with pytest.raises(ValueError, match="cache"):  # caches now cover more than these prompts
+        pol.generate(second, 7, temperature=0, caches=caches)
+
+
 def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(make_policy):
     pol = make_policy().eval()
     g = torch.Generator().manual_seed(6)
