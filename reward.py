@@ -244,7 +244,8 @@ def _shape(task, traj, mode, alpha, judge, threshold):
 def shape_batch(tasks, trajs, mode="stepgrained", alpha=1.0, judge=None, contribution_threshold=0.3, workers=8):
     """step_rewards of many episodes (each PPO iteration) -> (rewards, stats). stats: episodes, steps,
     reward (mean over steps), succ_calling and contribution (means over intermediate calls), is_solved
-    (mean over episodes), judged and judge_fallbacks (episodes), seconds."""
+    (mean over episodes) and solved_each (IsSolved of each episode), judged and judge_fallbacks
+    (episodes), seconds."""
     t0, fn = time.perf_counter(), _mode(mode)
     shape = lambda pair: _shape(pair[0], pair[1], fn, alpha, judge, contribution_threshold)
     if judge is None:
@@ -263,6 +264,7 @@ def shape_batch(tasks, trajs, mode="stepgrained", alpha=1.0, judge=None, contrib
                      "succ_calling": mean([s for i in infos for s in i.get("succ", [])]),
                      "contribution": mean([c for i in infos for c in i.get("contrib", [])]),
                      "is_solved": mean([i["solved"] for i in infos if "solved" in i]),
+                     "solved_each": [i.get("solved", 0.0) for i in infos],
                      "judged": sum(i["judged"] for i in infos), "judge_fallbacks": len(errors),
                      "seconds": time.perf_counter() - t0}
 

@@ -46,34 +46,40 @@ def sft(policy, episodes, epochs=1, lr=1e-4, batch_size=16, micro_batch_size=8, 
         perm = torch.randperm(len(episodes), generator=gen).tolist()
         tot, n = 0.0, 0
         for b in range(0, len(perm), batch_size):
-            batch = [episodes[i] for i in perm[b:b + batch_size]]
-            n_tok = sum(sum(e.act) for e in batch)
-            opt.zero_grad(set_to_none=True)
-            loss_sum, ok = 0.0, True
-            for mb in ppo._chunks(batch, micro_batch_size):
-                c = ppo.collate(mb, "step", policy.device)
-                logp, _, _ = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
-                loss = -logp.sum() / n_tok                                  # token mean over the whole batch
-                if not torch.isfinite(loss):
-                    ok = False
-                    break
-                loss.backward()
-                loss_sum += loss.item()
-            norm = torch.nn.utils.clip_grad_norm_(params, 1.0) if ok else None
-            if not ok or not torch.isfinite(norm):
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-            else:
-                opt.step()
+            loss = sft_step(policy, opt, [episodes[i] for i in perm[b:b + batch_size]], micro_batch_size)
+            skipped += loss is None
             sched.step()
-            tot, n = tot + loss_sum, n + 1
+            tot, n = tot + (loss or 0.0), n + 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss_sum:.3f}")
+            bar.set_postfix(epoch=epoch, loss=f"{loss or float('nan'):.3f}")
         losses.append(tot / max(n, 1))
     bar.close()
     if skipped:
         print(f"sft: skipped {skipped} steps with a non-finite loss or gradient")
     return losses
+
+
+def sft_step(policy, optimizer, episodes, micro_batch_size=8):
+    """One optimizer step on the token-mean loss over the action tokens of `episodes` -> the loss,
+    or None when a non-finite loss or gradient skipped the step (nothing reaches the weights)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    n_tok = sum(sum(e.act) for e in episodes)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for mb in ppo._chunks(episodes, micro_batch_size):
+        c = ppo.collate(mb, "step", policy.device)
+        logp, _, _ = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
+        loss = -logp.sum() / n_tok                                  # token mean over the whole batch
+        if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        loss.backward()
+        loss_sum += loss.item()
+    if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return loss_sum
 
 
 def load_episodes(policy, path, max_tokens=None):

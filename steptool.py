@@ -64,7 +64,8 @@ class Config:
     data: str = opt("", "offline mode: PPO over the trajectories of this StepTool TSV")
     judge_url: str = opt("", "OpenAI-compatible judge for tasks without answer facts (key: $OPENAI_API_KEY)")
     judge_model: str = opt("gpt-4o-mini", "judge model name")
-    # rewards (Sec. 4.1) and advantages (Sec. 4.2)
+    # the algorithm, its rewards (Sec. 4.1) and advantages (Sec. 4.2)
+    algo: str = opt("ppo", "ppo, or rft: the RFT baseline (SFT steps on the batch's own Solved rollouts)")
     reward: str = opt("stepgrained", "stepgrained, final, or module.function (your own)")
     alpha: float = opt(1.0, "alpha of r_t = (alpha SuccCalling + Contribution) / (1 + alpha)")
     advantage: str = opt("step", "step (GAE over tool-call steps) or token (the original's per-token GAE)")
@@ -146,6 +147,18 @@ def ppo_config(cfg):
                          ent_coef=cfg.ent_coef, advantage=cfg.advantage)
 
 
+def rft_update(policy, optimizer, solved, cfg):
+    """RFT (the paper's baseline): --ppo-epochs SFT steps on the Solved episodes of the batch, at PPO's
+    learning rate, so both spend the same sampled episodes and the same number of passes."""
+    if not solved:
+        return {"rft/solved": 0.0}
+    policy.train()
+    losses = [SFT.sft_step(policy, optimizer, solved, cfg.mini_batch_size) for _ in range(cfg.ppo_epochs)]
+    ok = [x for x in losses if x is not None]
+    return {"rft/solved": float(len(solved)), "ppo/skipped_updates": float(len(losses) - len(ok)),
+            **({"loss/sft": sum(ok) / len(ok)} if ok else {})}
+
+
 # ---- checkpoints: written to a temporary folder, then renamed ----------------------------------
 def save_checkpoint(path, policy, optimizer, kl_ctl, iteration, cfg, metrics):
     tmp, old = path + ".tmp", path + ".old"
@@ -216,6 +229,8 @@ def plot(metrics, path):
 # ---- the run ----------------------------------------------------------------------------------
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg.algo not in ("ppo", "rft"):
+        sys.exit(f"steptool: --algo {cfg.algo}: use ppo or rft")
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
         state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
@@ -308,8 +323,11 @@ def main(argv=None):
                        "reward/is_solved": float(rstats["is_solved"]),
                        "reward/succ_calling": float(rstats["succ_calling"]),
                        "reward/contribution": float(rstats["contribution"])}
-            # ---- PPO update over steps (Sec. 4.2) ----
-            stats = ppo.update(policy, optimizer, eps, pcfg, kl_ctl, gen)
+            # ---- PPO update over steps (Sec. 4.2), or RFT's SFT on the Solved rollouts ----
+            if cfg.algo == "rft":
+                stats = rft_update(policy, optimizer, [e for e, s in zip(eps, rstats["solved_each"]) if s == 1.0], cfg)
+            else:
+                stats = ppo.update(policy, optimizer, eps, pcfg, kl_ctl, gen)
             rec.update({k: float(v) for k, v in stats.items()})
             # ---- log / evaluate / save ----
             if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations:

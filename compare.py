@@ -1,0 +1,129 @@
+"""The paper's comparison and ablation in miniature (Sec. 5, Tables 2 and 4), on the embedded benchmark.
+
+    python compare.py [--seeds 0 1 2] [--output results/]
+
+For each seed, one SFT warm start (steptool.py without PPO iterations), then each method from that
+same checkpoint, with the same budget: the same number of sampled episodes and of updates.
+    sft                 the warm start itself
+    rft                 SFT on the policy's own Solved rollouts (steptool.py --algo rft)
+    ppo_final           PPO with the final reward only (--reward final)
+    steptool            step-grained rewards and step-grained optimization (the defaults)
+    steptool_token_adv  step-grained rewards, the original code's per-token GAE (--advantage token)
+Outputs: OUTPUT/table.md (Pass Rate and Recall per group, mean ± std over seeds), OUTPUT/summary.json
+({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}}), OUTPUT/curves.png
+(test Pass Rate against sampled episodes), and each run in OUTPUT/seed<S>/<method>/ (steptool.py's
+metrics.jsonl, checkpoint, final model). Resumable: a finished (method, seed) run is not redone, an
+unfinished one continues from its last checkpoint.
+
+Any other flag goes to every run, e.g. --iterations 10 --eval-limit 20 for a shorter comparison.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import steptool
+
+METHODS = {"rft": ["--algo", "rft", "--reward", "final"],
+           "ppo_final": ["--reward", "final"],
+           "steptool": ["--reward", "stepgrained", "--advantage", "step"],
+           "steptool_token_adv": ["--reward", "stepgrained", "--advantage", "token"]}
+NAMES = {"sft": "SFT", "rft": "RFT", "ppo_final": "PPO (final reward)", "steptool": "StepTool",
+         "steptool_token_adv": "StepTool w/o step-grained optimization (token GAE)"}
+GROUPS = ("G1", "G2", "G3", "overall")
+
+
+def std(xs):  # the sample standard deviation over seeds (0 for one seed)
+    xs = list(xs)
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def read_metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_once(run, argv):
+    """One steptool.py run in `run`: skipped when finished, resumed when a checkpoint exists."""
+    if os.path.isdir(os.path.join(run, "final_model")):
+        return read_metrics(run)
+    for ckpt in ("checkpoint", "checkpoint.old"):
+        if os.path.isfile(os.path.join(run, ckpt, "state.pt")):
+            return steptool.main(["--resume", run])
+    return steptool.main(argv + ["--output", run])
+
+
+def table(summary, methods):
+    lines = []
+    for metric, title in (("pass_rate", "Pass Rate (%)"), ("recall", "Recall (%)")):
+        lines += [f"**{title}**, mean ± sample std over seeds", "",
+                  "| method | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS) + " |",
+                  "|---|" + "---:|" * len(GROUPS)]
+        for m in methods:
+            cells = [f"{summary[m][g][metric + '_mean']:.1f} ± {summary[m][g][metric + '_std']:.1f}" for g in GROUPS]
+            lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(curves, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("compare: matplotlib is not installed; no curves.png (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for m, pts in curves.items():   # pts: {episodes: [pass rate of each seed]}
+        xs = sorted(pts)
+        mean = [statistics.fmean(pts[x]) for x in xs]
+        sd = [std(pts[x]) for x in xs]
+        ax.plot(xs, mean, marker="o", label=NAMES[m])
+        ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], alpha=0.15)
+    ax.set_xlabel("sampled training episodes"); ax.set_ylabel("test Pass Rate (%)")
+    ax.legend(fontsize=8); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--output", default="results")
+    ap.add_argument("--methods", nargs="+", default=["sft", *METHODS], choices=["sft", *METHODS])
+    args, extra = ap.parse_known_args(argv)
+    # the tiny model's schedule, spelled out: a run started from a checkpoint would take the paper's
+    base = [f"--{k.replace('_', '-')}={v}" for k, v in steptool.TINY.items() if k != "full_finetune"]
+    base += ["--full-finetune" if steptool.TINY["full_finetune"] else "--no-full-finetune"]
+    t0 = time.time()
+    final, curves = {m: [] for m in args.methods}, {m: {} for m in args.methods}
+    for seed in args.seeds:
+        root = os.path.join(args.output, f"seed{seed}")
+        warm = run_once(os.path.join(root, "sft"), base + extra + ["--seed", str(seed), "--iterations", "0"])
+        start = os.path.join(root, "sft", "checkpoint")
+        for m in args.methods:
+            ms = warm if m == "sft" else run_once(
+                os.path.join(root, m), base + extra + ["--seed", str(seed), "--model", start, "--sft-epochs", "0"] + METHODS[m])
+            final[m].append(ms[-1])
+            for rec in ms:
+                if rec.get("eval/overall/pass_rate") is not None:
+                    curves[m].setdefault(rec.get("episodes", 0), []).append(rec["eval/overall/pass_rate"])
+        print(f"compare: seed {seed} done, {(time.time() - t0) / 60:.1f} min so far")
+    summary = {m: {g: {"pass_rate_mean": statistics.fmean(r[f"eval/{g}/pass_rate"] for r in final[m]),
+                       "pass_rate_std": std(r[f"eval/{g}/pass_rate"] for r in final[m]),
+                       "recall_mean": statistics.fmean(r[f"eval/{g}/recall"] for r in final[m]),
+                       "recall_std": std(r[f"eval/{g}/recall"] for r in final[m]),
+                       "seeds": list(args.seeds)} for g in GROUPS} for m in args.methods}
+    with open(os.path.join(args.output, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    text = table(summary, args.methods)
+    with open(os.path.join(args.output, "table.md"), "w") as f:
+        f.write(f"Seeds {args.seeds}; embedded benchmark test split; `python compare.py {' '.join(argv or [])}`\n\n" + text)
+    plot(curves, os.path.join(args.output, "curves.png"))
+    print(text)
+    print(f"compare: {args.output}/table.md and summary.json in {(time.time() - t0) / 60:.1f} min")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
