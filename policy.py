@@ -11,7 +11,8 @@
   sequence: the LM head of a 150k-vocabulary model costs more memory than the rest of a step.
 - `generate` samples a batch of next turns with the KV cache (left padding), temperature / top-p,
   one uniform draw per token from each episode's own generator, so an episode's randomness
-  depends on (seed, iteration, episode) only, not on what else is in the batch.
+  depends on (seed, iteration, episode) only, not on what else is in the batch. Given each
+  episode's cache from its previous turn, a turn computes only its new tokens.
 - `encode_*` turn a dialogue into token ids turn by turn; rollout.py builds episodes with them.
 
     python policy.py --save-tiny DIR     # write the tiny model + tokenizer with save_pretrained

@@ -1,0 +1,74 @@
+"""compare.py on a minute's budget, and the RFT update it compares against."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, SMALL
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+BUDGET = ["--threads", "1", "--iterations", "1", "--episodes-per-iteration", "2", "--sft-epochs", "1",
+          "--sft-episodes", "4", "--eval-limit", "1", "--max-new-tokens", "16", "--max-steps", "2", "--ppo-epochs", "1"]
+
+
+def compare(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=ENV, timeout=600)
+
+
+def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_redo_finished_runs(tmp_path, tiny_tok):
+    import policy as P
+    model_dir, out = str(tmp_path / "model"), str(tmp_path / "results")
+    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    model.save_pretrained(model_dir); tok.save_pretrained(model_dir)
+    args = ["--seeds", "3", "--output", out, "--methods", "sft", "rft", "steptool", "--model", model_dir, *BUDGET]
+    r = compare(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary) == {"sft", "rft", "steptool"}
+    for m in summary.values():
+        assert set(m) == {"G1", "G2", "G3", "overall"}
+        for g in m.values():
+            assert set(g) == {"pass_rate_mean", "pass_rate_std", "recall_mean", "recall_std", "seeds"} and g["seeds"] == [3]
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| StepTool |" in table and "| RFT |" in table and "Recall" in table
+    runs = {m: os.path.join(out, "seed3", m, "metrics.jsonl") for m in ("sft", "rft", "steptool")}
+    first = {m: json.loads(open(p).readline()) for m, p in runs.items()}
+    evals = lambda rec: {k: v for k, v in rec.items() if k.startswith("eval/")}
+    assert evals(first["rft"]) == evals(first["sft"]) == evals(first["steptool"])  # one start for all
+    for m in ("rft", "steptool"):
+        cfg = torch.load(os.path.join(out, "seed3", m, "checkpoint", "state.pt"), weights_only=False)["config"]
+        assert cfg["model"] == os.path.join(out, "seed3", "sft", "checkpoint") and cfg["sft_epochs"] == 0
+    assert summary["sft"]["overall"]["pass_rate_mean"] == first["sft"]["eval/overall/pass_rate"]
+    last = json.loads(open(runs["rft"]).read().splitlines()[-1])
+    assert last["iteration"] == 1 and "rft/solved" in last and "loss/policy" not in last
+    stamps = {m: os.path.getmtime(p) for m, p in runs.items()}
+    r = compare(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {m: os.path.getmtime(p) for m, p in runs.items()} == stamps  # finished runs are read, not redone
+
+
+def test_rft_update_trains_on_the_solved_episodes_only(make_policy, tool_server, test_tasks):
+    import env
+    import rollout
+    import steptool
+    pol = make_policy(full_finetune=True)
+    client = env.ToolClient(tool_server.url)
+    ep, _ = rollout.expert_episode(pol, test_tasks[0], client)
+    cfg = steptool.Config(ppo_epochs=3, mini_batch_size=2)
+    opt = torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-3)
+    before = {k: v.clone() for k, v in pol.state_dict().items()}
+    assert steptool.rft_update(pol, opt, [], cfg) == {"rft/solved": 0.0}
+    assert all(torch.equal(before[k], v) for k, v in pol.state_dict().items())  # nothing solved: no step
+
+    def nll():
+        import ppo
+        c = ppo.collate([ep], "step", pol.device)
+        with torch.no_grad():
+            return -pol(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])[0].mean().item()
+    start = nll()
+    stats = steptool.rft_update(pol, opt, [ep], cfg)
+    assert stats["rft/solved"] == 1.0 and stats["ppo/skipped_updates"] == 0.0
+    assert nll() < start - 0.1
