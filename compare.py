@@ -68,12 +68,8 @@ def table(summary, methods):
 
 
 def plot(curves, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("compare: matplotlib is not installed; no curves.png (pip install matplotlib)")
+    plt = steptool.pyplot("compare")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for m, pts in curves.items():   # pts: {episodes: [pass rate of each seed]}

@@ -209,13 +209,21 @@ def log_line(metrics_path, rec):
           + f" | {rec['time/iteration_s']:.1f}s")
 
 
-def plot(metrics, path):
+def pyplot(who):
+    """matplotlib.pyplot (headless), or None with one notice: plots are optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print("steptool: matplotlib is not installed; no curves.png (pip install matplotlib)")
+        print(f"{who}: matplotlib is not installed; no curves.png (pip install matplotlib)")
+        return None
+
+
+def plot(metrics, path):
+    plt = pyplot("steptool")
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
     for ax, key in zip(axes, ["eval/overall/pass_rate", "eval/overall/recall", "reward/step_mean", "ppo/kl"]):
