@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import steptool
@@ -72,11 +73,14 @@ def plot(curves, path):
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    span = sorted({x for pts in curves.values() for x in pts})
     for m, pts in curves.items():   # pts: {episodes: [pass rate of each seed]}
         xs = sorted(pts)
         mean = [statistics.fmean(pts[x]) for x in xs]
         sd = [std(pts[x]) for x in xs]
-        ax.plot(xs, mean, marker="o", label=NAMES[m])
+        if len(xs) == 1:            # SFT: no training episodes, a level across the plot
+            xs, mean, sd = [span[0], span[-1]], mean * 2, sd * 2
+        ax.plot(xs, mean, marker="o" if m != "sft" else None, linestyle="--" if m == "sft" else "-", label=NAMES[m])
         ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], alpha=0.15)
     ax.set_xlabel("sampled training episodes"); ax.set_ylabel("test Pass Rate (%)")
     ax.legend(fontsize=8); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
@@ -87,6 +91,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--output", default="results")
     ap.add_argument("--methods", nargs="+", default=["sft", *METHODS], choices=["sft", *METHODS])
+    argv = sys.argv[1:] if argv is None else argv
     args, extra = ap.parse_known_args(argv)
     # the tiny model's schedule, spelled out: a run started from a checkpoint would take the paper's
     base = [f"--{k.replace('_', '-')}={v}" for k, v in steptool.TINY.items() if k != "full_finetune"]
@@ -114,7 +119,7 @@ def main(argv=None):
         json.dump(summary, f, indent=1)
     text = table(summary, args.methods)
     with open(os.path.join(args.output, "table.md"), "w") as f:
-        f.write(f"Seeds {args.seeds}; embedded benchmark test split; `python compare.py {' '.join(argv or [])}`\n\n" + text)
+        f.write(f"Seeds {args.seeds}; embedded benchmark test split; `python compare.py {' '.join(argv)}`\n\n" + text)
     plot(curves, os.path.join(args.output, "curves.png"))
     print(text)
     print(f"compare: {args.output}/table.md and summary.json in {(time.time() - t0) / 60:.1f} min")
