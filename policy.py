@@ -33,7 +33,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -216,7 +216,7 @@ class Policy(nn.Module):
             return
         with torch.no_grad():
             for m in self.lora_modules():
-                m.base.weight += (m.scale * (m.B @ m.A)).to(m.base.weight.dtype)
+                m.base.weight.copy_(m.merged_weight())
                 nn.init.kaiming_uniform_(m.A, a=math.sqrt(5)); m.B.zero_()
         self.base_modified = True  # checkpoints must now carry the base weights
 
@@ -231,8 +231,6 @@ class Policy(nn.Module):
         values of the row's first n prompt tokens (its earlier turns); on return each entry holds the
         row's prompt and sampled turn (all but the last token), ready for the row's next turn.
         """
-        from transformers import DynamicCache
-        from transformers.cache_utils import Cache
         dev, B = self.device, len(prompts)
         caches = caches if caches is not None else [None] * B
         # prefill one row at a time: without padding, attention takes its causal kernel; a cached row

@@ -13,6 +13,7 @@ The algorithm box (online mode, the default):
         step rewards r_t: SuccCalling, Contribution, IsSolved   (reward.py, Sec. 4.1)
         GAE over steps, K epochs of clipped PPO with a KL penalty (ppo.py, Sec. 4.2)
         log; every --eval-every iterations Pass Rate and Recall (eval.py); checkpoint
+--algo rft swaps the PPO update for the RFT baseline: SFT steps on the batch's Solved rollouts.
 Offline mode (--data FILE.tsv) replaces the rollouts by a fixed set of trajectories with their step
 rewards, in the original's TSV format: PPO over them, as the paper's released code trains.
 
@@ -31,7 +32,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -47,10 +48,7 @@ import server
 import sft as SFT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+opt = evaluation.opt  # a dataclass field with its --help text
 
 
 @dataclass
