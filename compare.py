@@ -49,10 +49,11 @@ def run_once(run, argv):
     """One steptool.py run in `run`: skipped when finished, resumed when a checkpoint exists."""
     if os.path.isdir(os.path.join(run, "final_model")):
         return read_metrics(run)
-    for ckpt in ("checkpoint", "checkpoint.old"):
-        if os.path.isfile(os.path.join(run, ckpt, "state.pt")):
-            return steptool.main(["--resume", run])
-    return steptool.main(argv + ["--output", run])
+    try:
+        steptool.find_checkpoint(run)
+    except FileNotFoundError:
+        return steptool.main(argv + ["--output", run])
+    return steptool.main(["--resume", run])
 
 
 def table(summary, methods):

@@ -1,10 +1,11 @@
 """Batched multi-turn rollouts: run many tool-use episodes at once (paper Sec. 3 and 4.2).
 
 Each turn, the next assistant turn of every live episode is sampled in one batch (policy.generate,
-which keeps each episode's keys and values from turn to turn), the environments step with their tool calls running concurrently (env.step_all), and each
-episode's token ids grow by the sampled action and the observation. An episode ends at Finish, at
-max_steps, or when its next turn could not fit in max_context tokens (then it ends unsolved and
-keeps every completed step; nothing is dropped silently).
+which keeps each episode's keys and values from turn to turn), the environments step with their
+tool calls running concurrently (env.step_all), and each episode's token ids grow by the sampled
+action and the observation. An episode ends at Finish, at max_steps, or when its next turn could
+not fit in max_context tokens (then it ends unsolved and keeps every completed step; nothing is
+dropped silently).
 
     Episode.ids        [T] prompt, action and observation tokens, in order
     Episode.act        [T] True where the policy sampled the token: the only tokens with gradient
