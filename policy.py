@@ -29,6 +29,8 @@ import copy
 import json
 import math
 import os
+import re
+import shutil
 
 import torch
 import torch.nn as nn
@@ -67,9 +69,14 @@ class LoRALinear(nn.Module):
         return self.base.weight + (self.scale * (self.B @ self.A)).to(self.base.weight.dtype)
 
 
-def inject_lora(model, r=8, alpha=16, dropout=0.05, targets=LORA_TARGETS):
-    """Wrap every nn.Linear whose name ends in one of `targets`; returns how many were wrapped."""
+def inject_lora(model, r=8, alpha=16, dropout=0.0, targets=LORA_TARGETS):
+    """Wrap every nn.Linear whose name ends in one of `targets`; returns how many were wrapped.
+    No match is an error that names the model's linear modules: a LoRA on nothing trains nothing."""
     hits = [(n, m) for n, m in model.named_modules() if n.split(".")[-1] in targets and isinstance(m, nn.Linear)]
+    if not hits:
+        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"LoRA targets {', '.join(targets)} match no linear module of this model; "
+                         f"its linear modules are: {', '.join(names) or 'none'}")
     for name, lin in hits:
         parent, child = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model, name.rsplit(".", 1)[-1]
         setattr(parent, child, LoRALinear(lin, r, alpha, dropout))
@@ -143,21 +150,54 @@ def build_tiny(seed=0, tok=None, **overrides):
 
 # ---- the policy -----------------------------------------------------------------------------
 class Policy(nn.Module):
-    """pi_theta (LM + LoRA) and V (value head): one nn.Module, so DDP/FSDP wrap it in one place."""
+    """pi_theta (LM + LoRA) and V (value head): one nn.Module, so DDP/FSDP wrap it in one place.
 
-    def __init__(self, model, tok, source, lora=None, full_finetune=False):
+    source: where the base weights are on disk (hub id or folder), or "tiny"; `base_path` is None
+    while no copy of the current base is on disk (a random model, or one changed by
+    freeze_reference): then the next save writes it, once."""
+
+    def __init__(self, model, tok, source, lora=None, full_finetune=False, compute_dtype=None):
         super().__init__()
         self.model, self.tok, self.source, self.lora_cfg = model, tok, source, lora
-        self.full_finetune, self.base_modified = full_finetune, source == "tiny" or full_finetune
+        self.full_finetune = full_finetune
+        self.base_path = None if source == "tiny" else os.path.abspath(source) if os.path.isdir(source) else source
+        # full fine-tuning in half precision keeps fp32 master weights and computes in half precision
+        # under autocast: Adam steps of ~1e-5 relative vanish in bf16's 8-bit mantissa. pi_ref is a
+        # frozen copy of the same fp32 weights under the same autocast, so pi_theta = pi_ref exactly
+        # at the start (a bf16 copy would compute a bf16 residual stream: off by ~1e-3 per token).
+        self.compute_dtype = compute_dtype or next(model.parameters()).dtype
+        if full_finetune and self.compute_dtype != torch.float32:
+            model.float()
+        self.ref_model = copy.deepcopy(model).requires_grad_(False).eval() if full_finetune else None
         self.v_head = nn.Linear(model.config.hidden_size, 1, device=model.device)  # fp32, as LoRA
         nn.init.zeros_(self.v_head.bias); nn.init.normal_(self.v_head.weight, std=1 / (model.config.hidden_size + 1))
-        self.ref_model = copy.deepcopy(model).requires_grad_(False).eval() if full_finetune else None
         self.eot_id, self.eot = _end_of_turn(tok)
-        self.stop_ids = sorted({self.eot_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+        # a turn ends at the template's end of turn or at any EOS the tokenizer or generation_config names
+        # (Qwen2-Instruct: <|im_end|> and <|endoftext|>)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = [tok.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])]
+        self.stop_ids = sorted({self.eot_id, *[i for i in eos if i is not None]})
+        self.obs_role = observation_role(tok)  # the chat template's role for tool responses
 
     @property
     def device(self):
         return self.v_head.weight.device
+
+    def autocast(self):
+        """Half-precision compute over fp32 master weights (full fine-tuning of a bf16 model), else a no-op."""
+        if self.compute_dtype == torch.float32 or not self.full_finetune:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def train_without_dropout(self):
+        """The PPO update's mode: every module in eval mode, so no dropout anywhere and pi_theta equals
+        the pi_old that prepare() read until the first optimizer step; only the layers that gradient
+        checkpointing runs in are flagged training (it checks that flag), not their children."""
+        self.eval()
+        for m in self.modules():
+            if getattr(m, "gradient_checkpointing", False) is True:
+                m.training = True  # this module alone: its attention and dropout stay in eval
+        return self
 
     def lora_modules(self):
         return [m for m in self.model.modules() if isinstance(m, LoRALinear)]
@@ -197,9 +237,10 @@ class Policy(nn.Module):
             pos, attn = torch.arange(ids.shape[1], device=ids.device).expand_as(ids), None
         else:
             pos, attn = (mask.long().cumsum(-1) - 1).clamp(min=0), mask       # [B, T]
-        h = self.model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
         b, t = act_idx
-        logits = self.model.get_output_embeddings()(h[b, t - 1]).float()       # [N, V]: token t is predicted at t-1
+        with self.autocast():
+            h = self.model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+            logits = self.model.get_output_embeddings()(h[b, t - 1]).float()   # [N, V]: token t is predicted at t-1
         logp_all = F.log_softmax(logits, -1)
         logp = logp_all.gather(-1, act_tok[:, None]).squeeze(-1)              # [N]
         values = self.v_head(h[v_idx].float()).squeeze(-1)                    # [M]
@@ -210,15 +251,20 @@ class Policy(nn.Module):
         """Make the current policy pi_ref (after the SFT warm start), so the KL keeps PPO near it.
 
         LoRA: merge B A into W and restart the adapter at B = 0 (then "LoRA off" is this policy);
-        full fine-tuning: a new frozen copy."""
+        full fine-tuning: a new frozen copy. Only a base that changed (a
+        non-zero adapter merged, weights that moved) must be written again by the next save."""
         if self.ref_model is not None:
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+            moved = any(not torch.equal(r, p) for r, p in zip(self.ref_model.parameters(), self.model.parameters()))
+            if moved:
+                self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+                self.base_path = None
             return
         with torch.no_grad():
             for m in self.lora_modules():
-                m.base.weight.copy_(m.merged_weight())
+                if bool(m.B.any()):
+                    m.base.weight.copy_(m.merged_weight())
+                    self.base_path = None  # the base changed: the next save writes it
                 nn.init.kaiming_uniform_(m.A, a=math.sqrt(5)); m.B.zero_()
-        self.base_modified = True  # checkpoints must now carry the base weights
 
     # ---- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -231,6 +277,10 @@ class Policy(nn.Module):
         values of the row's first n prompt tokens (its earlier turns); on return each entry holds the
         row's prompt and sampled turn (all but the last token), ready for the row's next turn.
         """
+        with self.autocast():
+            return self._generate(prompts, max_new_tokens, temperature, top_p, generators, caches)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, generators, caches):
         dev, B = self.device, len(prompts)
         caches = caches if caches is not None else [None] * B
         # prefill one row at a time: without padding, attention takes its causal kernel; a cached row
@@ -242,7 +292,7 @@ class Policy(nn.Module):
                 raise ValueError(f"a row's cache holds {n} tokens but its prompt has only {len(p)}: caches are for a next turn")
             cache = DynamicCache(past) if past else DynamicCache()
             out = self.model(input_ids=torch.tensor([p[n:]], device=dev), position_ids=torch.arange(n, len(p), device=dev)[None],
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             cache=cache, use_cache=True, logits_to_keep=1)
             logits.append(out.logits[0, -1].float())
             rows_kv.append([(layer.keys, layer.values) for layer in cache.layers])
         # stack the rows left-padded into buffers sized for the whole turn: decoding copies no cache
@@ -285,7 +335,7 @@ class Policy(nn.Module):
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
             pos = pos + 1
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                             past_key_values=cache, use_cache=True)
+                             cache=cache, use_cache=True)
             logits = out.logits[:, -1].float()
         return outs
 
@@ -307,7 +357,12 @@ class Policy(nn.Module):
                              "prefix-stable template")
         k = before.rindex(self.eot)
         text = before[k + len(self.eot) if ended else k:] + full[len(before):]
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        obs = messages[-1]
+        if not _shows(obs["content"], self.tok.decode(ids, clean_up_tokenization_spaces=False)):
+            raise ValueError(f"the chat template dropped a tool response (role '{obs['role']}'): its text is not "
+                             f"in the encoded tokens, so the policy would never see it")
+        return ids
 
     def encode_action(self, text):
         """Expert / recorded turns: their tokens followed by the end-of-turn token."""
@@ -318,21 +373,50 @@ class Policy(nn.Module):
 
     # ---- saving -----------------------------------------------------------------------------
     def trainable_state(self):
-        """What a checkpoint must hold: LoRA + value head (or every weight when fully fine-tuning)."""
-        return {k: v for k, v in self.state_dict().items()  # full fine-tuning: pi_ref's frozen copy too
-                if self.full_finetune or k.startswith("v_head.") or k.endswith(".A") or k.endswith(".B")}
+        """What a checkpoint must hold: LoRA + value head, or (full fine-tuning) every weight of pi_theta
+        once; pi_ref is the base, on disk once."""
+        return {k: v for k, v in self.state_dict().items()
+                if (self.full_finetune and k.startswith("model.")) or k.startswith("v_head.") or k.endswith((".A", ".B"))}
 
-    def save(self, path):
-        """Our checkpoint: policy.json + trainable weights + tokenizer (+ base weights if not on disk)."""
+    def save(self, path, base_dir=None):
+        """Our checkpoint: policy.json (base, LoRA and load options) + trainable weights + tokenizer.
+
+        The base (the weights LoRA sits on, or pi_ref when fully fine-tuning) is written only when no
+        copy is on disk: into base_dir, once per run (later saves refer to it as ../base), or without
+        base_dir into path/base. A base from a hub id or a folder is referred to, never copied."""
         os.makedirs(path, exist_ok=True)
-        base = os.path.abspath(self.source) if os.path.isdir(self.source) else self.source  # any cwd can load it
-        if self.base_modified:  # a random or changed base must travel along
-            self._merged_model_save(os.path.join(path, "base"), merge=False)
-            base = "base"
+        if self.base_path is None:                       # a random or changed base: written once
+            target = base_dir or os.path.join(path, "base")
+            self._save_base(target)
+            if base_dir:
+                self.base_path = os.path.abspath(base_dir)
+            base, rel = os.path.relpath(target, path), True
+        elif base_dir and self.base_path == os.path.abspath(base_dir):
+            base, rel = os.path.relpath(self.base_path, path), True     # the run's own base: ../base
+        else:
+            base, rel = self.base_path, False                         # a hub id, or an absolute folder
         torch.save(self.trainable_state(), os.path.join(path, "policy.pt"))
         self.tok.save_pretrained(path)
         with open(os.path.join(path, "policy.json"), "w") as f:
-            json.dump({"base": base, "lora": self.lora_cfg, "full_finetune": self.full_finetune}, f)
+            json.dump({"base": base, "base_relative": rel, "lora": self.lora_cfg, "full_finetune": self.full_finetune,
+                       "dtype": str(self.compute_dtype).removeprefix("torch."),
+                       "gradient_checkpointing": bool(self.model.is_activation_checkpointing)}, f)
+
+    def _save_base(self, path):
+        """The base weights as a save_pretrained folder, written beside `path` and renamed into place."""
+        tmp, old = path + ".tmp", path + ".old"
+        for p in (tmp, old):
+            if os.path.isdir(p):
+                shutil.rmtree(p)                        # our own leftovers of a crash
+        if self.ref_model is not None:
+            self.ref_model.save_pretrained(tmp)
+        else:
+            self._merged_model_save(tmp, merge=False)
+        if os.path.isdir(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
 
     def export_merged(self, path):
         """A plain HF checkpoint (LoRA merged into W) that transformers and vLLM load as is."""
@@ -364,6 +448,39 @@ def _end_of_turn(tok):
     if eot is None:
         raise ValueError("cannot find the end-of-turn token of this chat template")
     return eot, tok.convert_ids_to_tokens(eot)
+
+
+_PROBE = '{"error": "", "response": "XYZZY <tool & reply\'s> 42"}'  # shaped like an observation
+
+
+def observation_role(tok):
+    """The role that carries tool responses in this chat template, detected once at load.
+
+    The template's own `tool` role when it names one (Qwen2.5, Llama-3.1), else ToolBench's
+    `function` (the role of the original's Qwen2 data), else `tool`, else `user`: the first whose
+    content the template renders. A template that renders none is an error, never a silent drop
+    (Qwen2.5's template skips a `function` message without a word)."""
+    src = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template)
+    roles = (("tool",) if re.search(r"""['"]tool['"]""", src or "") else ()) + ("function", "tool", "user")
+    for role in roles:
+        msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"}, {"role": role, "content": _PROBE}]
+        try:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 -- a template may raise_exception() on a role it refuses
+            continue
+        if _shows(_PROBE, text):
+            return role
+    raise ValueError("the chat template renders no tool response in any role (tried function, tool, user)")
+
+
+def _shows(content, text):
+    """Does `text` carry `content`: verbatim (some templates trim it) or as a JSON string (Llama-3.1's
+    template writes a tool message through tojson)?"""
+    c = content.strip()
+    enc = [json.dumps(content, ensure_ascii=False), json.dumps(content)]
+    enc.append(enc[1].replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027"))
+    return any(v in text for v in [c] + enc)
 
 
 def _sample(logits, temperature, top_p, gens):
@@ -417,25 +534,35 @@ def default_device(device=None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                lora_targets=LORA_TARGETS, full_finetune=False, gradient_checkpointing=False, seed=0, tiny=None):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                lora_targets=LORA_TARGETS, full_finetune=False, gradient_checkpointing=None, seed=0, tiny=None):
     """Any HF causal LM id or folder, our checkpoint folder, or "tiny" -> Policy on `device`.
 
     bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise. Hub ids need network; without it only
     the local Hub cache is tried (a few seconds), so pass a local folder (save_pretrained) instead.
+    A checkpoint of ours restores every load option it was trained with (LoRA, full fine-tuning,
+    dtype, gradient checkpointing); `dtype` and `gradient_checkpointing`, when given, override it.
     """
     from transformers import AutoModelForCausalLM
     device = default_device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = os.path.isfile(os.path.join(str(name), "policy.json"))
     if ckpt:
         with open(os.path.join(name, "policy.json")) as f:
             meta = json.load(f)
-        base = os.path.join(name, meta["base"]) if meta["base"] == "base" else meta["base"]
+        relative = meta.get("base_relative", meta["base"] == "base")   # "base" (inside) or "../base" (the run's)
+        base = os.path.normpath(os.path.join(name, meta["base"])) if relative else meta["base"]
         lora, full_finetune = meta["lora"], meta["full_finetune"]
+        dtype = dtype or DTYPES.get(meta.get("dtype"))
+        if gradient_checkpointing is None:
+            gradient_checkpointing = bool(meta.get("gradient_checkpointing", False))
     else:
         base, lora = name, (None if full_finetune else dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                                                             targets=list(lora_targets)))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    weights = torch.float32 if full_finetune else dtype  # full fine-tuning: fp32 master weights, `dtype` compute
     if base == "tiny":
         model, tok = build_tiny(seed, **(tiny or {}))  # tiny: size overrides of TINY
     else:
@@ -444,7 +571,7 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
         offline = not os.path.isdir(base) and not _hub_reachable()
         try:
             tok = _load_tokenizer(name if ckpt else base, local_files_only=offline)
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=offline)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=weights, local_files_only=offline)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot load model '{base}': {e}\nWithout network access, pass a local folder "
                              "written by save_pretrained (or one of our checkpoints) as --model.") from None
@@ -452,19 +579,19 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
         tok.chat_template = CHAT_TEMPLATE  # base models ship none; ChatML as the original's Qwen2 data
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=weights)
     model.config.use_cache = False
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model.requires_grad_(False)
         inject_lora(model, lora["r"], lora["alpha"], lora["dropout"], tuple(lora["targets"]))
-    policy = Policy(model, tok, "tiny" if base == "tiny" else (meta["base"] if ckpt and meta["base"] != "base" else base),
-                    lora, full_finetune).to(device)
+    policy = Policy(model, tok, base, lora, full_finetune, compute_dtype=dtype).to(device)
     if ckpt:
-        policy.base_modified = meta["base"] == "base"
-        missing = policy.load_state_dict(torch.load(os.path.join(name, "policy.pt"), map_location=device), strict=False)
-        bad = [k for k in missing.unexpected_keys]
+        if os.path.dirname(os.path.abspath(base)) == os.path.abspath(name):
+            policy.base_path = None  # a base inside the checkpoint folder goes when the folder does: save a copy
+        state = torch.load(os.path.join(name, "policy.pt"), map_location=device, weights_only=True)
+        bad = policy.load_state_dict(state, strict=False).unexpected_keys
         if bad:
             raise ValueError(f"{name}/policy.pt has unexpected weights: {bad[:5]}")
     return policy

@@ -51,9 +51,10 @@ def episode_generator(seed, iteration, episode):
 
 
 def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_steps=12, max_new_tokens=256,
-            max_context=4096, temperature=1.0, top_p=1.0, obs_chars=1024, observation_role="function"):
-    """Run `tasks` as parallel episodes -> (episodes, trajectories), in task order."""
-    envs = [env.ToolEnv(client, max_steps, obs_chars, observation_role) for _ in tasks]
+            max_context=4096, temperature=1.0, top_p=1.0, obs_chars=1024, observation_role=None):
+    """Run `tasks` as parallel episodes -> (episodes, trajectories), in task order.
+    Tool responses go in the chat template's role for them (policy.obs_role) unless told otherwise."""
+    envs = [env.ToolEnv(client, max_steps, obs_chars, observation_role or policy.obs_role) for _ in tasks]
     eps = []
     for e, task in zip(envs, tasks):
         eps.append(Episode())
@@ -89,7 +90,7 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
 
 def expert_episode(policy, task, client):
     """A task's expert trajectory replayed through the server, as an Episode (SFT data)."""
-    e, ep = env.ToolEnv(client), Episode()
+    e, ep = env.ToolEnv(client, observation_role=policy.obs_role), Episode()
     ep.add_context(policy.encode_prompt(e.reset(task)))
     for s in task.expert:
         text = env.format_action(s["thought"], s["name"], s["arguments"])

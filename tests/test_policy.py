@@ -288,3 +288,182 @@ def test_a_turn_cut_by_max_new_tokens_gets_the_templates_end_of_turn_as_context(
     ended = pol.encode_observation(msgs, ended=True)
     cut = pol.encode_observation(msgs, ended=False)
     assert cut == [pol.eot_id] + ended
+
+
+# ---- real chat templates: the role of tool responses ---------------------------------------------
+import copy  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import warnings  # noqa: E402
+
+from conftest import FIXTURES  # noqa: E402
+
+TEMPLATES = json.load(open(os.path.join(FIXTURES, "chat_templates.json")))
+
+
+def templated_policy(tiny_tok, name):
+    """A small random Qwen2 with the tiny BPE, the special tokens and the chat template of a model family."""
+    spec = TEMPLATES[name]
+    tok = copy.deepcopy(tiny_tok)
+    tok.add_special_tokens({"additional_special_tokens": spec["special"]})
+    tok.eos_token = spec["eos"]
+    if spec["bos"]:
+        tok.bos_token = spec["bos"]
+    tok.chat_template = spec["template"]
+    model, tok = P.build_tiny(0, tok=tok, **SMALL)
+    return P.Policy(model, tok, "tiny")
+
+
+@pytest.mark.parametrize("name,role", [("qwen2_instruct", "function"), ("qwen2_5_instruct", "tool"),
+                                       ("llama3_1_instruct", "tool")])
+def test_the_observation_role_is_the_one_each_chat_template_renders(tiny_tok, name, role):
+    assert templated_policy(tiny_tok, name).obs_role == role
+
+
+def test_a_template_with_no_role_for_tool_responses_falls_back_to_user(tiny_tok):
+    tok = copy.deepcopy(tiny_tok)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] in ['system', 'user', 'assistant'] %}<|im_start|>"
+                         "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert P.Policy(P.build_tiny(0, tok=tok, **SMALL)[0], tok, "tiny").obs_role == "user"
+
+
+@pytest.mark.parametrize("name", list(k for k in TEMPLATES if not k.startswith("_")))
+def test_every_observation_of_an_episode_is_in_its_tokens_under_each_real_template(tiny_tok, tool_server, test_tasks, name):
+    import env
+    pol = templated_policy(tiny_tok, name)
+    task = next(t for t in test_tasks if t.group == "G3")           # several tool calls
+    ep, traj = rollout.expert_episode(pol, task, env.ToolClient(tool_server.url))
+    text = pol.tok.decode(ep.ids, clean_up_tokenization_spaces=False)
+    obs = [s.observation for s in traj.steps if s.name != "Finish"]
+    assert len(obs) >= 2 and all(P._shows(o, text) for o in obs)
+    # step-wise tokens are the whole dialogue as the template renders it, up to the last end of turn
+    msgs = env.initial_messages(task)
+    for s in traj.steps:
+        msgs.append({"role": "assistant", "content": s.text})
+        if s.name != "Finish":
+            msgs.append({"role": pol.obs_role, "content": s.observation})
+    whole = pol.tok.apply_chat_template(msgs, tokenize=False)
+    assert ep.ids == pol.tok(whole[:whole.rindex(pol.eot) + len(pol.eot)], add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_instruct", "llama3_1_instruct"])
+def test_a_role_the_template_drops_is_an_error_not_a_silent_loss(tiny_tok, name):
+    pol = templated_policy(tiny_tok, name)
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "Thought: t\nAction: f\nAction Input: {}"},
+            {"role": "gadget", "content": '{"error": "", "response": "sunrise 06:31"}'}]
+    if name == "qwen2_5_instruct":  # Qwen2.5 skips any role it does not know, `function` included
+        with pytest.raises(ValueError, match="dropped a tool response"):
+            pol.encode_observation(msgs, ended=True)
+    msgs[-1]["role"] = pol.obs_role
+    assert "sunrise 06:31" in pol.tok.decode(pol.encode_observation(msgs, ended=True))
+
+
+# ---- end of turn, LoRA targets, the cache API -----------------------------------------------------
+def test_every_eos_of_the_tokenizer_and_the_generation_config_stops_a_turn(make_policy):
+    pol = make_policy()
+    prompt = pol.encode_prompt([{"role": "user", "content": "hi"}])
+    first = pol.generate([prompt], 1, temperature=0)[0][0]          # the greedy first token ...
+    assert first not in pol.stop_ids
+    pol.model.generation_config.eos_token_id = [pol.eot_id, first]  # ... is an EOS of generation_config
+    again = P.Policy(pol.model, pol.tok, "tiny")
+    assert first in again.stop_ids and pol.eot_id in again.stop_ids
+    assert again.generate([prompt], 8, temperature=0) == [[first]]
+
+
+def test_lora_targets_that_match_no_module_are_an_error_naming_the_models_linear_modules(base_model):
+    with pytest.raises(ValueError, match="c_attn.*q_proj"):
+        P.inject_lora(base_model(0), 4, 8, 0.0, targets=("c_attn",))
+
+
+def test_generation_uses_the_cache_api_that_transformers_keeps(make_policy):
+    pol = make_policy()
+    prompt = pol.encode_prompt([{"role": "user", "content": "hi"}])
+    caches = [None]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = pol.generate([prompt], 3, temperature=0, caches=caches)[0]
+        pol.generate([prompt + out + IDS[:5]], 3, temperature=0, caches=caches)  # a next turn from the cache
+    assert not [str(x.message) for x in w if "deprecated" in str(x.message)]
+
+
+# ---- what a checkpoint holds, and what load_policy restores --------------------------------------
+def test_a_loaded_checkpoint_has_every_load_option_it_was_saved_with(tiny_tok, base_model, tmp_path):
+    base_model(4).save_pretrained(str(tmp_path / "m")); tiny_tok.save_pretrained(str(tmp_path / "m"))
+    pol = P.load_policy(str(tmp_path / "m"), device="cpu", dtype=torch.bfloat16, lora_r=2, lora_alpha=4,
+                        lora_dropout=0.1, lora_targets=("q_proj", "v_proj"), gradient_checkpointing=True)
+    pol.save(str(tmp_path / "ckpt"))
+    back = P.load_policy(str(tmp_path / "ckpt"), device="cpu")      # as --resume loads it: no options given
+    assert back.model.is_activation_checkpointing and back.compute_dtype == torch.bfloat16
+    assert next(back.model.parameters()).dtype == torch.bfloat16
+    assert back.lora_cfg == pol.lora_cfg == dict(r=2, alpha=4, dropout=0.1, targets=["q_proj", "v_proj"])
+    assert len(back.lora_modules()) == len(pol.lora_modules()) == 4 and back.full_finetune is False
+    assert back.lora_modules()[0].drop.p == 0.1
+
+
+def files(d):
+    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+
+
+def test_a_lora_run_writes_the_base_once_and_only_after_it_changed(tiny_tok, base_model, tmp_path):
+    base_model(4).save_pretrained(str(tmp_path / "m")); tiny_tok.save_pretrained(str(tmp_path / "m"))
+    run = tmp_path / "run"
+    pol = P.load_policy(str(tmp_path / "m"), device="cpu", lora_r=4, lora_alpha=8)
+    pol.freeze_reference()                                            # B = 0: nothing merged, nothing changed
+    pol.save(str(run / "ckpt0"), base_dir=str(run / "base"))
+    assert not (run / "base").exists() and not any(f.startswith("base") for f in files(run / "ckpt0"))
+    assert json.load(open(run / "ckpt0" / "policy.json"))["base"] == str(tmp_path / "m")
+    randomize_lora(pol)
+    pol.freeze_reference()                                            # a trained adapter merged: a new base
+    randomize_lora(pol, seed=2)
+    pol.save(str(run / "ckpt1"), base_dir=str(run / "base"))
+    stamp = os.stat(run / "base" / "model.safetensors").st_mtime_ns
+    pol.save(str(run / "ckpt2"), base_dir=str(run / "base"))
+    assert os.stat(run / "base" / "model.safetensors").st_mtime_ns == stamp   # written once
+    assert not any(f.startswith("base") for f in files(run / "ckpt2"))
+    assert json.load(open(run / "ckpt2" / "policy.json"))["base"] == os.path.join("..", "base")
+    back = P.load_policy(str(run / "ckpt2"), device="cpu").eval()
+    eps = random_episodes(0, EPS)
+    torch.testing.assert_close(forward(back, eps)[0], forward(pol.eval(), eps)[0], atol=1e-6, rtol=0)
+    with back.reference(), pol.reference():
+        torch.testing.assert_close(forward(back, eps)[0], forward(pol, eps)[0], atol=1e-6, rtol=0)
+
+
+def test_a_full_finetune_checkpoint_holds_the_trained_weights_once_and_the_reference_once(make_policy, tmp_path):
+    pol = make_policy(seed=2, full_finetune=True).eval()
+    n_model = sum(p.numel() for p in pol.model.parameters())
+    with torch.no_grad():
+        for p in pol.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))                        # trained: pi_theta != pi_ref
+    run = tmp_path / "run"
+    pol.save(str(run / "ckpt"), base_dir=str(run / "base"))          # the random start: the reference, written once
+    state = torch.load(run / "ckpt" / "policy.pt", weights_only=True)
+    assert not any(k.startswith("ref_model.") for k in state)
+    assert {k.removeprefix("model.") for k in state if k.startswith("model.")} == set(pol.model.state_dict())
+    assert os.path.getsize(run / "ckpt" / "policy.pt") < 1.1 * 4 * n_model + 65536    # one fp32 copy (tied weights once)
+    assert (run / "base" / "model.safetensors").exists() and not (run / "ckpt" / "base").exists()
+    back = P.load_policy(str(run / "ckpt"), device="cpu").eval()
+    eps = random_episodes(0, EPS)
+    torch.testing.assert_close(forward(back, eps)[0], forward(pol, eps)[0], atol=1e-6, rtol=0)
+    with back.reference(), pol.reference():
+        torch.testing.assert_close(forward(back, eps)[0], forward(pol, eps)[0], atol=1e-6, rtol=0)
+
+
+def test_full_finetuning_a_bf16_model_keeps_fp32_master_weights_that_small_steps_change(tiny_tok):
+    import sft
+    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    pol = P.Policy(model.to(torch.bfloat16), tok, "tiny", full_finetune=True)
+    assert all(p.dtype == torch.float32 for p in pol.model.parameters())             # master weights
+    assert pol.compute_dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in pol.ref_model.parameters())
+    eps = random_episodes(0, EPS)
+    pol.eval()
+    with pol.reference():
+        ref = forward(pol, eps)[0]
+    assert torch.equal(forward(pol, eps)[0], ref)                    # bf16 compute under autocast: pi_theta = pi_ref
+    before = [p.detach().clone() for p in pol.model.parameters()]
+    opt = torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    for _ in range(10):
+        assert sft.sft_step(pol, opt, eps) is not None
+    changed = sum(int((a != p.detach()).sum()) for a, p in zip(before, pol.model.parameters()))
+    assert changed / sum(a.numel() for a in before) > 0.9            # bf16 weights: ~15 % changed
