@@ -12,13 +12,15 @@ log pi_old, reference log-probs log pi_ref and values V(s_t) read at the last to
   advantage      A_t = sum_l (gamma * lam)^l delta_{t+l}                               Sec. 4.2
   return         R_t = A_t + V(s_t)
   every action token of step t gets A_t; prompt and observation tokens get no gradient.
-  policy loss    mean over action tokens of max(-A rho, -A clip(rho, 1-eps, 1+eps)),
+  policy loss    mean over the action tokens of an optimizer step's episodes (each token weighs
+                 the same, whatever mini-batch it fell in) of max(-A rho, -A clip(rho, 1-eps, 1+eps)),
                  rho = pi_theta / pi_old                                               Sec. 4.2
-  value loss     0.5 * mean over steps of max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)
+  value loss     0.5 * mean over the step's units of max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)
   KL coef beta   adaptive (Ziegler et al. 2019): beta *= 1 + clip(KL/target - 1, +-0.2) * B/horizon
+Every forward pass (prepare and update) runs without dropout, so rho is exactly 1 until the first
+optimizer step.
 
-    python ppo.py --bench                                  # tiny model, fixed shapes
-    python ppo.py --bench --model DIR --data FILE.tsv      # paper config on StepTool TSV trajectories
+Its benchmark (update time, tokens/s, memory) is bench.py.
 
 Departures from the original code (StepTool's subclass of trl 0.10's PPOTrainer):
 1. GAE runs over steps, not tokens: the original runs it per token through tool-response tokens
@@ -29,12 +31,14 @@ Departures from the original code (StepTool's subclass of trl 0.10's PPOTrainer)
    score by (N - k - 1), which gives the final reward weight 0.
 3. Advantages are whitened over the batch's units (steps), each step counted once.
 4. A loss or gradient that is NaN/inf skips that update and is counted; it never reaches the weights.
+5. The loss of an optimizer step is one token mean over all its mini-batches. trl 0.11 (and the
+   original) take a token mean per mini-batch and average those over the gradient-accumulation
+   steps, so with mini-batches grouped by length a token of a short episode weighs more.
+6. Gradients are clipped to a norm of 1.0 (PPOConfig.max_grad_norm; 0 turns it off); trl's default is none.
+7. No `ratio_threshold`: trl 0.11 zeroes the loss of a mini-batch whose mean ratio exceeds 10 (a
+   guard against loss spikes); here the clipped surrogate and gradient clipping are the only guards.
+8. Forward passes without dropout, as the original (trl's forward runs in eval mode; LoRA dropout 0).
 """
-import argparse
-import json
-import os
-import resource
-import time
 from dataclasses import dataclass
 
 import torch
@@ -190,64 +194,74 @@ def advantages(eps, beta, cfg):
 
 
 def policy_loss(logp, old_logp, A, eps):
-    """Clipped surrogate (Sec. 4.2), averaged over action tokens: logp, old_logp, A [N] -> (loss, rho [N])."""
+    """Clipped surrogate (Sec. 4.2) of each action token: logp, old_logp, A [N] -> (loss [N], rho [N])."""
     ratio = (logp - old_logp).exp()                                    # rho = pi_theta / pi_old
-    return torch.max(-A * ratio, -A * ratio.clamp(1 - eps, 1 + eps)).mean(), ratio
+    return torch.max(-A * ratio, -A * ratio.clamp(1 - eps, 1 + eps)), ratio
 
 
 def value_loss(V, old_V, R, eps_v):
-    """Clipped value loss, averaged over units: V, old_V, R [U] -> 0.5 * mean max((V-R)^2, (V_clip-R)^2)."""
+    """Clipped value loss of each unit: V, old_V, R [U] -> 0.5 * max((V-R)^2, (V_clip-R)^2) [U]."""
     V_clip = old_V + (V - old_V).clamp(-eps_v, eps_v)                  # V may move at most eps_v from V_old
-    return 0.5 * torch.max((V - R) ** 2, (V_clip - R) ** 2).mean()
+    return 0.5 * torch.max((V - R) ** 2, (V_clip - R) ** 2)
 
 
 def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
-    """One PPO update on a batch of episodes that carry `rewards`. Returns logged statistics."""
+    """One PPO update on a batch of episodes that carry `rewards`. Returns logged statistics.
+
+    Each optimizer step takes one group of episodes (mini_batch_size x grad_accum of them, cut into
+    mini-batches of similar length). Its loss is one mean over the whole group: the policy loss (and
+    the entropy) over all its action tokens, each token weighing the same whatever mini-batch it
+    fell in; the value loss over all its units. Logged losses are the same means over the update."""
     eps = [e for e in eps if e.n_steps > 0]
     if not eps:  # e.g. every prompt too long for max_context: nothing to learn from
         return {"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": 0, "ppo/episodes": 0, "ppo/tokens": 0}
     prepare(policy, eps, cfg)
     stats = advantages(eps, kl_ctl.beta, cfg)
     params = [p for p in policy.parameters() if p.requires_grad]
-    agg, skipped, n_mb = {}, 0, 0
-    policy.train()
+    agg, skipped, n_tok, n_unit = {}, 0, 0, 0
+    policy.train_without_dropout()  # no dropout: pi_theta = pi_old exactly until the first step
     group = cfg.mini_batch_size * cfg.grad_accum
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(len(eps), generator=gen).tolist()
         for g in range(0, len(eps), group):                            # one optimizer step per group
-            mbs = _chunks([eps[i] for i in perm[g:g + group]], cfg.mini_batch_size)
+            grp = [eps[i] for i in perm[g:g + group]]
+            N = sum(len(units(e, cfg.advantage)[0]) for e in grp)         # action tokens of the step
+            U = sum(len(units(e, cfg.advantage)[1]) for e in grp)         # units (steps) of the step
             optimizer.zero_grad(set_to_none=True)
-            ok = True
-            for mb in mbs:
+            ok, sums = True, {}
+            for mb in _chunks(grp, cfg.mini_batch_size):
                 c = collate(mb, cfg.advantage, policy.device)
                 dev = policy.device
-                old_logp = torch.cat([e.old_logp for e in mb]).to(dev)         # [N]
-                old_V = torch.cat([e.old_values for e in mb]).to(dev)          # [U]
-                A_unit = torch.cat([e.A for e in mb]).to(dev)                  # [U]
-                R = torch.cat([e.R for e in mb]).to(dev)                       # [U]
-                A = A_unit[c["unit"]]                                          # [N] step advantage -> each of its tokens
+                old_logp = torch.cat([e.old_logp for e in mb]).to(dev)         # [N_mb]
+                old_V = torch.cat([e.old_values for e in mb]).to(dev)          # [U_mb]
+                A_unit = torch.cat([e.A for e in mb]).to(dev)                  # [U_mb]
+                R = torch.cat([e.R for e in mb]).to(dev)                       # [U_mb]
+                A = A_unit[c["unit"]]                                          # [N_mb] step advantage -> each of its tokens
                 logp, V, ent = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"], entropy=cfg.ent_coef > 0)
                 pg, ratio = policy_loss(logp, old_logp, A, cfg.cliprange)       # clipped surrogate, Sec. 4.2
                 vf = value_loss(V, old_V, R, cfg.cliprange_value)
-                loss = pg + cfg.vf_coef * vf - (cfg.ent_coef * ent.mean() if ent is not None else 0)
+                pg, vf, en = pg.sum() / N, vf.sum() / U, (ent.sum() / N if ent is not None else torch.zeros(()))
+                loss = pg + cfg.vf_coef * vf - cfg.ent_coef * en               # this mini-batch's share of the step's means
                 if not torch.isfinite(loss):
                     ok = False
                     break
-                (loss / len(mbs)).backward()
-                n_mb += 1
+                loss.backward()
                 with torch.no_grad():  # summed as tensors: no device sync per mini-batch
-                    for k, v in {"loss/policy": pg, "loss/value": vf, "loss/entropy": ent.mean() if ent is not None else 0.0,
-                                 "ppo/ratio": ratio.mean(), "ppo/clipfrac": ((ratio - 1).abs() > cfg.cliprange).float().mean(),
-                                 "ppo/approx_kl": 0.5 * ((logp - old_logp) ** 2).mean()}.items():
-                        agg[k] = agg.get(k, 0.0) + v
+                    for k, v in {"loss/policy": pg * N, "loss/value": vf * U, "loss/entropy": en * N, "ppo/ratio": ratio.sum(),
+                                 "ppo/clipfrac": ((ratio - 1).abs() > cfg.cliprange).float().sum(),
+                                 "ppo/approx_kl": 0.5 * ((logp - old_logp) ** 2).sum()}.items():
+                        sums[k] = sums.get(k, 0.0) + v
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")) if ok else torch.tensor(float("nan"))
             if not ok or not torch.isfinite(norm):
                 optimizer.zero_grad(set_to_none=True)                          # a NaN never reaches the weights
                 skipped += 1
                 continue
             optimizer.step()
+            n_tok, n_unit = n_tok + N, n_unit + U
+            for k, v in sums.items():
+                agg[k] = agg.get(k, 0.0) + v
     kl_ctl.update(stats["ppo/kl"], len(eps))
-    stats.update({k: float(v) / max(n_mb, 1) for k, v in agg.items()})
+    stats.update({k: float(v) / max(n_unit if k == "loss/value" else n_tok, 1) for k, v in agg.items()})
     stats.update({"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": skipped, "ppo/episodes": len(eps),
                   "ppo/tokens": sum(len(e.ids) for e in eps)})
     return stats
@@ -292,138 +306,3 @@ def truncate_left(ep, n):
         new.act.append(s >= 0); new.step.append(remap.get(s, -1) if s >= 0 else -1)
     new.state_end = [ep.state_end[t] - cut for t in keep]
     return new, ep.n_steps - len(keep)
-
-
-# ---- benchmark ------------------------------------------------------------------------------
-def _peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def update_flops(c, tokens, action_tokens, sum_sq_len, cfg):
-    """Model FLOPs of one update: (2 no-grad passes + epochs x (forward + activation backward ~ 1 forward))
-    x [2 * body params per token + causal attention 2 * layers * hidden * len^2 / 2 per episode * 2
-    + the LM head at action tokens only]. LoRA's few FLOPs are left out."""
-    H, L, I, V = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
-    kv = H // c.num_attention_heads * c.num_key_value_heads
-    body = L * (2 * H * H + 2 * H * kv + 3 * H * I)                     # q, o, k, v, gate, up, down
-    fwd = 2 * body * tokens + 2 * L * H * sum_sq_len + 2 * H * V * action_tokens
-    return fwd * (2 + 2 * cfg.ppo_epochs)
-
-
-BENCH_TINY = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688)  # the bench's fixed "tiny" (3.4 M)
-
-
-def bench(args):
-    import policy as P
-    trl = compare_trl(args) if args.compare_trl else None   # trl first, then ours, in one command
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    pol = P.load_policy(args.model, device=args.device, lora_r=8, lora_alpha=16, lora_dropout=0.0, tiny=BENCH_TINY)
-    cfg = PPOConfig(advantage=args.advantage)
-    if args.data:
-        import reward
-        rows = reward.read_tsv(args.data)
-        all_eps, dropped = episodes_from_rows(pol, rows, max_tokens=args.max_tokens)
-        batches = [[all_eps[(i * cfg.batch_size + j) % len(all_eps)] for j in range(cfg.batch_size)] for i in range(args.updates + 1)]
-        shape = f"{len(rows)} TSV trajectories, last {args.max_tokens} tokens, {dropped} cut steps dropped"
-    else:
-        g = torch.Generator().manual_seed(0)
-        V = len(pol.tok)
-        def synth():
-            ep = rollout.Episode(); ep.add_context(torch.randint(3, V, (400,), generator=g).tolist())
-            for t in range(3):
-                ep.add_action(torch.randint(3, V, (64,), generator=g).tolist())
-                ep.add_context(torch.randint(3, V, (150,), generator=g).tolist())
-            ep.rewards = [0.5, 1.0, 0.0]
-            return ep
-        batches = [[synth() for _ in range(cfg.batch_size)] for _ in range(args.updates + 1)]
-        shape = "8 synthetic episodes x 1,042 tokens (400 prompt + 3 x (64 action + 150 observation))"
-    opt, kl = make_optimizer(pol, cfg), KLController(cfg)
-    times = []
-    for i, b in enumerate(batches):
-        t0 = time.perf_counter()
-        update(pol, opt, [rollout.Episode(e.ids, e.act, e.step, e.state_end, e.rewards) for e in b], cfg, kl)
-        if i:  # the first update is a warm-up
-            times.append(time.perf_counter() - t0)
-    toks = [sum(len(e.ids) for e in b) for b in batches[1:]]
-    acts = [sum(sum(e.act) for e in b) for b in batches[1:]]
-    med = sorted(times)[len(times) // 2]
-    out = {"impl": "steptool", "shape": shape, "update_s_median": med, "tokens_per_update": sum(toks) / len(toks),
-           "update_tokens_per_s": sum(toks) / sum(times), "peak_rss_mib": _peak_rss_mib(), "threads": args.threads}
-    out["update_gflop"] = update_flops(pol.model.config, sum(toks) / len(toks), sum(acts) / len(acts),
-                                       sum(len(e.ids) ** 2 for b in batches[1:] for e in b) / len(times), cfg) / 1e9
-    try:
-        from bench_trl import matmul_peak_gflops
-        peak = matmul_peak_gflops(threads=args.threads)
-        out.update(matmul_peak_gflops=peak, peak_fraction=out["update_gflop"] * len(times) / sum(times) / peak)
-    except ImportError:
-        pass
-    if not args.data:
-        out.update(bench_rollouts(pol, args))
-    print(f"update: {med:.2f} s median over {len(times)}, {out['update_tokens_per_s']:.0f} tokens/s, peak RSS {out['peak_rss_mib']:.0f} MiB ({shape})")
-    if trl:
-        out["trl"] = trl
-        out["speedup_vs_trl"] = out["update_tokens_per_s"] / trl["update_tokens_per_s"]
-        out["peak_rss_ratio_vs_trl"] = out["peak_rss_mib"] / trl["peak_rss_mib"]
-        print(f"trl 0.11.4: {trl['update_s_median']:.2f} s median, {trl['update_tokens_per_s']:.0f} tokens/s, peak RSS "
-              f"{trl['peak_rss_mib']:.0f} MiB -> ours {out['speedup_vs_trl']:.2f}x its real tokens/s")
-    print(json.dumps(out))
-
-
-def compare_trl(args):
-    """Run bench_trl.py's trl timing (its own interpreter: trl 0.11.4 needs transformers 4.46) on the same
-    model and data, right before ours in the same command; returns its JSON summary."""
-    import subprocess
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([args.compare_trl, os.path.join(here, "bench_trl.py"), "trl", "--model", args.model, "--data",
-                        args.data, "--updates", str(args.updates), "--threads", str(args.threads)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"ppo.py --compare-trl: bench_trl.py failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def bench_rollouts(pol, args):
-    """16 episodes batched vs one at a time, on the embedded server (tiny random model: long, wrong turns).
-    The two modes alternate, --reps times each after a warm-up; medians and the ratio of medians."""
-    import env
-    import server
-    srv = server.start_in_thread()
-    try:
-        client = env.ToolClient(srv.url)
-        tasks = env.load_tasks(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bench_test.json"))[:16]
-        kw = dict(max_steps=3, max_new_tokens=64, temperature=1.0)
-        rates = {"batched": [], "sequential": []}
-        for rep in range(args.reps + 1):
-            for name, groups in (("batched", [tasks]), ("sequential", [[t] for t in tasks])):
-                t0, new = time.perf_counter(), 0
-                for i, grp in enumerate(groups):
-                    eps, _ = rollout.rollout(pol, grp, client, first_episode=i, **kw)
-                    new += sum(sum(e.act) for e in eps)
-                dt = time.perf_counter() - t0
-                if rep:  # rep 0 is a warm-up
-                    rates[name].append(new / dt)
-                    print(f"rollout {name}: {new} sampled tokens in {dt:.1f} s = {new / dt:.0f} tokens/s")
-        med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
-        print(f"rollouts, median of {args.reps}: batched {med['batched']:.0f}, one at a time {med['sequential']:.0f} "
-              f"tokens/s = {med['batched'] / med['sequential']:.1f}x")
-        return {"rollout_batched_tokens_per_s": med["batched"], "rollout_sequential_tokens_per_s": med["sequential"],
-                "rollout_speedup": med["batched"] / med["sequential"], "rollout_reps": args.reps}
-    finally:
-        srv.shutdown()
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Benchmark the step-grained PPO update and batched rollouts")
-    ap.add_argument("--bench", action="store_true", required=True)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--data", help="StepTool training TSV (PPO on its trajectories, paper config)")
-    ap.add_argument("--max-tokens", type=int, default=1280, help="cut each TSV trajectory to its last N tokens")
-    ap.add_argument("--updates", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=3, help="timed rollout runs per mode (after one warm-up)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--advantage", default="step", choices=["step", "token"])
-    ap.add_argument("--device")
-    ap.add_argument("--compare-trl", metavar="PYTHON", help="also time trl 0.11.4 (bench_trl.py) with this interpreter, first")
-    bench(ap.parse_args())

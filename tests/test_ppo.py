@@ -1,6 +1,7 @@
 """Specification of ppo.py (step-grained GAE, the clipped losses, the update, the KL controller, TSV
 episodes) and of rollout.py (batched episodes against the embedded tool server), on a ~0.2 M-parameter
 Qwen2 (conftest.make_policy). Numbers in the GAE tests are worked out by hand in the comments."""
+import copy
 import os
 
 import pytest
@@ -131,6 +132,7 @@ def test_clipped_surrogate_stops_the_gradient_past_1_plus_minus_eps_in_the_advan
     rho = torch.tensor([0.5, 1.0, 1.5])
     logp = torch.log(rho).requires_grad_()
     loss, ratio = ppo.policy_loss(logp, torch.zeros(3), torch.full((3,), sign), 0.2)
+    loss = loss.mean()
     loss.backward()
     torch.testing.assert_close(ratio, rho)
     if sign > 0:  # A > 0: max(-rho, -clip(rho)) = [-0.5, -1, -1.2]; the gain of rho = 1.5 is capped at 1.2
@@ -145,7 +147,7 @@ def test_clipped_value_loss_stops_the_gradient_of_a_value_that_moved_past_eps_v_
     V = torch.tensor([0.5, 0.1, -0.5], requires_grad=True)
     # V_old = 0, R = 1, eps_v = 0.2: (V - R)^2 = [0.25, 0.81, 2.25]; V_clip = [0.2, 0.1, -0.2] -> [0.64, 0.81, 1.44]
     # loss = 0.5 * mean([0.64, 0.81, 2.25]) = 3.7 / 6
-    loss = ppo.value_loss(V, torch.zeros(3), torch.ones(3), 0.2)
+    loss = ppo.value_loss(V, torch.zeros(3), torch.ones(3), 0.2).mean()
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor(3.7 / 6))
     # V0 moved 0.5 towards R: the clipped term wins and does not depend on V; V1 inside; V2 moved away: unclipped
@@ -203,6 +205,49 @@ def test_first_minibatch_has_ratio_one_and_policy_loss_minus_mean_token_advantag
     A_tok = torch.cat([e.A[ppo.units(e, "step")[2]] for e in eps])  # each action token carries its step's A
     assert stats["loss/policy"] == pytest.approx(-A_tok.mean().item(), abs=1e-6)
     assert abs(stats["loss/policy"]) > 1e-3  # whitened step advantages, but a token mean: not zero by itself
+
+
+def randomize_lora(pol, scale=0.1):
+    """A trained-looking adapter (B != 0), so dropout on the LoRA path would change the log-probs."""
+    g = torch.Generator().manual_seed(3)
+    for m in pol.lora_modules():
+        m.B.data = torch.randn(m.B.shape, generator=g) * scale
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_ratio_is_exactly_one_before_the_first_step_even_with_lora_dropout(make_policy, checkpointing):
+    pol = make_policy(lora_dropout=0.05)
+    randomize_lora(pol)
+    if checkpointing:
+        pol.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    pol.model.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    c = cfg(mini_batch_size=1, grad_accum=2, ppo_epochs=2, lr=0.0)  # lr 0: every step leaves pi_theta = pi_old
+    stats = ppo.update(pol, ppo.make_optimizer(pol, c), two_episodes(), c, ppo.KLController(c))
+    assert stats["ppo/ratio"] == 1.0 and stats["ppo/approx_kl"] == 0.0 and stats["ppo/clipfrac"] == 0.0
+    # prepare: 2 episodes x (pi_old, pi_ref); update: 2 epochs x 2 mini-batches, recomputed in backward when checkpointing
+    assert len(calls) == 4 + 4 * (2 if checkpointing else 1)
+
+
+def test_the_loss_weighs_every_action_token_of_an_optimizer_step_the_same_whatever_its_mini_batch(make_policy):
+    g = torch.Generator().manual_seed(0)
+    eps = [random_episode(g, 12, [(24, 7), (20, 0)], [1.0, -0.5]),   # 44 action tokens
+           random_episode(g, 9, [(2, 6), (1, 0)], [0.0, 1.0])]      # 3 action tokens
+    after, stats, start = [], [], make_policy(seed=5)
+    randomize_lora(start)
+    for mb, accum in ((2, 1), (1, 2)):                                # one mini-batch of 2, or 2 accumulated
+        pol = copy.deepcopy(start)
+        c = cfg(mini_batch_size=mb, grad_accum=accum, vf_coef=0.5, max_grad_norm=0.0)
+        opt = torch.optim.SGD([p for p in pol.parameters() if p.requires_grad], lr=0.5)
+        batch = [rollout.Episode(e.ids, e.act, e.step, e.state_end, e.rewards) for e in eps]
+        stats.append(ppo.update(pol, opt, batch, c, ppo.KLController(c)))
+        after.append({k: v.detach().clone() for k, v in pol.named_parameters() if v.requires_grad})
+    for k in after[0]:
+        torch.testing.assert_close(after[0][k], after[1][k], atol=1e-6, rtol=1e-5)
+    for k in ("loss/policy", "loss/value"):
+        assert stats[0][k] == pytest.approx(stats[1][k], rel=1e-5, abs=1e-7)
+    A_tok = torch.cat([e.A[ppo.units(e, "step")[2]] for e in batch])  # ratio 1: the loss is -mean of all tokens' A
+    assert stats[1]["loss/policy"] == pytest.approx(-A_tok.mean().item(), abs=1e-6)
 
 
 def action_logp(pol, ep):

@@ -1,0 +1,29 @@
+"""bench.py's memory measurement, on a small shape: what a PPO forward keeps for backward (the README's
+memory plan scales these figures to Qwen2-7B). No timing is asserted here."""
+import torch
+
+import bench
+
+
+def test_saved_for_backward_holds_the_fp32_copies_of_every_lora_input_in_a_bf16_model():
+    pol = bench.shaped_policy("small", 1, torch.bfloat16)
+    one = bench.saved_for_backward(pol, 64, 16)
+    pol2 = bench.shaped_policy("small", 2, torch.bfloat16)
+    two = bench.saved_for_backward(pol2, 64, 16)
+    H, I = bench.SHAPES["small"]["hidden_size"], bench.SHAPES["small"]["intermediate_size"]
+    fp32_per_token_layer = (two["float32"] - one["float32"]) / 64
+    # LoRA casts its input to fp32 in each of the 7 projections: q, k, v and gate, up read copies of H values,
+    # o reads H and down reads I: (6 H + I) x 4 bytes per token and layer, on top of the bf16 activations
+    assert fp32_per_token_layer >= (6 * H + I) * 4
+    assert two["bfloat16"] > one["bfloat16"] > 0
+
+
+def test_the_memory_benchmark_reports_every_figure_of_the_plan(capsys):
+    import argparse
+    a = argparse.Namespace(shape="small", dtype="bf16", tokens=64, plan_tokens=4096, plan_actions=1000, threads=1, device="cpu")
+    out = bench.bench_memory(a)
+    for k in ("saved_bytes_per_token_per_layer", "of_which_fp32_per_token_per_layer", "saved_bytes_per_action_token",
+              "no_checkpointing_gb", "checkpointing_gb"):
+        assert out[k] > 0, k
+    assert out["checkpointing_gb"] < out["no_checkpointing_gb"]
+    assert "GB without gradient checkpointing" in capsys.readouterr().out
