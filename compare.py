@@ -13,7 +13,8 @@ Outputs: OUTPUT/table.md (Pass Rate and Recall per group, mean ± std over seeds
 ({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}}), OUTPUT/curves.png
 (test Pass Rate against sampled episodes), and each run in OUTPUT/seed<S>/<method>/ (steptool.py's
 metrics.jsonl, checkpoint, final model). Resumable: a finished (method, seed) run is not redone, an
-unfinished one continues from its last checkpoint.
+unfinished one continues from its last checkpoint. OUTPUT must be new, empty, or a compare.py folder
+of ours (its marker, runs.py; the committed results/ has one); a foreign folder is refused.
 
 Any other flag goes to every run, e.g. --iterations 10 --eval-limit 20 for a shorter comparison.
 """
@@ -24,6 +25,7 @@ import statistics
 import sys
 import time
 
+import runs
 import steptool
 
 METHODS = {"rft": ["--algo", "rft", "--reward", "final"],
@@ -46,13 +48,15 @@ def read_metrics(run):
 
 
 def run_once(run, argv):
-    """One steptool.py run in `run`: skipped when finished, resumed when a checkpoint exists."""
+    """One steptool.py run in `run`: skipped when finished, resumed when a checkpoint exists, started
+    again (--overwrite: only what it wrote) when a run of ours was killed before its first checkpoint."""
     if os.path.isdir(os.path.join(run, "final_model")):
         return read_metrics(run)
     try:
-        steptool.find_checkpoint(run)
+        runs.find_checkpoint(run)
     except FileNotFoundError:
-        return steptool.main(argv + ["--output", run])
+        again = ["--overwrite"] if os.path.isfile(os.path.join(run, runs.MARKER)) else []
+        return steptool.main(argv + again + ["--output", run])
     return steptool.main(["--resume", run])
 
 
@@ -97,6 +101,19 @@ def main(argv=None):
     # the tiny model's schedule, spelled out: a run started from a checkpoint would take the paper's
     base = [f"--{k.replace('_', '-')}={v}" for k, v in steptool.TINY.items() if k != "full_finetune"]
     base += ["--full-finetune" if steptool.TINY["full_finetune"] else "--no-full-finetune"]
+    # OUTPUT is a compare folder of ours (or new): resumable by design, so no --overwrite; each
+    # (seed, method) run below is a steptool.py run with a claim of its own
+    try:
+        run = runs.claim(args.output, "compare", resume=True,
+                         entries=["table.md", "summary.json", "curves.png", *(f"seed{s}" for s in args.seeds)])
+    except runs.RunError as e:
+        runs.fail("compare", e)
+    with run:
+        return compare(args, base, extra, argv)
+
+
+def compare(args, base, extra, argv):
+    """Every (seed, method) run in the claimed args.output, then the table, summary and curves."""
     t0 = time.time()
     final, curves = {m: [] for m in args.methods}, {m: {} for m in args.methods}
     for seed in args.seeds:

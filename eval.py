@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, fields
 from tqdm import tqdm
 
 import env
+import runs
 
 STATUS = {"AnswerStatus.Solved": 1.0, "AnswerStatus.Unsure": 0.5, "AnswerStatus.Unsolved": 0.0}
 STATUS_OF = {1: "AnswerStatus.Solved", 0.5: "AnswerStatus.Unsure", 0: "AnswerStatus.Unsolved"}
@@ -282,9 +283,12 @@ def write_trajectories(path, trajectories):
             f.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
 
 
-def write_outputs(out, labels, scored, groups):
-    """<out>/<group>.json label files (StableToolBench's layout: indent 4), results.json, results.csv."""
+def write_outputs(out, labels, scored, groups, run=None):
+    """<out>/<group>.json label files (StableToolBench's layout: indent 4), results.json, results.csv.
+    run: the claimed --out folder (runs.py), whose marker lists each file before it is written."""
     os.makedirs(out, exist_ok=True)
+    if run is not None:
+        run.register(*(f"{g}.json" for g in labels), "results.json", "results.csv")
     for g, entries in labels.items():
         with open(os.path.join(out, f"{g}.json"), "w") as f:
             json.dump(entries, f, ensure_ascii=False, indent=4)
@@ -423,7 +427,8 @@ class Args:
     max_steps: int = opt(12, "actions per episode")
     max_new_tokens: int = opt(256, "tokens per assistant turn")
     seed: int = opt(0, "rollout seed")
-    out: str = opt("out/eval", "folder for label files, results.json/.csv, trajectories.jsonl")
+    out: str = opt("out/eval", "folder for label files, results.json/.csv, trajectories.jsonl: new or empty")
+    overwrite: bool = opt(False, "replace an earlier eval.py output in --out (only what it wrote)")
     labels: tuple = opt((), "score these StableToolBench pass-rate label files instead")
     queries: tuple = opt((), "query files whose 'relevant APIs' give --labels' Recall")
     groups: tuple = opt((), "group names for the --labels files, one per file")
@@ -455,6 +460,16 @@ def main(argv=None):
         return 1 if errors else 0
     if not (a.model and a.tasks):
         sys.exit("eval.py: give --model and --tasks, or --labels, or --bench (see -h)")
+    try:  # --out first (runs.py): never a folder of someone else's, nothing loaded before
+        run = runs.claim(a.out, "eval", "--out", overwrite=a.overwrite, entries=("trajectories.jsonl",))
+    except runs.RunError as e:
+        runs.fail("eval.py", e)
+    with run:
+        return evaluate_model(a, run)
+
+
+def evaluate_model(a, run):
+    """--model on --tasks: rollouts, judging, every output written into the claimed run folder."""
     try:
         tasks = [t for p in a.tasks for t in env.load_tasks(p)]
     except env.TaskFileError as e:
@@ -471,7 +486,7 @@ def main(argv=None):
             srv.shutdown()
     write_trajectories(os.path.join(a.out, "trajectories.jsonl"), trajectories)  # kept even if judging fails
     labels, scored, groups = evaluate(trajectories, tasks, make_judge(a.judge_url, a.judge_model), a.repeats)
-    write_outputs(a.out, labels, scored, groups)
+    write_outputs(a.out, labels, scored, groups, run)
     print(format_table(scored, groups))
     print(f"wrote {a.out}/results.json, results.csv, trajectories.jsonl and {len(labels)} label files")
     return 0

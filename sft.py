@@ -7,11 +7,15 @@ the tokens that PPO gives no gradient (Episode.act). The paper fine-tunes Qwen2 
 ToolBench's solution paths before PPO; RFT (rejection-sampling fine-tuning) is the same loss on the
 policy's own Solved trajectories.
 
-    python sft.py --model M --data FILE --output DIR [--epochs 2] [--lr 1e-4]
+    python sft.py --model M --data FILE --output DIR [--epochs 2] [--lr 1e-4] [--overwrite]
 
 FILE is the original StepTool training TSV (its responses are the targets), or a task file with
 expert trajectories (the embedded benchmark's data/bench_train.json), replayed through the
 embedded tool server so the observations are the server's real answers.
+
+DIR must be new, empty, or an earlier sft.py output (--overwrite replaces only what that wrote);
+anything else is refused before a model loads (runs.py). The checkpoint is written into a hidden
+temporary sub-folder and moved in, policy.json last: a crash never leaves a half checkpoint that loads.
 
 Departures: none in the loss; batches are sorted by length inside each batch to save padding.
 """
@@ -23,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import ppo
+import runs
 
 
 def sft(policy, episodes, epochs=1, lr=1e-4, batch_size=16, micro_batch_size=8, seed=0, warmup=0.05,
@@ -104,33 +109,51 @@ def load_episodes(policy, path, max_tokens=None):
         srv.shutdown()
 
 
-if __name__ == "__main__":
+def main(argv=None):
     import policy as P
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="what policy.load_policy accepts")
     ap.add_argument("--data", required=True, help="StepTool TSV, or a task file with expert trajectories")
-    ap.add_argument("--output", required=True, help="checkpoint folder (ours; load_policy reads it)")
+    ap.add_argument("--output", required=True, help="checkpoint folder (ours; load_policy reads it): new or empty")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier sft.py output (only what it wrote)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=4096, help="cut TSV trajectories to their last N tokens")
     ap.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
-    ap.add_argument("--export", help="also write a merged save_pretrained model here")
+    ap.add_argument("--export", help="also write a merged save_pretrained model here (new or empty)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
-    a = ap.parse_args()
-    torch.manual_seed(a.seed)
-    pol = P.load_policy(a.model, device=a.device, full_finetune=a.full_finetune, seed=a.seed)
-    eps = load_episodes(pol, a.data, a.max_tokens)
-    losses = sft(pol, eps, a.epochs, a.lr, a.batch_size, a.micro_batch_size, a.seed)
-    print("sft: loss per epoch " + " ".join(f"{x:.4f}" for x in losses))
-    tmp = a.output.rstrip("/") + ".tmp"
-    pol.save(tmp)
-    if os.path.isdir(a.output):
-        import shutil
-        shutil.rmtree(a.output)
-    os.replace(tmp, a.output)
-    if a.export:
-        pol.export_merged(a.export)
+    a = ap.parse_args(argv)
+    # claim the folders first (runs.py): never a user's folder, never deleted, before any model loads
+    claimed = []
+    try:
+        if a.export and os.path.abspath(a.export) == os.path.abspath(a.output):
+            raise runs.RunError(f"--export {a.export}: the same folder as --output; give another")
+        claimed.append(runs.claim(a.output, "sft", overwrite=a.overwrite))
+        if a.export:
+            claimed.append(runs.claim(a.export, "sft", "--export", overwrite=a.overwrite))
+    except runs.RunError as e:
+        for run in claimed:
+            run.release()
+        runs.fail("sft", e)
+    try:
+        torch.manual_seed(a.seed)
+        pol = P.load_policy(a.model, device=a.device, full_finetune=a.full_finetune, seed=a.seed)
+        eps = load_episodes(pol, a.data, a.max_tokens)
+        losses = sft(pol, eps, a.epochs, a.lr, a.batch_size, a.micro_batch_size, a.seed)
+        print("sft: loss per epoch " + " ".join(f"{x:.4f}" for x in losses))
+        runs.install(claimed[0], pol.save, last="policy.json")       # policy.json last: no half checkpoint loads
+        if a.export:
+            runs.install(claimed[1], pol.export_merged, last="config.json")
+    except runs.RunError as e:
+        runs.fail("sft", e)
+    finally:
+        for run in claimed:
+            run.release()
     print(f"sft: saved {a.output}" + (f", merged model {a.export}" if a.export else ""))
+
+
+if __name__ == "__main__":
+    main()

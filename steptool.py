@@ -5,6 +5,7 @@
     python steptool.py --model Qwen/Qwen2-7B --tool-server http://HOST:8080 \\
         --tasks train_queries.json --eval-tasks G1_instruction.json ... --judge-url URL
     python steptool.py --data step_grained_for_ppo.qwen2.tsv --model DIR   # the paper's offline mode
+    python steptool.py --resume DIR [--iterations N]    # continue (or extend) the run in DIR, in DIR
 
 The algorithm box (online mode, the default):
     SFT warm start on expert trajectories (optional; the paper fine-tunes before PPO)
@@ -16,6 +17,8 @@ The algorithm box (online mode, the default):
 --algo rft swaps the PPO update for the RFT baseline: SFT steps on the batch's Solved rollouts.
 Offline mode (--data FILE.tsv) replaces the rollouts by a fixed set of trajectories with their step
 rewards, in the original's TSV format: PPO over them, as the paper's released code trains.
+--output is claimed first (runs.py): a new or empty folder, or an earlier run of ours with --overwrite;
+--resume DIR continues in DIR with the checkpoint's config (--iterations N extends it).
 
 Departures from the original code:
 1. Online rollouts by default (the original trains only offline, with "old" log-probs computed by
@@ -29,7 +32,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -44,6 +46,7 @@ import policy as P
 import ppo
 import reward
 import rollout
+import runs
 import server
 import sft as SFT
 
@@ -100,11 +103,12 @@ class Config:
     full_finetune: bool = opt(None, "train every weight (else LoRA + value head)")
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: int = opt(16, "LoRA alpha")
-    lora_dropout: float = opt(0.05, "LoRA dropout")
+    lora_dropout: float = opt(0.0, "LoRA dropout (the original's 0.0)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (memory for time)")
     # run
     output: str = opt("runs/steptool", "folder for checkpoints, metrics.jsonl, curves.png, final model")
-    resume: str = opt("", "continue the run in this folder from its last checkpoint")
+    resume: str = opt("", "continue the run in this folder from its last checkpoint (and write there)")
+    overwrite: bool = opt(False, "replace an earlier steptool.py run in --output (only what it wrote)")
     seed: int = opt(0, "seed of everything")
     device: str = opt("", "cuda or cpu (default: cuda if available)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
@@ -120,14 +124,28 @@ QUICK = dict(sft_epochs=1, sft_episodes=32, iterations=2, episodes_per_iteration
              max_steps=4, max_new_tokens=48, grad_accum=2, save_every=1)
 
 
-def parse_args(argv=None):
+# --resume may change these: where the tools are, the hardware, how often to save or evaluate, and
+# the last iteration (to extend a run); any other flag would make a different run
+RESUME_MAY_CHANGE = ("tool_server", "device", "threads", "save_every", "eval_every", "iterations")
+# the top-level names a run writes in --output (runs.py: registered in its marker before writing)
+ENTRIES = ("metrics.jsonl", "checkpoint", "checkpoint.tmp", "checkpoint.old", "base", "base.tmp", "base.old",
+           "final_model", "final_model.tmp", "final_model.old", "curves.png")
+
+
+def build_parser(suppress=False):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
         kw = ({"action": argparse.BooleanOptionalAction} if f.type is bool or f.name == "full_finetune" else
               {"nargs": "+"} if f.type is tuple else {"type": {"int": int, "float": float, "str": str}.get(f.type, f.type)})
         if f.name in PAPER and "type" in kw:
             kw["type"] = type(PAPER[f.name])
-        ap.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
+        ap.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS if suppress else f.default,
+                        help=f.metadata["help"], **kw)
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
     cfg = Config(**vars(ap.parse_args(argv)))
     given = {k for k, v in asdict(cfg).items() if v is not None and k in PAPER}
     base = dict(TINY if cfg.model == "tiny" else PAPER, **(QUICK if cfg.quick else {}))
@@ -157,27 +175,38 @@ def rft_update(policy, optimizer, solved, cfg):
             **({"loss/sft": sum(ok) / len(ok)} if ok else {})}
 
 
-# ---- checkpoints: written to a temporary folder, then renamed ----------------------------------
-def save_checkpoint(path, policy, optimizer, kl_ctl, iteration, cfg, metrics):
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save(tmp)
-    torch.save({"optimizer": optimizer.state_dict() if optimizer else None, "kl_beta": kl_ctl.beta,
-                "iteration": iteration, "config": asdict(cfg), "metrics": metrics,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
-               os.path.join(tmp, "state.pt"))
-    if os.path.isdir(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)          # the new checkpoint is complete before the old one goes
-    shutil.rmtree(old, ignore_errors=True)
+# ---- checkpoints and resuming (runs.py writes them whole) ------------------------------------
+def save_checkpoint(run_dir, policy, optimizer, kl_ctl, iteration, cfg, metrics):
+    runs.save_checkpoint(run_dir, policy, {
+        "optimizer": optimizer.state_dict() if optimizer else None, "kl_beta": kl_ctl.beta, "iteration": iteration,
+        "config": asdict(cfg), "metrics": metrics, "rng": runs.rng_state()})
 
 
-def find_checkpoint(run_dir):
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
-        if os.path.isfile(os.path.join(run_dir, name, "state.pt")):
-            return os.path.join(run_dir, name)
-    raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in it")
+def given_flags(argv):
+    """{field: value} of the flags named on the command line: argv parsed again, every default suppressed."""
+    return vars(build_parser(suppress=True).parse_args(argv))
+
+
+def resume_config(run_dir, given, state):
+    """--resume DIR: the checkpoint's config, writing to DIR wherever the run was first written (a moved
+    or copied run continues in place), with the flags that do not change the run taken from the
+    command line. Any other flag that differs from the checkpoint's is refused, naming it."""
+    stored = {k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__}
+    norm = lambda v: tuple(v) if isinstance(v, list) else v
+    out = given.pop("output", run_dir)
+    if os.path.abspath(out) != os.path.abspath(run_dir):
+        raise runs.RunError(f"--resume {run_dir} --output {out}: a resumed run writes to its own folder; "
+                            f"to continue it elsewhere, copy the folder to {out} and --resume {out}")
+    changed = sorted(k for k, v in given.items()
+                     if k not in RESUME_MAY_CHANGE + ("resume",) and norm(v) != norm(stored.get(k, Config.__dataclass_fields__[k].default)))
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} (checkpoint: {stored.get(k)!r}, given: {given[k]!r})" for k in changed)
+        raise runs.RunError(f"--resume {run_dir}: {flags} would change the run; with --resume only "
+                            f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given")
+    if given.get("iterations", state["iteration"]) < state["iteration"]:
+        raise runs.RunError(f"--resume {run_dir} --iterations {given['iterations']}: its checkpoint is at iteration "
+                            f"{state['iteration']}; give --iterations {state['iteration']} or more")
+    return Config(**{**stored, **{k: given[k] for k in RESUME_MAY_CHANGE if k in given}, "resume": run_dir, "output": run_dir})
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -234,17 +263,35 @@ def plot(metrics, path):
 
 # ---- the run ----------------------------------------------------------------------------------
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     if cfg.algo not in ("ppo", "rft"):
         sys.exit(f"steptool: --algo {cfg.algo}: use ppo or rft")
-    if cfg.resume:
-        ckpt = find_checkpoint(cfg.resume)
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
-        cfg = Config(**{**state["config"], "resume": cfg.resume, "tool_server": cfg.tool_server or state["config"]["tool_server"]})
+    # ---- claim the run folder (runs.py), before the tool server or the model ----
+    try:
+        if cfg.resume and not os.path.isdir(cfg.resume):
+            raise runs.RunError(f"--resume {cfg.resume}: no such folder")
+        run = (runs.claim(cfg.resume, "steptool", "--resume", resume=True, entries=ENTRIES) if cfg.resume else
+               runs.claim(cfg.output, "steptool", overwrite=cfg.overwrite, entries=ENTRIES))
+    except runs.RunError as e:
+        runs.fail("steptool", e)
+    with run:                                            # the lock is held until the run ends, however it ends
+        ckpt = state = None
+        if cfg.resume:
+            try:
+                ckpt = runs.find_checkpoint(cfg.resume)
+                state = runs.load_state(ckpt)
+                cfg = resume_config(cfg.resume, given_flags(argv), state)
+            except (runs.RunError, FileNotFoundError) as e:
+                runs.fail("steptool", e)
+        return train(cfg, ckpt, state)
+
+
+def train(cfg, ckpt=None, state=None):
+    """The run in cfg.output (claimed by main); ckpt and state: the checkpoint resumed from, if any."""
     # derived sizes and paths
     tasks_files = cfg.tasks or (os.path.join(HERE, "data", "bench_train.json"),)
     eval_files = cfg.eval_tasks or (os.path.join(HERE, "data", "bench_test.json"),)
-    os.makedirs(cfg.output, exist_ok=True)
     metrics_path = os.path.join(cfg.output, "metrics.jsonl")
     ckpt_path = os.path.join(cfg.output, "checkpoint")
     # seeding, in one block; each rollout's randomness comes from (seed, iteration, episode)
@@ -276,8 +323,7 @@ def main(argv=None):
         if cfg.resume:
             optimizer.load_state_dict(state["optimizer"])
             kl_ctl.beta, start, metrics = state["kl_beta"], state["iteration"], state["metrics"]
-            torch.set_rng_state(state["rng"]["torch"]); np.random.set_state(state["rng"]["numpy"])
-            random.setstate(state["rng"]["python"])
+            runs.set_rng_state(state["rng"])
             with open(metrics_path, "w") as f:               # drop lines written after the checkpoint
                 f.writelines(json.dumps(m) + "\n" for m in metrics)
             print(f"steptool: resumed {ckpt} at iteration {start}")
@@ -297,7 +343,7 @@ def main(argv=None):
             metrics.append({"iteration": 0, "time/iteration_s": time.time() - t0,
                             **{f"eval/{g}/{k}": v for g, m in ev.items() for k, v in m.items()}})
             log_line(metrics_path, metrics[-1])
-            save_checkpoint(ckpt_path, policy, optimizer, kl_ctl, 0, cfg, metrics)
+            save_checkpoint(cfg.output, policy, optimizer, kl_ctl, 0, cfg, metrics)
 
         offline = None
         if cfg.data:
@@ -343,7 +389,7 @@ def main(argv=None):
             metrics.append(rec)
             log_line(metrics_path, rec)
             if it % cfg.save_every == 0 or it == cfg.iterations:
-                save_checkpoint(ckpt_path, policy, optimizer, kl_ctl, it, cfg, metrics)
+                save_checkpoint(cfg.output, policy, optimizer, kl_ctl, it, cfg, metrics)
     except env.ToolServerError as e:
         if not os.path.isdir(ckpt_path):
             sys.exit(f"steptool: {e}")
@@ -362,7 +408,7 @@ def main(argv=None):
         f = lambda m, k: m.get(f"eval/{g}/{k}") if m.get(f"eval/{g}/{k}") is not None else float("nan")
         print(f"{g:10s} {f(first, 'pass_rate'):18.1f} {f(last, 'pass_rate'):10.1f} {f(first, 'recall'):14.1f} {f(last, 'recall'):10.1f}")
     final = os.path.join(cfg.output, "final_model")
-    policy.export_merged(final)
+    runs.write_dir(final, policy.export_merged)           # final_model.tmp, renamed: never half a model
     plot(metrics, os.path.join(cfg.output, "curves.png"))
     print(f"steptool: metrics {metrics_path}, merged model {final}")
     return metrics
