@@ -76,7 +76,7 @@ def inject_lora(model, r=8, alpha=16, dropout=0.0, targets=LORA_TARGETS):
     if not hits:
         names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"LoRA targets {', '.join(targets)} match no linear module of this model; "
-                         f"its linear modules are: {', '.join(names) or 'none'}")
+                         f"its linear modules are: {', '.join(names) or 'none'} (pass some as --lora-targets)")
     for name, lin in hits:
         parent, child = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model, name.rsplit(".", 1)[-1]
         setattr(parent, child, LoRALinear(lin, r, alpha, dropout))

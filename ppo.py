@@ -34,7 +34,7 @@ Departures from the original code (StepTool's subclass of trl 0.10's PPOTrainer)
 5. The loss of an optimizer step is one token mean over all its mini-batches. trl 0.11 (and the
    original) take a token mean per mini-batch and average those over the gradient-accumulation
    steps, so with mini-batches grouped by length a token of a short episode weighs more.
-6. Gradients are clipped to a norm of 1.0 (PPOConfig.max_grad_norm; 0 turns it off); trl's default is none.
+6. Gradients are clipped to a norm of 1.0 (--max-grad-norm; 0 turns it off); trl's default is none.
 7. No `ratio_threshold`: trl 0.11 zeroes the loss of a mini-batch whose mean ratio exceeds 10 (a
    guard against loss spikes); here the clipped surrogate and gradient clipping are the only guards.
 8. Forward passes without dropout, as the original (trl's forward runs in eval mode; LoRA dropout 0).

@@ -92,6 +92,7 @@ class Config:
     cliprange_value: float = opt(0.2, "value clip epsilon")
     vf_coef: float = opt(0.1, "value loss weight")
     ent_coef: float = opt(0.0, "entropy bonus weight")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm of each optimizer step (0 = no clipping, as trl)")
     # rollouts
     temperature: float = opt(1.0, "sampling temperature of training rollouts")
     top_p: float = opt(1.0, "nucleus sampling mass")
@@ -103,6 +104,7 @@ class Config:
     full_finetune: bool = opt(None, "train every weight (else LoRA + value head)")
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: int = opt(16, "LoRA alpha")
+    lora_targets: tuple = opt(P.LORA_TARGETS, "names of the linear modules that get LoRA")
     lora_dropout: float = opt(0.0, "LoRA dropout (the original's 0.0)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (memory for time)")
     # run
@@ -160,7 +162,7 @@ def ppo_config(cfg):
                          grad_accum=cfg.grad_accum, ppo_epochs=cfg.ppo_epochs, init_kl_coef=cfg.init_kl_coef,
                          target_kl=cfg.target_kl, horizon=cfg.horizon, gamma=cfg.gamma, lam=cfg.lam,
                          cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
-                         ent_coef=cfg.ent_coef, advantage=cfg.advantage)
+                         ent_coef=cfg.ent_coef, max_grad_norm=cfg.max_grad_norm, advantage=cfg.advantage)
 
 
 def rft_update(policy, optimizer, solved, cfg):
@@ -314,8 +316,9 @@ def train(cfg, ckpt=None, state=None):
             policy = P.load_policy(ckpt, device=cfg.device or None)
         else:
             policy = P.load_policy(cfg.model, device=cfg.device or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                   lora_dropout=cfg.lora_dropout, full_finetune=cfg.full_finetune,
-                                   gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+                                   lora_dropout=cfg.lora_dropout, lora_targets=tuple(cfg.lora_targets),
+                                   full_finetune=cfg.full_finetune, gradient_checkpointing=cfg.gradient_checkpointing,
+                                   seed=cfg.seed)
         pcfg = ppo_config(cfg)
         kl_ctl = ppo.KLController(pcfg)
         optimizer = ppo.make_optimizer(policy, pcfg)     # the one place to wrap in DDP/FSDP later
