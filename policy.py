@@ -1,6 +1,6 @@
 """The policy pi_theta of StepTool (paper Sec. 4.2): any HF causal LM + hand-written LoRA + a value head.
 
-    load_policy("Qwen/Qwen2-7B" | "/local/dir" | "<our checkpoint dir>" | "tiny") -> Policy
+    load_policy("Qwen/Qwen2-7B" | "/local/dir" | "file.gguf" | "smollm2" | "<our checkpoint dir>" | "tiny") -> Policy
 
 - LoRA (Hu et al. 2021): W x + (alpha / r) * B A x on the attention and MLP projections; B starts
   at 0, so a fresh adapter is an exact no-op. Only LoRA and value-head weights train by default.
@@ -160,7 +160,7 @@ class Policy(nn.Module):
         super().__init__()
         self.model, self.tok, self.source, self.lora_cfg = model, tok, source, lora
         self.full_finetune = full_finetune
-        self.base_path = None if source == "tiny" else os.path.abspath(source) if os.path.isdir(source) else source
+        self.base_path = None if source == "tiny" else os.path.abspath(source) if os.path.exists(source) else source
         # full fine-tuning in half precision keeps fp32 master weights and computes in half precision
         # under autocast: Adam steps of ~1e-5 relative vanish in bf16's 8-bit mantissa. pi_ref is a
         # frozen copy of the same fp32 weights under the same autocast, so pi_theta = pi_ref exactly
@@ -539,7 +539,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                 lora_targets=LORA_TARGETS, full_finetune=False, gradient_checkpointing=None, seed=0, tiny=None):
-    """Any HF causal LM id or folder, our checkpoint folder, or "tiny" -> Policy on `device`.
+    """Any HF causal LM id or folder, a .gguf file, `smollm2` (models.py), our checkpoint folder, or
+    "tiny" -> Policy on `device`.
 
     bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise. Hub ids need network; without it only
     the local Hub cache is tried (a few seconds), so pass a local folder (save_pretrained) instead.
@@ -566,12 +567,14 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
     if base == "tiny":
         model, tok = build_tiny(seed, **(tiny or {}))  # tiny: size overrides of TINY
     else:
+        import models
+        path = models.resolve(base)  # `smollm2` or a .gguf file: a plain folder in the cache, converted once
         # a name that is no folder is a Hub id: without network only the local cache is tried, so we
         # fail in seconds instead of after huggingface_hub's retries (~50 s)
-        offline = not os.path.isdir(base) and not _hub_reachable()
+        offline = not os.path.isdir(path) and not _hub_reachable()
         try:
-            tok = _load_tokenizer(name if ckpt else base, local_files_only=offline)
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=weights, local_files_only=offline)
+            tok = _load_tokenizer(name if ckpt else path, local_files_only=offline)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=weights, local_files_only=offline)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot load model '{base}': {e}\nWithout network access, pass a local folder "
                              "written by save_pretrained (or one of our checkpoints) as --model.") from None

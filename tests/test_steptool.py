@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import FIXTURES, ROOT, SMALL
+from conftest import FIXTURES, ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SMALL_RUN = ["--quick", "--threads", "1", "--eval-limit", "1", "--episodes-per-iteration", "2",
@@ -20,17 +20,6 @@ SMALL_RUN = ["--quick", "--threads", "1", "--eval-limit", "1", "--episodes-per-i
 def run(*args, timeout=300):
     return subprocess.run([sys.executable, os.path.join(ROOT, "steptool.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, env=ENV, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory, tiny_tok):
-    """A ~0.2 M-parameter Qwen2 and its tokenizer, written by save_pretrained: the --model DIR path."""
-    import policy as P
-    d = str(tmp_path_factory.mktemp("model"))
-    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def metrics(out):
@@ -150,3 +139,10 @@ def test_readme_documents_every_flag_and_the_two_commands():
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     test_cmd = ci.strip().splitlines()[-1]
     assert test_cmd in readme and "pip install -r requirements.txt && python steptool.py" in readme
+
+
+def test_sft_episodes_sample_every_group_in_turn(train_tasks):
+    import steptool
+    first = steptool.across_groups([t for t in train_tasks if t.expert])[:30]
+    assert [t.group for t in first[:3]] == ["G1", "G2", "G3"]
+    assert {g: sum(t.group == g for t in first) for g in ("G1", "G2", "G3")} == {"G1": 10, "G2": 10, "G3": 10}
