@@ -4,6 +4,7 @@
     python bench.py --model DIR --data FILE.tsv        # the update in the paper config on StepTool TSV trajectories
     python bench.py ... --compare-trl /path/to/python  # and trl 0.11.4's PPOTrainer.step on the same data, first
     python bench.py --memory [--shape qwen2-7b]        # bytes saved for backward per token and layer
+    python ppo.py --bench ...                          # the same as python bench.py ...
 
 Figures are printed (one JSON object last); the README quotes them with the machine named. Speed
 is never asserted in tests, only that each figure is produced.
@@ -228,7 +229,7 @@ def bench_memory(args):
     return out
 
 
-if __name__ == "__main__":
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--data", help="StepTool training TSV (PPO on its trajectories, paper config)")
@@ -245,5 +246,9 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", type=int, default=256, help="--memory: measured episode length (and half of it)")
     ap.add_argument("--plan-tokens", type=int, default=4096, help="--memory: episode length of the plan")
     ap.add_argument("--plan-actions", type=int, default=1000, help="--memory: action tokens of the plan")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     bench_memory(a) if a.memory else bench(a)
+
+
+if __name__ == "__main__":
+    main()

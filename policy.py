@@ -152,20 +152,25 @@ def build_tiny(seed=0, tok=None, **overrides):
 class Policy(nn.Module):
     """pi_theta (LM + LoRA) and V (value head): one nn.Module, so DDP/FSDP wrap it in one place.
 
-    source: where the base weights are on disk (hub id or folder), or "tiny"; `base_path` is None
-    while no copy of the current base is on disk (a random model, or one changed by
-    freeze_reference): then the next save writes it, once."""
+    source: where the base weights are on disk (hub id, folder or .gguf file), or "tiny"; `base_path`
+    is None while no copy of the current base is on disk (a random model, or one changed by
+    freeze_reference): then the next save writes it, once. `base_owned`: the base is a run folder's
+    own `base/` (loaded from one of our checkpoints): a save into another run writes its own copy,
+    so that no run depends on another's folder."""
 
     def __init__(self, model, tok, source, lora=None, full_finetune=False, compute_dtype=None):
         super().__init__()
         self.model, self.tok, self.source, self.lora_cfg = model, tok, source, lora
         self.full_finetune = full_finetune
         self.base_path = None if source == "tiny" else os.path.abspath(source) if os.path.exists(source) else source
+        self.base_owned = False
         # full fine-tuning in half precision keeps fp32 master weights and computes in half precision
         # under autocast: Adam steps of ~1e-5 relative vanish in bf16's 8-bit mantissa. pi_ref is a
         # frozen copy of the same fp32 weights under the same autocast, so pi_theta = pi_ref exactly
         # at the start (a bf16 copy would compute a bf16 residual stream: off by ~1e-3 per token).
         self.compute_dtype = compute_dtype or next(model.parameters()).dtype
+        if full_finetune and self.compute_dtype == torch.float16:
+            raise ValueError("full fine-tuning in float16 needs a loss scaler, which is not here: use bfloat16")
         if full_finetune and self.compute_dtype != torch.float32:
             model.float()
         self.ref_model = copy.deepcopy(model).requires_grad_(False).eval() if full_finetune else None
@@ -191,12 +196,15 @@ class Policy(nn.Module):
 
     def train_without_dropout(self):
         """The PPO update's mode: every module in eval mode, so no dropout anywhere and pi_theta equals
-        the pi_old that prepare() read until the first optimizer step; only the layers that gradient
-        checkpointing runs in are flagged training (it checks that flag), not their children."""
+        the pi_old that prepare() read until the first optimizer step (bit for bit when the update's
+        mini-batches are prepare's, as when one optimizer step takes the whole batch; else up to float
+        rounding, ~1e-15); only the decoder layers that gradient checkpointing runs in are flagged
+        training (it checks that flag), not their children."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
         self.eval()
         for m in self.modules():
-            if getattr(m, "gradient_checkpointing", False) is True:
-                m.training = True  # this module alone: its attention and dropout stay in eval
+            if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+                m.training = True  # this layer alone: its attention and dropout stay in eval
         return self
 
     def lora_modules(self):
@@ -385,13 +393,14 @@ class Policy(nn.Module):
         copy is on disk: into base_dir, once per run (later saves refer to it as ../base), or without
         base_dir into path/base. A base from a hub id or a folder is referred to, never copied."""
         os.makedirs(path, exist_ok=True)
-        if self.base_path is None:                       # a random or changed base: written once
+        own = bool(base_dir) and self.base_path is not None and os.path.realpath(self.base_path) == os.path.realpath(base_dir)
+        if self.base_path is None or (self.base_owned and not own):  # a random or changed base, or another run's
             target = base_dir or os.path.join(path, "base")
             self._save_base(target)
             if base_dir:
-                self.base_path = os.path.abspath(base_dir)
+                self.base_path, self.base_owned = os.path.abspath(base_dir), True
             base, rel = os.path.relpath(target, path), True
-        elif base_dir and self.base_path == os.path.abspath(base_dir):
+        elif own:
             base, rel = os.path.relpath(self.base_path, path), True     # the run's own base: ../base
         else:
             base, rel = self.base_path, False                         # a hub id, or an absolute folder
@@ -554,7 +563,8 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
         with open(os.path.join(name, "policy.json")) as f:
             meta = json.load(f)
         relative = meta.get("base_relative", meta["base"] == "base")   # "base" (inside) or "../base" (the run's)
-        base = os.path.normpath(os.path.join(name, meta["base"])) if relative else meta["base"]
+        # realpath: "../base" of a checkpoint reached through a symlink is beside the real folder
+        base = os.path.normpath(os.path.join(os.path.realpath(name), meta["base"])) if relative else meta["base"]
         lora, full_finetune = meta["lora"], meta["full_finetune"]
         dtype = dtype or DTYPES.get(meta.get("dtype"))
         if gradient_checkpointing is None:
@@ -591,8 +601,7 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
         inject_lora(model, lora["r"], lora["alpha"], lora["dropout"], tuple(lora["targets"]))
     policy = Policy(model, tok, base, lora, full_finetune, compute_dtype=dtype).to(device)
     if ckpt:
-        if os.path.dirname(os.path.abspath(base)) == os.path.abspath(name):
-            policy.base_path = None  # a base inside the checkpoint folder goes when the folder does: save a copy
+        policy.base_owned = relative  # a run's own base/: a save into another folder writes a copy
         state = torch.load(os.path.join(name, "policy.pt"), map_location=device, weights_only=True)
         bad = policy.load_state_dict(state, strict=False).unexpected_keys
         if bad:

@@ -17,12 +17,12 @@ log pi_old, reference log-probs log pi_ref and values V(s_t) read at the last to
                  rho = pi_theta / pi_old                                               Sec. 4.2
   value loss     0.5 * mean over the step's units of max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)
   KL coef beta   adaptive (Ziegler et al. 2019): beta *= 1 + clip(KL/target - 1, +-0.2) * B/horizon
-Every forward pass (prepare and update) runs without dropout, so rho is exactly 1 until the first
-optimizer step.
+Every forward pass (prepare and update) runs without dropout, so rho is 1 until the first optimizer
+step: bit for bit when an optimizer step takes the whole batch (the defaults), else up to rounding.
 
 Its benchmark (update time, tokens/s, memory) is bench.py.
 
-Departures from the original code (StepTool's subclass of trl 0.10's PPOTrainer):
+Departures from the original code (StepTool's subclass of trl's PPOTrainer, 0.10 / 0.11):
 1. GAE runs over steps, not tokens: the original runs it per token through tool-response tokens
    (reward 0, value 0 there), so credit for a later step decays by (gamma*lam)^(tokens between).
    Its variant is kept as --advantage token (rewards on each step's last action token, per-token
@@ -306,3 +306,10 @@ def truncate_left(ep, n):
         new.act.append(s >= 0); new.step.append(remap.get(s, -1) if s >= 0 else -1)
     new.state_end = [ep.state_end[t] - cut for t in keep]
     return new, ep.n_steps - len(keep)
+
+
+if __name__ == "__main__":  # the benchmarks are bench.py's; `python ppo.py --bench ...` is the same command
+    import sys
+
+    import bench
+    bench.main([a for a in sys.argv[1:] if a != "--bench"])

@@ -13,8 +13,10 @@ claim() decides from the marker alone:
     our marker, the same kind         resume: continue; overwrite: delete the listed entries (refused,
                                       naming them, if the folder also holds anything else); else refused
     anything else                     refused, overwrite or not: we never delete what we did not write
-One exception: resume adopts a folder without a marker whose every name is one of `entries` (a run
-written before markers existed, e.g. an unfinished compare.py run).
+One exception: `adopt` (steptool.py --resume, once a readable checkpoint is found in the folder)
+takes over a folder without a marker whose every name is one of `entries`: a run written before
+markers existed. Nothing else is ever adopted.
+`inputs`: paths the run reads (its --model); --overwrite is refused if one lies inside the folder.
 A second run on the same folder stops at once: `DIR/.lock` is held with flock for the whole run, on
 a file descriptor kept open, holding the pid. The kernel drops an flock when its process dies, so a
 killed run never leaves a stale lock; a second claim in the same process is refused too (flock
@@ -76,9 +78,11 @@ def _write_marker(path, kind, entries):
     os.replace(tmp, os.path.join(path, MARKER))  # whole or absent, never half a marker
 
 
-def _contents(path):
-    """What the folder holds besides our bookkeeping (the marker, its temporary name, the lock)."""
-    return sorted(n for n in os.listdir(path) if n != LOCK and not n.startswith(MARKER))
+def _contents(path, locked=False):
+    """What the folder holds besides our bookkeeping (the marker, its temporary name, and the lock of a
+    folder with our marker or that we hold: a `.lock` of someone else's is content like any other file)."""
+    ours = locked or os.path.isfile(os.path.join(path, MARKER))
+    return sorted(n for n in os.listdir(path) if not (ours and n == LOCK) and not n.startswith(MARKER))
 
 
 def _names(names):
@@ -117,12 +121,12 @@ class Run:
         self.release()
 
 
-def _foreign(path, kind, resume, entries):
+def _foreign(path, kind, adopt, entries, locked=False):
     """Why the folder is not ours to write (a one-line reason), or None."""
     m = read_marker(path)
     if m is None:
-        others = _contents(path)
-        if others and not (resume and set(others) <= set(entries)):
+        others = _contents(path, locked)
+        if others and not (adopt and set(others) <= set(entries)):
             return f"not empty ({_names(others)}) and not a run folder of ours"
     elif m["kind"] != kind:
         return f"holds a {m['kind']} run of ours, not a {kind} one"
@@ -142,28 +146,33 @@ def _lock(path, where):
     return fd
 
 
-def claim(path, kind, flag="--output", overwrite=False, resume=False, entries=()):
+def claim(path, kind, flag="--output", overwrite=False, resume=False, entries=(), adopt=False, inputs=()):
     """Claim `path` for a run of `kind` (see the module docstring) -> a locked Run, or RunError.
 
     entries: the top-level names the run will write, registered now; more with Run.register."""
     where = f"{flag} {path}"
     if os.path.lexists(path) and not os.path.isdir(path):
         raise RunError(f"{where}: exists and is not a folder")
+    inside = [p for p in inputs if p and os.path.exists(p) and
+              os.path.commonpath([os.path.realpath(p), os.path.realpath(path)]) == os.path.realpath(path)]
+    if overwrite and inside:
+        raise RunError(f"{where} --overwrite: it holds {inside[0]}, which this run reads; nothing was deleted; "
+                       "write the new run to another folder")
     os.makedirs(path, exist_ok=True)
-    why = _foreign(path, kind, resume, entries)
+    why = _foreign(path, kind, adopt, entries)
     if why:      # refused before touching anything: not even a lock file goes into someone else's folder
         raise RunError(f"{where}: {why}; nothing was written or deleted" +
                        (" (--overwrite replaces only a run of ours)" if overwrite else "") + "; choose another folder")
     fd = _lock(path, where)
     try:
-        why = _foreign(path, kind, resume, entries)              # again, under the lock: it may have changed
+        why = _foreign(path, kind, adopt, entries, locked=True)  # again, under the lock: it may have changed
         if why:
             raise RunError(f"{where}: {why}; nothing was written or deleted; choose another folder")
         m = read_marker(path)
         if m is None:                                            # a new (or adopted) folder: its marker now
             m = {"kind": kind, "entries": []}
             _write_marker(path, kind, [])
-        others = _contents(path)
+        others = _contents(path, locked=True)
         if others and not resume:
             if not overwrite:
                 raise RunError(f"{where}: holds an earlier {kind} run; " +

@@ -131,9 +131,9 @@ def main(argv=None):
     try:
         if a.export and os.path.abspath(a.export) == os.path.abspath(a.output):
             raise runs.RunError(f"--export {a.export}: the same folder as --output; give another")
-        claimed.append(runs.claim(a.output, "sft", overwrite=a.overwrite))
+        claimed.append(runs.claim(a.output, "sft", overwrite=a.overwrite, inputs=(a.model, a.data)))
         if a.export:
-            claimed.append(runs.claim(a.export, "sft", "--export", overwrite=a.overwrite))
+            claimed.append(runs.claim(a.export, "sft", "--export", overwrite=a.overwrite, inputs=(a.model, a.data)))
     except runs.RunError as e:
         for run in claimed:
             run.release()

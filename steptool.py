@@ -107,7 +107,8 @@ class Config:
     lora_alpha: int = opt(16, "LoRA alpha")
     lora_targets: tuple = opt(P.LORA_TARGETS, "names of the linear modules that get LoRA")
     lora_dropout: float = opt(0.0, "LoRA dropout (the original's 0.0)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (memory for time)")
+    gradient_checkpointing: bool = opt(None, "recompute activations in backward (memory for time); default off, "
+                                             "or what --model CHECKPOINT was trained with")
     # run
     output: str = opt("runs/steptool", "folder for checkpoints, metrics.jsonl, curves.png, final model")
     resume: str = opt("", "continue the run in this folder from its last checkpoint (and write there)")
@@ -206,6 +207,9 @@ def resume_config(run_dir, given, state):
         flags = ", ".join(f"--{k.replace('_', '-')} (checkpoint: {stored.get(k)!r}, given: {given[k]!r})" for k in changed)
         raise runs.RunError(f"--resume {run_dir}: {flags} would change the run; with --resume only "
                             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given")
+    if given.get("iterations") == state["iteration"] < stored.get("iterations", state["iteration"]):
+        raise runs.RunError(f"--resume {run_dir} --iterations {given['iterations']}: the run stopped at iteration "
+                            f"{state['iteration']} of {stored['iterations']}; give more iterations to continue it")
     if given.get("iterations", state["iteration"]) < state["iteration"]:
         raise runs.RunError(f"--resume {run_dir} --iterations {given['iterations']}: its checkpoint is at iteration "
                             f"{state['iteration']}; give --iterations {state['iteration']} or more")
@@ -283,9 +287,11 @@ def main(argv=None):
     try:
         if cfg.resume and not os.path.isdir(cfg.resume):
             raise runs.RunError(f"--resume {cfg.resume}: no such folder")
-        run = (runs.claim(cfg.resume, "steptool", "--resume", resume=True, entries=ENTRIES) if cfg.resume else
-               runs.claim(cfg.output, "steptool", overwrite=cfg.overwrite, entries=ENTRIES))
-    except runs.RunError as e:
+        if cfg.resume:   # a readable checkpoint first (read only): only then is the folder a run to continue
+            runs.find_checkpoint(cfg.resume)
+        run = (runs.claim(cfg.resume, "steptool", "--resume", resume=True, entries=ENTRIES, adopt=True) if cfg.resume else
+               runs.claim(cfg.output, "steptool", overwrite=cfg.overwrite, entries=ENTRIES, inputs=(cfg.model,)))
+    except (runs.RunError, FileNotFoundError) as e:
         runs.fail("steptool", e)
     with run:                                            # the lock is held until the run ends, however it ends
         ckpt = state = None

@@ -467,3 +467,36 @@ def test_full_finetuning_a_bf16_model_keeps_fp32_master_weights_that_small_steps
         assert sft.sft_step(pol, opt, eps) is not None
     changed = sum(int((a != p.detach()).sum()) for a, p in zip(before, pol.model.parameters()))
     assert changed / sum(a.numel() for a in before) > 0.9            # bf16 weights: ~15 % changed
+
+
+def test_a_run_started_from_another_runs_checkpoint_writes_its_own_base(make_policy, tmp_path):
+    import shutil
+    pol = make_policy(seed=2, full_finetune=True).eval()
+    a, b = tmp_path / "a", tmp_path / "b"
+    pol.save(str(a / "checkpoint"), base_dir=str(a / "base"))
+    start = P.load_policy(str(a / "checkpoint"), device="cpu").eval()
+    start.freeze_reference()                                          # nothing moved: the base is unchanged
+    start.save(str(b / "checkpoint"), base_dir=str(b / "base"))
+    assert (b / "base" / "model.safetensors").exists()                # b's own copy, not a's by absolute path
+    assert json.load(open(b / "checkpoint" / "policy.json"))["base"] == os.path.join("..", "base")
+    shutil.rmtree(a)
+    eps = random_episodes(0, EPS)
+    torch.testing.assert_close(forward(P.load_policy(str(b / "checkpoint"), device="cpu").eval(), eps)[0],
+                               forward(start, eps)[0], atol=1e-6, rtol=0)
+
+
+def test_a_checkpoint_reached_through_a_symlink_loads_the_base_beside_it(make_policy, tmp_path, monkeypatch):
+    pol = make_policy(seed=2, full_finetune=True).eval()
+    run = tmp_path / "runs" / "r"
+    pol.save(str(run / "checkpoint"), base_dir=str(run / "base"))
+    (tmp_path / "best").symlink_to(run / "checkpoint")
+    monkeypatch.chdir(tmp_path)
+    back = P.load_policy("best", device="cpu").eval()
+    eps = random_episodes(0, EPS)
+    torch.testing.assert_close(forward(back, eps)[0], forward(pol, eps)[0], atol=1e-6, rtol=0)
+
+
+def test_float16_full_finetuning_is_refused_for_want_of_a_loss_scaler(tiny_tok):
+    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    with pytest.raises(ValueError, match="loss scaler"):
+        P.Policy(model.to(torch.float16), tok, "tiny", full_finetune=True)

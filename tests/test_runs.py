@@ -251,3 +251,46 @@ def test_the_committed_results_folder_is_a_compare_folder_of_ours():
     import runs
     m = runs.read_marker(os.path.join(ROOT, "results"))
     assert m["kind"] == "compare" and {"table.md", "summary.json", "curves.png"} <= set(m["entries"])
+
+
+def test_no_folder_without_a_marker_is_taken_over_but_a_readable_run_to_resume(tmp_path, capsys):
+    import compare
+    import steptool
+    d = str(tmp_path / "mine")
+    os.makedirs(os.path.join(d, "base")); open(os.path.join(d, "base", "weights.bin"), "w").write("mine")
+    before = snapshot(d)
+    msg = refused(capsys, steptool.main, ["--resume", d])                # names a run writes, but no checkpoint
+    assert "no checkpoint" in msg and snapshot(d) == before and sorted(os.listdir(d)) == ["base"]
+    t = str(tmp_path / "tables")
+    os.makedirs(t); open(os.path.join(t, "table.md"), "w").write("my table")
+    msg = refused(capsys, compare.main, ["--seeds", "0", "--methods", "sft", "--output", t])
+    assert "not a run folder of ours" in msg and open(os.path.join(t, "table.md")).read() == "my table"
+
+
+def test_overwrite_refuses_a_folder_that_holds_the_model_the_run_reads(tmp_path, finished_run, capsys):
+    import steptool
+    copy = copy_of(finished_run, tmp_path)
+    before = snapshot(copy)
+    msg = refused(capsys, steptool.main, ["--model", os.path.join(copy, "checkpoint"), *RUN, "--iterations", "1",
+                                          "--output", copy, "--overwrite"])
+    assert "which this run reads" in msg and snapshot(copy) == before
+
+
+def test_a_lock_file_of_someone_elses_is_not_ours_to_take(tmp_path):
+    import runs
+    d = tmp_path / "mine"
+    d.mkdir(); (d / ".lock").write_text("my own lock file")
+    with pytest.raises(runs.RunError, match="not a run folder of ours"):
+        runs.claim(str(d), "steptool")
+    assert (d / ".lock").read_text() == "my own lock file" and os.listdir(d) == [".lock"]
+
+
+def test_resume_refuses_to_end_an_unfinished_run_where_its_checkpoint_stands(tmp_path, finished_run, capsys):
+    import steptool
+    copy = copy_of(finished_run, tmp_path)
+    st = os.path.join(copy, "checkpoint", "state.pt")
+    state = torch.load(st, weights_only=True)
+    state["config"]["iterations"] = 3                            # as if killed after iteration 1 of 3
+    torch.save(state, st)
+    msg = refused(capsys, steptool.main, ["--resume", copy, "--iterations", "1"])
+    assert "stopped at iteration 1 of 3" in msg
