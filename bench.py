@@ -151,6 +151,7 @@ SHAPES = {  # model shapes built from their config with random weights (no downl
 
 def shaped_policy(shape, layers, dtype, device="cpu", lora_r=8):
     """A random Qwen2 of a named shape with `layers` layers, LoRA on every projection (load_policy's way)."""
+    import chat
     import policy as P
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
     from tokenizers import Tokenizer, models
@@ -162,7 +163,7 @@ def shaped_policy(shape, layers, dtype, device="cpu", lora_r=8):
     P.inject_lora(model, lora_r, 2 * lora_r, 0.0)
     vocab = {"<|im_start|>": 0, "<|im_end|>": 1, "a": 2}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="a")),
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=P.CHAT_TEMPLATE)
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=chat.CHAT_TEMPLATE)
     return P.Policy(model, tok, "tiny", dict(r=lora_r, alpha=2 * lora_r, dropout=0.0, targets=list(P.LORA_TARGETS)))
 
 

@@ -18,7 +18,8 @@ Both paths meet in one format: a rollout becomes an entry of StableToolBench's p
 file (query id -> {query, tool_names, answer_steps, final_step, is_solved, length}), and only label
 files are scored. So `--labels` reads our files and theirs, and theirs read ours.
 Outputs of --model (in --out): <group>.json label files, results.json (the --json object),
-results.csv, trajectories.jsonl (env.Trajectory.to_dict(), written before judging).
+results.csv, trajectories.jsonl (env.Trajectory.to_dict(), written before judging). --out must be new,
+empty, or an earlier eval.py output (--overwrite replaces only what that wrote; runs.py).
 
 Decisions and departures:
 1. Missing repeats: as StableToolBench, a file has R = 1 + its largest repeat index, and a query

@@ -13,7 +13,9 @@
   one uniform draw per token from each episode's own generator, so an episode's randomness
   depends on (seed, iteration, episode) only, not on what else is in the batch. Given each
   episode's cache from its previous turn, a turn computes only its new tokens.
-- `encode_*` turn a dialogue into token ids turn by turn; rollout.py builds episodes with them.
+- `encode_*` turn a dialogue into token ids turn by turn; rollout.py builds episodes with them. The
+  chat template's end of turn and its role for tool responses come from chat.py, detected at load;
+  every observation is checked in its tokens.
 
     python policy.py --save-tiny DIR     # write the tiny model + tokenizer with save_pretrained
 
@@ -29,7 +31,6 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 
 import torch
@@ -37,10 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+import chat
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TINY = dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=512, max_position_embeddings=2048, tie_word_embeddings=True)
 
@@ -133,7 +134,7 @@ def build_tiny_tokenizer(vocab_size=2048):
     tk.train_from_iterator(texts(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE)
+                                   chat_template=chat.CHAT_TEMPLATE)
 
 
 def build_tiny(seed=0, tok=None, **overrides):
@@ -176,13 +177,13 @@ class Policy(nn.Module):
         self.ref_model = copy.deepcopy(model).requires_grad_(False).eval() if full_finetune else None
         self.v_head = nn.Linear(model.config.hidden_size, 1, device=model.device)  # fp32, as LoRA
         nn.init.zeros_(self.v_head.bias); nn.init.normal_(self.v_head.weight, std=1 / (model.config.hidden_size + 1))
-        self.eot_id, self.eot = _end_of_turn(tok)
+        self.eot_id, self.eot = chat.end_of_turn(tok)
         # a turn ends at the template's end of turn or at any EOS the tokenizer or generation_config names
         # (Qwen2-Instruct: <|im_end|> and <|endoftext|>)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [tok.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])]
         self.stop_ids = sorted({self.eot_id, *[i for i in eos if i is not None]})
-        self.obs_role = observation_role(tok)  # the chat template's role for tool responses
+        self.obs_role = chat.observation_role(tok)  # the chat template's role for tool responses
 
     @property
     def device(self):
@@ -367,7 +368,7 @@ class Policy(nn.Module):
         text = before[k + len(self.eot) if ended else k:] + full[len(before):]
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         obs = messages[-1]
-        if not _shows(obs["content"], self.tok.decode(ids, clean_up_tokenization_spaces=False)):
+        if not chat.shows(obs["content"], self.tok.decode(ids, clean_up_tokenization_spaces=False)):
             raise ValueError(f"the chat template dropped a tool response (role '{obs['role']}'): its text is not "
                              f"in the encoded tokens, so the policy would never see it")
         return ids
@@ -443,53 +444,6 @@ class Policy(nn.Module):
             if ".base." not in k and not k.endswith((".A", ".B")):
                 sd.setdefault(k, v)
         self.model.save_pretrained(path, state_dict=sd)
-
-
-def _end_of_turn(tok):
-    """The token that ends an assistant turn in this chat template (e.g. <|im_end|>, <|eot_id|>)."""
-    probe = "XYZZY"
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
-                                   tokenize=False)
-    tail = tok(text[text.rindex(probe) + len(probe):], add_special_tokens=False)["input_ids"]
-    special = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<|end|>")
-                                          if t in tok.get_vocab()}
-    eot = next((i for i in tail if i in special), tok.eos_token_id)
-    if eot is None:
-        raise ValueError("cannot find the end-of-turn token of this chat template")
-    return eot, tok.convert_ids_to_tokens(eot)
-
-
-_PROBE = '{"error": "", "response": "XYZZY <tool & reply\'s> 42"}'  # shaped like an observation
-
-
-def observation_role(tok):
-    """The role that carries tool responses in this chat template, detected once at load.
-
-    The template's own `tool` role when it names one (Qwen2.5, Llama-3.1), else ToolBench's
-    `function` (the role of the original's Qwen2 data), else `tool`, else `user`: the first whose
-    content the template renders. A template that renders none is an error, never a silent drop
-    (Qwen2.5's template skips a `function` message without a word)."""
-    src = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template)
-    roles = (("tool",) if re.search(r"""['"]tool['"]""", src or "") else ()) + ("function", "tool", "user")
-    for role in roles:
-        msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                {"role": "assistant", "content": "a"}, {"role": role, "content": _PROBE}]
-        try:
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 -- a template may raise_exception() on a role it refuses
-            continue
-        if _shows(_PROBE, text):
-            return role
-    raise ValueError("the chat template renders no tool response in any role (tried function, tool, user)")
-
-
-def _shows(content, text):
-    """Does `text` carry `content`: verbatim (some templates trim it) or as a JSON string (Llama-3.1's
-    template writes a tool message through tojson)?"""
-    c = content.strip()
-    enc = [json.dumps(content, ensure_ascii=False), json.dumps(content)]
-    enc.append(enc[1].replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027"))
-    return any(v in text for v in [c] + enc)
 
 
 def _sample(logits, temperature, top_p, gens):
@@ -591,7 +545,7 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
-        tok.chat_template = CHAT_TEMPLATE  # base models ship none; ChatML as the original's Qwen2 data
+        tok.chat_template = chat.CHAT_TEMPLATE  # base models ship none; ChatML as the original's Qwen2 data
     model.to(device=device, dtype=weights)
     model.config.use_cache = False
     if gradient_checkpointing:

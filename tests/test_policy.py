@@ -298,6 +298,8 @@ import warnings  # noqa: E402
 
 from conftest import FIXTURES  # noqa: E402
 
+import chat  # noqa: E402
+
 TEMPLATES = json.load(open(os.path.join(FIXTURES, "chat_templates.json")))
 
 
@@ -336,7 +338,7 @@ def test_every_observation_of_an_episode_is_in_its_tokens_under_each_real_templa
     ep, traj = rollout.expert_episode(pol, task, env.ToolClient(tool_server.url))
     text = pol.tok.decode(ep.ids, clean_up_tokenization_spaces=False)
     obs = [s.observation for s in traj.steps if s.name != "Finish"]
-    assert len(obs) >= 2 and all(P._shows(o, text) for o in obs)
+    assert len(obs) >= 2 and all(chat.shows(o, text) for o in obs)
     # step-wise tokens are the whole dialogue as the template renders it, up to the last end of turn
     msgs = env.initial_messages(task)
     for s in traj.steps:
