@@ -1,4 +1,5 @@
-"""The chat template's side of a dialogue: where an assistant turn ends, which role carries a tool
+"""The chat template's side of a dialogue (paper Sec. 3: the state s_t is the dialogue so far, and the
+transition appends the tool's response): where an assistant turn ends, which role carries a tool
 response, and the check that an observation really is in the tokens the policy sees.
 
 Real chat templates differ in exactly these (policy.Policy detects them once at load):

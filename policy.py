@@ -31,7 +31,6 @@ import copy
 import json
 import math
 import os
-import shutil
 
 import torch
 import torch.nn as nn
@@ -413,20 +412,11 @@ class Policy(nn.Module):
                        "gradient_checkpointing": bool(self.model.is_activation_checkpointing)}, f)
 
     def _save_base(self, path):
-        """The base weights as a save_pretrained folder, written beside `path` and renamed into place."""
-        tmp, old = path + ".tmp", path + ".old"
-        for p in (tmp, old):
-            if os.path.isdir(p):
-                shutil.rmtree(p)                        # our own leftovers of a crash
-        if self.ref_model is not None:
-            self.ref_model.save_pretrained(tmp)
-        else:
-            self._merged_model_save(tmp, merge=False)
-        if os.path.isdir(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
+        """The base weights as a save_pretrained folder, written whole (runs.write_dir: a temporary
+        name, then a rename)."""
+        import runs
+        runs.write_dir(path, self.ref_model.save_pretrained if self.ref_model is not None
+                       else lambda tmp: self._merged_model_save(tmp, merge=False))
 
     def export_merged(self, path):
         """A plain HF checkpoint (LoRA merged into W) that transformers and vLLM load as is."""

@@ -15,7 +15,7 @@ log pi_old, reference log-probs log pi_ref and values V(s_t) read at the last to
   policy loss    mean over the action tokens of an optimizer step's episodes (each token weighs
                  the same, whatever mini-batch it fell in) of max(-A rho, -A clip(rho, 1-eps, 1+eps)),
                  rho = pi_theta / pi_old                                               Sec. 4.2
-  value loss     0.5 * mean over the step's units of max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)
+  value loss     0.5 * mean over that optimizer step's units of max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)
   KL coef beta   adaptive (Ziegler et al. 2019): beta *= 1 + clip(KL/target - 1, +-0.2) * B/horizon
 Every forward pass (prepare and update) runs without dropout, so rho is 1 until the first optimizer
 step: bit for bit when an optimizer step takes the whole batch (the defaults), else up to rounding.
@@ -239,15 +239,15 @@ def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
                 A = A_unit[c["unit"]]                                          # [N_mb] step advantage -> each of its tokens
                 logp, V, ent = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"], entropy=cfg.ent_coef > 0)
                 pg, ratio = policy_loss(logp, old_logp, A, cfg.cliprange)       # clipped surrogate, Sec. 4.2
-                vf = value_loss(V, old_V, R, cfg.cliprange_value)
-                pg, vf, en = pg.sum() / N, vf.sum() / U, (ent.sum() / N if ent is not None else torch.zeros(()))
-                loss = pg + cfg.vf_coef * vf - cfg.ent_coef * en               # this mini-batch's share of the step's means
+                pg, vf = pg.sum(), value_loss(V, old_V, R, cfg.cliprange_value).sum()
+                en = ent.sum() if ent is not None else torch.zeros((), device=dev)
+                loss = (pg - cfg.ent_coef * en) / N + cfg.vf_coef * vf / U       # this mini-batch's share of the step's means
                 if not torch.isfinite(loss):
                     ok = False
                     break
                 loss.backward()
                 with torch.no_grad():  # summed as tensors: no device sync per mini-batch
-                    for k, v in {"loss/policy": pg * N, "loss/value": vf * U, "loss/entropy": en * N, "ppo/ratio": ratio.sum(),
+                    for k, v in {"loss/policy": pg, "loss/value": vf, "loss/entropy": en, "ppo/ratio": ratio.sum(),
                                  "ppo/clipfrac": ((ratio - 1).abs() > cfg.cliprange).float().sum(),
                                  "ppo/approx_kl": 0.5 * ((logp - old_logp) ** 2).sum()}.items():
                         sums[k] = sums.get(k, 0.0) + v

@@ -206,6 +206,11 @@ def replace_dir(tmp, path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def written_whole(*names):
+    """The top-level names a folder written by write_dir() occupies: itself, its temporary and old names."""
+    return [n + suffix for n in names for suffix in ("", ".tmp", ".old")]
+
+
 def write_dir(path, write):
     """write(tmp) fills path.tmp; then it replaces `path` whole. Registers nothing: the caller has."""
     tmp = path + ".tmp"

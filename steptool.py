@@ -132,8 +132,7 @@ QUICK = dict(sft_epochs=1, sft_episodes=32, iterations=2, episodes_per_iteration
 # the last iteration (to extend a run); any other flag would make a different run
 RESUME_MAY_CHANGE = ("tool_server", "device", "threads", "save_every", "eval_every", "iterations")
 # the top-level names a run writes in --output (runs.py: registered in its marker before writing)
-ENTRIES = ("metrics.jsonl", "checkpoint", "checkpoint.tmp", "checkpoint.old", "base", "base.tmp", "base.old",
-           "final_model", "final_model.tmp", "final_model.old", "curves.png")
+ENTRIES = ("metrics.jsonl", "curves.png", *runs.written_whole("checkpoint", "base", "final_model"))
 
 
 def build_parser(suppress=False):
@@ -284,20 +283,19 @@ def main(argv=None):
     if cfg.algo not in ("ppo", "rft"):
         sys.exit(f"steptool: --algo {cfg.algo}: use ppo or rft")
     # ---- claim the run folder (runs.py), before the tool server or the model ----
+    ckpt = state = None
     try:
-        if cfg.resume and not os.path.isdir(cfg.resume):
-            raise runs.RunError(f"--resume {cfg.resume}: no such folder")
-        if cfg.resume:   # a readable checkpoint first (read only): only then is the folder a run to continue
-            runs.find_checkpoint(cfg.resume)
+        if cfg.resume:   # a checkpoint first (read only): only then is the folder a run to continue
+            if not os.path.isdir(cfg.resume):
+                raise runs.RunError(f"--resume {cfg.resume}: no such folder")
+            ckpt = runs.find_checkpoint(cfg.resume)
         run = (runs.claim(cfg.resume, "steptool", "--resume", resume=True, entries=ENTRIES, adopt=True) if cfg.resume else
                runs.claim(cfg.output, "steptool", overwrite=cfg.overwrite, entries=ENTRIES, inputs=(cfg.model,)))
     except (runs.RunError, FileNotFoundError) as e:
         runs.fail("steptool", e)
     with run:                                            # the lock is held until the run ends, however it ends
-        ckpt = state = None
         if cfg.resume:
             try:
-                ckpt = runs.find_checkpoint(cfg.resume)
                 state = runs.load_state(ckpt)
                 cfg = resume_config(cfg.resume, given_flags(argv), state)
             except (runs.RunError, FileNotFoundError) as e:
