@@ -2,6 +2,7 @@
 
     python bench.py                                    # update + rollouts, tiny model, fixed shapes
     python bench.py --model DIR --data FILE.tsv        # the update in the paper config on StepTool TSV trajectories
+    python bench.py --model smollm2 --updates 1        # a real LM: the update against raw forward + backward
     python bench.py ... --compare-trl /path/to/python  # and trl 0.11.4's PPOTrainer.step on the same data, first
     python bench.py --memory [--shape qwen2-7b]        # bytes saved for backward per token and layer
     python ppo.py --bench ...                          # the same as python bench.py ...
@@ -84,7 +85,8 @@ def bench(args):
         out.update(matmul_peak_gflops=peak, peak_fraction=out["update_gflop"] * len(times) / sum(times) / peak)
     except ImportError:
         pass
-    if not args.data:
+    out.update(bench_raw(pol, batches[1:], cfg, med, times))
+    if not args.data and args.rollouts and args.model == "tiny":
         out.update(bench_rollouts(pol, args))
     print(f"update: {med:.2f} s median over {len(times)}, {out['update_tokens_per_s']:.0f} tokens/s, peak RSS {out['peak_rss_mib']:.0f} MiB ({shape})")
     if trl:
@@ -94,6 +96,42 @@ def bench(args):
         print(f"trl 0.11.4: {trl['update_s_median']:.2f} s median, {trl['update_tokens_per_s']:.0f} tokens/s, peak RSS "
               f"{trl['peak_rss_mib']:.0f} MiB -> ours {out['speedup_vs_trl']:.2f}x its real tokens/s")
     print(json.dumps(out))
+
+
+def bench_raw(pol, batches, cfg, update_median, update_times):
+    """The same episodes through the bare model, one at a time (no padding), as transformers computes
+    a language-model loss (logits at every token): a forward without gradient, and a forward with the
+    backward of that loss into the LoRA weights (base frozen). An update costs 2 forwards (pi_old,
+    pi_ref) + ppo_epochs forward-backwards of its tokens: at the raw rates that takes `ideal` seconds;
+    `update_vs_raw` = ideal / measured (1.0 = the update costs no more than the raw passes)."""
+    import torch.nn.functional as F
+    fwd_t = bwd_t = body_t = 0.0
+    n = 0
+    for b in batches:
+        for e in b:
+            ids = torch.tensor([e.ids], device=pol.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                pol.model(input_ids=ids)
+            t1 = time.perf_counter()
+            logits = pol.model(input_ids=ids).logits
+            F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).backward()
+            t2 = time.perf_counter()
+            pol.model.model(input_ids=ids).last_hidden_state.float().square().mean().backward()  # no LM head
+            fwd_t, bwd_t, body_t = fwd_t + t1 - t0, bwd_t + t2 - t1, body_t + time.perf_counter() - t2
+            n += len(e.ids)
+    pol.zero_grad(set_to_none=True)
+    fwd, fwdbwd, body = n / fwd_t, n / bwd_t, n / body_t
+    per_update = n / len(batches)
+    ideal = per_update * (2 / fwd + cfg.ppo_epochs / fwdbwd)
+    epoch_rate = per_update * cfg.ppo_epochs * len(update_times) / sum(update_times)
+    print(f"raw passes on the same episodes: forward {fwd:.0f} tokens/s, forward + backward {fwdbwd:.0f} tokens/s "
+          f"(without the LM head {body:.0f}) -> an update at raw speed {ideal:.1f} s, measured {update_median:.1f} s: "
+          f"{ideal / update_median:.0%} of raw; {epoch_rate:.0f} tokens x epochs / s, its no-gradient passes included")
+    return {"raw_forward_tokens_per_s": fwd, "raw_forward_backward_tokens_per_s": fwdbwd, "update_ideal_s": ideal,
+            "raw_forward_backward_no_lm_head_tokens_per_s": body,
+            "update_vs_raw": ideal / update_median,
+            "update_epoch_tokens_per_s": epoch_rate}
 
 
 def compare_trl(args):
@@ -237,6 +275,8 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=1280, help="cut each TSV trajectory to its last N tokens")
     ap.add_argument("--updates", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3, help="timed rollout runs per mode (after one warm-up)")
+    ap.add_argument("--rollouts", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time batched against one-at-a-time rollouts (the tiny model only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--advantage", default="step", choices=["step", "token"])
     ap.add_argument("--device")

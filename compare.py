@@ -1,16 +1,19 @@
 """The paper's comparison and ablation in miniature (Sec. 5, Tables 2 and 4), on the embedded benchmark.
 
     python compare.py [--seeds 0 1 2] [--output results/]
+    python compare.py --model smollm2 --seeds 0 --output results/smollm2     # a real LM (README)
 
-For each seed, one SFT warm start (steptool.py without PPO iterations), then each method from that
-same checkpoint, with the same budget: the same number of sampled episodes and of updates.
+For each seed, one SFT warm start (steptool.py without PPO iterations), evaluated once, then each
+method from that same checkpoint, with the same budget: the same number of sampled episodes and of
+updates. The schedule is steptool.py's for --model (tiny: TINY, smollm2: SMOL, else the paper's).
     sft                 the warm start itself
     rft                 SFT on the policy's own Solved rollouts (steptool.py --algo rft)
     ppo_final           PPO with the final reward only (--reward final)
     steptool            step-grained rewards and step-grained optimization (the defaults)
     steptool_token_adv  step-grained rewards, the original code's per-token GAE (--advantage token)
 Outputs: OUTPUT/table.md (Pass Rate and Recall per group, mean ± std over seeds), OUTPUT/summary.json
-({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}}), OUTPUT/curves.png
+({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}, "ci": {"a-b": {group:
+[lo, hi]}}}: paired bootstrap 95 % CIs of pass-rate differences over the test tasks, eval.py), OUTPUT/curves.png
 (test Pass Rate against sampled episodes), and each run in OUTPUT/seed<S>/<method>/ (steptool.py's
 metrics.jsonl, checkpoint, final model). Resumable: a finished (method, seed) run is not redone, an
 unfinished one continues from its last checkpoint. OUTPUT must be new, empty, or a compare.py folder
@@ -20,11 +23,14 @@ Any other flag goes to every run, e.g. --iterations 10 --eval-limit 20 for a sho
 """
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
+import eval as evaluation
 import runs
 import steptool
 
@@ -35,6 +41,7 @@ METHODS = {"rft": ["--algo", "rft", "--reward", "final"],
 NAMES = {"sft": "SFT", "rft": "RFT", "ppo_final": "PPO (final reward)", "steptool": "StepTool",
          "steptool_token_adv": "StepTool w/o step-grained optimization (token GAE)"}
 GROUPS = ("G1", "G2", "G3", "overall")
+CI_PAIRS = (("steptool", "sft"), ("steptool", "ppo_final"), ("ppo_final", "sft"))  # the paper's claims
 
 
 def std(xs):  # the sample standard deviation over seeds (0 for one seed)
@@ -47,11 +54,21 @@ def read_metrics(run):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_tasks(run):
+    """{(group, query id): pass} of the run's last evaluation (steptool.py's eval_tasks.json)."""
+    with open(os.path.join(run, "eval_tasks.json")) as f:
+        return {(t["group"], t["query_id"]): t["pass"] for t in json.load(f)["tasks"]}
+
+
+def mean_over_seeds(runs_):
+    return {k: statistics.fmean(r[k] for r in runs_) for k in runs_[0]}
+
+
 def run_once(run, argv):
     """One steptool.py run in `run`: skipped when finished, resumed when a checkpoint exists, started
     again (--overwrite: only what it wrote) when a run of ours was killed before its first checkpoint."""
-    if os.path.isdir(os.path.join(run, "final_model")):
-        return read_metrics(run)
+    if os.path.isdir(os.path.join(run, "final_model")) or os.path.isfile(os.path.join(run, "adapter.safetensors")):
+        return read_metrics(run)   # finished (adapter.safetensors is a LoRA run's last file: committed results)
     try:
         runs.find_checkpoint(run)
     except FileNotFoundError:
@@ -71,6 +88,18 @@ def table(summary, methods):
             lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def ci_table(summary):
+    lines = ["", "**Pass Rate differences** (points), paired bootstrap 95 % CI over test tasks", "",
+             "| difference | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS) + " |",
+             "|---|" + "---:|" * len(GROUPS)]
+    for pair, ci in summary["ci"].items():
+        a, b = pair.split("-")
+        diff = {g: summary[a][g]["pass_rate_mean"] - summary[b][g]["pass_rate_mean"] for g in GROUPS}
+        lines.append(f"| {NAMES[a]} − {NAMES[b]} | " + " | ".join(
+            f"{diff[g]:+.1f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in GROUPS) + " |")
+    return "\n".join(lines + [""]) if summary["ci"] else ""
 
 
 def plot(curves, path):
@@ -96,11 +125,15 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--output", default="results")
     ap.add_argument("--methods", nargs="+", default=["sft", *METHODS], choices=["sft", *METHODS])
+    ap.add_argument("--model", default="tiny", help="the base of every SFT start (steptool.py --model)")
+    ap.add_argument("--parallel", type=int, default=1, help="independent runs at once, as processes (one GPU holds "
+                    "many small runs; on CPU each gets cores / N threads unless --threads says otherwise)")
     argv = sys.argv[1:] if argv is None else argv
     args, extra = ap.parse_known_args(argv)
-    # the tiny model's schedule, spelled out: a run started from a checkpoint would take the paper's
-    base = [f"--{k.replace('_', '-')}={v}" for k, v in steptool.TINY.items() if k != "full_finetune"]
-    base += ["--full-finetune" if steptool.TINY["full_finetune"] else "--no-full-finetune"]
+    # the model's schedule, spelled out: a run started from a checkpoint would take the paper's
+    sched = steptool.defaults(args.model)
+    base = [f"--{k.replace('_', '-')}={v}" for k, v in sched.items() if k != "full_finetune"]
+    base += ["--full-finetune" if sched["full_finetune"] else "--no-full-finetune"]
     # OUTPUT is a compare folder of ours (or new): resumable by design, so no --overwrite; each
     # (seed, method) run below is a steptool.py run with a claim of its own
     try:
@@ -112,30 +145,56 @@ def main(argv=None):
         return compare(args, base, extra, argv)
 
 
+def run_all(jobs, parallel):
+    """[(run, argv)] -> [metrics], each by run_once: here one after another, or in `parallel` processes
+    (spawned: each with its own tool server, model and lock on its run folder)."""
+    if parallel <= 1 or len(jobs) <= 1:
+        return [run_once(*j) for j in jobs]
+    with ProcessPoolExecutor(min(parallel, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(run_once, *zip(*jobs)))   # a run that fails (SystemExit too) fails compare
+
+
 def compare(args, base, extra, argv):
     """Every (seed, method) run in the claimed args.output, then the table, summary and curves."""
     t0 = time.time()
-    final, curves = {m: [] for m in args.methods}, {m: {} for m in args.methods}
+    if args.parallel > 1 and not any(a.startswith("--threads") for a in extra):   # share the CPU cores
+        extra = extra + ["--threads", str(max(1, (os.cpu_count() or 1) // args.parallel))]
+    roots = {seed: os.path.join(args.output, f"seed{seed}") for seed in args.seeds}
+    # first every seed's SFT start, then every method from its seed's start
+    warm = dict(zip(args.seeds, run_all([(os.path.join(roots[s], "sft"), base + extra + [
+        "--model", args.model, "--seed", str(s), "--iterations", "0"]) for s in args.seeds], args.parallel)))
+    print(f"compare: SFT starts done, {(time.time() - t0) / 60:.1f} min so far")
+    jobs = []
     for seed in args.seeds:
-        root = os.path.join(args.output, f"seed{seed}")
-        warm = run_once(os.path.join(root, "sft"), base + extra + ["--seed", str(seed), "--iterations", "0"])
-        start = os.path.join(root, "sft", "checkpoint")
+        # every method starts from the SFT run's policy, evaluated once, there: LoRA from its adapter file
+        # (a few MB, committed with the results), full fine-tuning from its checkpoint
+        adapter = os.path.join(roots[seed], "sft", "sft_adapter.safetensors")
+        start = ["--model", args.model, "--adapters", adapter] if os.path.isfile(adapter) else \
+                ["--model", os.path.join(roots[seed], "sft", "checkpoint")]
+        jobs += [((seed, m), (os.path.join(roots[seed], m), base + extra + [
+            "--seed", str(seed), *start, "--sft-epochs", "0", "--no-eval-start"] + METHODS[m]))
+            for m in args.methods if m != "sft"]
+    done = dict(zip([k for k, _ in jobs], run_all([j for _, j in jobs], args.parallel)))
+    final, curves, per_task = {m: [] for m in args.methods}, {m: {} for m in args.methods}, {m: [] for m in args.methods}
+    for seed in args.seeds:
         for m in args.methods:
-            ms = warm if m == "sft" else run_once(
-                os.path.join(root, m), base + extra + ["--seed", str(seed), "--model", start, "--sft-epochs", "0"] + METHODS[m])
+            ms = warm[seed] if m == "sft" else warm[seed][:1] + done[seed, m]
             final[m].append(ms[-1])
             for rec in ms:
                 if rec.get("eval/overall/pass_rate") is not None:
                     curves[m].setdefault(rec.get("episodes", 0), []).append(rec["eval/overall/pass_rate"])
-        print(f"compare: seed {seed} done, {(time.time() - t0) / 60:.1f} min so far")
+            per_task[m].append(read_tasks(os.path.join(roots[seed], m)))
     summary = {m: {g: {"pass_rate_mean": statistics.fmean(r[f"eval/{g}/pass_rate"] for r in final[m]),
                        "pass_rate_std": std(r[f"eval/{g}/pass_rate"] for r in final[m]),
                        "recall_mean": statistics.fmean(r[f"eval/{g}/recall"] for r in final[m]),
                        "recall_std": std(r[f"eval/{g}/recall"] for r in final[m]),
                        "seeds": list(args.seeds)} for g in GROUPS} for m in args.methods}
+    # paired over test tasks (both models on the same tasks), each task's pass averaged over the seeds
+    summary["ci"] = {f"{a}-{b}": evaluation.paired_bootstrap(mean_over_seeds(per_task[a]), mean_over_seeds(per_task[b]))
+                     for a, b in CI_PAIRS if a in per_task and b in per_task}
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    text = table(summary, args.methods)
+    text = table(summary, args.methods) + ci_table(summary)
     with open(os.path.join(args.output, "table.md"), "w") as f:
         f.write(f"Seeds {args.seeds}; embedded benchmark test split; `python compare.py {' '.join(argv)}`\n\n" + text)
     plot(curves, os.path.join(args.output, "curves.png"))

@@ -56,6 +56,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 from tqdm import tqdm
 
 import env
@@ -192,6 +193,39 @@ def score_labels(labels, group="", relevant=None):
     return {"pass_rate": mean, "pass_rate_std": std, "n": n, "repeats": R,
             "recall": sum(recalls) / len(recalls) * 100 if recalls else None,
             "recall_n": len(recalls) if relevant else None, "overridden": unfinished, "missing_repeats": missing}
+
+
+def per_query(labels, tasks):
+    """{group: {qid: entry}} -> [{group, query_id, pass (0..1), recall (0..1 or None)}], as score_labels
+    counts them (an answer that is not Finish give_answer passes no repeat; missing repeats fail)."""
+    relevant = relevant_index(tasks)
+    out = []
+    for g, entries in labels.items():
+        R = 1 + max(int(r) for e in entries.values() for r in e["is_solved"])
+        for qid, e in entries.items():
+            ok = ends_with_answer(e["final_step"])
+            rel = relevant(g, qid)
+            out.append({"group": g, "query_id": qid,
+                        "pass": sum(STATUS[s] for s in e["is_solved"].values()) / R if ok else 0.0,
+                        "recall": recall(step_names(e["answer_steps"]), rel) if rel else None})
+    return out
+
+
+def paired_bootstrap(a, b, n=10000, seed=0, level=0.95):
+    """Paired bootstrap CI of Pass Rate(a) - Pass Rate(b), in points: a, b = {(group, query id): pass}
+    over the same tasks. Tasks are resampled with replacement within each group (the groups keep their
+    sizes); "overall" is the mean of the group rates, as the Avg column. -> {group: [lo, hi], "overall": ...}"""
+    if set(a) != set(b):
+        raise ValueError(f"paired bootstrap: the two runs were evaluated on different tasks ({len(set(a) ^ set(b))} differ)")
+    rng = np.random.default_rng(seed)
+    groups = sorted({g for g, _ in a})
+    means = {}
+    for g in groups:
+        d = np.array([a[k] - b[k] for k in sorted(a) if k[0] == g]) * 100
+        means[g] = d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)   # [n] resampled mean differences
+    means["overall"] = np.mean([means[g] for g in groups], axis=0)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {g: [float(x) for x in np.percentile(m, q)] for g, m in means.items()}
 
 
 def group_means(scored):
@@ -343,14 +377,10 @@ def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0,
     pol = model if isinstance(model, P.Policy) else P.load_policy(model)
     client = tool_server if isinstance(tool_server, env.ToolClient) else env.ToolClient(tool_server)
     client.check()
-    trajs = []
     with tqdm(total=len(tasks), desc="eval rollouts", disable=not progress, leave=False) as bar:
-        for i in range(0, len(tasks), batch_size):
-            _, tr = rollout.rollout(pol, tasks[i:i + batch_size], client, seed=seed, iteration=1 << 30, first_episode=i,  # an rng stream of its own
-                                    max_steps=max_steps, max_new_tokens=max_new_tokens, max_context=max_context,
-                                    temperature=temperature)
-            trajs += tr
-            bar.update(len(tr))
+        _, trajs = rollout.rollout(pol, tasks, client, seed=seed, iteration=1 << 30,  # an rng stream of its own
+                                   max_steps=max_steps, max_new_tokens=max_new_tokens, max_context=max_context,
+                                   temperature=temperature, batch_size=batch_size, on_done=bar.update)
     return trajs
 
 
@@ -419,6 +449,7 @@ def opt(default, help):
 @dataclass
 class Args:
     model: str = opt("", "policy: what policy.load_policy accepts, or a checkpoint folder of ours")
+    adapters: tuple = opt((), "adapter files (LoRA + value head) put on --model in order, each but the last merged")
     tasks: tuple = opt((), "task files: StableToolBench query files or data/bench_test.json")
     tool_server: str = opt("", "tool server URL; empty: start the embedded one")
     judge_url: str = opt("", "OpenAI-compatible judge for StableToolBench tasks (key: $OPENAI_API_KEY)")
@@ -480,7 +511,12 @@ def evaluate_model(a, run):
         import server
         srv = server.start_in_thread()
     try:
-        trajectories = run_policy(a.model, tasks, a.tool_server or srv.url, a.temperature, a.max_steps, a.seed,
+        import policy as P
+        try:
+            model = P.load_policy(a.model, adapters=tuple(a.adapters)) if a.adapters else a.model
+        except (ValueError, OSError) as e:
+            sys.exit(f"eval.py: {e}")
+        trajectories = run_policy(model, tasks, a.tool_server or srv.url, a.temperature, a.max_steps, a.seed,
                                   max_new_tokens=a.max_new_tokens)
     finally:
         if srv:

@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -183,6 +184,8 @@ class Policy(nn.Module):
         eos = [tok.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])]
         self.stop_ids = sorted({self.eot_id, *[i for i in eos if i is not None]})
         self.obs_role = chat.observation_role(tok)  # the chat template's role for tool responses
+        # where sampling spends its time (steptool.py logs each iteration's share): seconds and tokens
+        self.gen_stats = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}
 
     @property
     def device(self):
@@ -294,6 +297,7 @@ class Policy(nn.Module):
         # prefill one row at a time: without padding, attention takes its causal kernel; a cached row
         # computes only its new tokens (the last sampled token of its previous turn and the observation)
         rows_kv, logits = [], []
+        t0 = time.perf_counter()
         for p, c in zip(prompts, caches):
             n, past = c if c is not None else (0, None)
             if n >= len(p):
@@ -317,6 +321,9 @@ class Policy(nn.Module):
         logits, pos = torch.stack(logits), torch.tensor(lens, device=dev)[:, None] - 1  # [B, V], [B, 1]
         rows, outs = list(range(B)), [[] for _ in range(B)]
         stop = torch.tensor(self.stop_ids, device=dev)
+        t1 = time.perf_counter()
+        self.gen_stats["prefill_s"] += t1 - t0
+        self.gen_stats["prefill_tokens"] += sum(len(p) - (c[0] if c is not None else 0) for p, c in zip(prompts, caches))
 
         def keep_cache(j, r):  # row r (at batch index j) is done: its keys and values for the next turn
             m = layers[0].n
@@ -345,6 +352,8 @@ class Policy(nn.Module):
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                              cache=cache, use_cache=True)
             logits = out.logits[:, -1].float()
+        self.gen_stats["decode_s"] += time.perf_counter() - t1
+        self.gen_stats["decode_tokens"] += sum(map(len, outs))
         return outs
 
     # ---- tokenization of dialogues ----------------------------------------------------------
@@ -385,6 +394,29 @@ class Policy(nn.Module):
         once; pi_ref is the base, on disk once."""
         return {k: v for k, v in self.state_dict().items()
                 if (self.full_finetune and k.startswith("model.")) or k.startswith("v_head.") or k.endswith((".A", ".B"))}
+
+    def save_adapter(self, path):
+        """The LoRA weights and the value head as one safetensors file (a few MB; not the base), which
+        load_policy(base, adapters=[path]) puts back on the same base."""
+        from safetensors.torch import save_file
+        if not self.lora_cfg:
+            raise ValueError("an adapter file holds LoRA weights: this policy is fully fine-tuned")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable_state().items()}, path,
+                  metadata={"lora": json.dumps(self.lora_cfg)})
+
+    def load_adapter(self, path, merge=False):
+        """An adapter file of save_adapter onto this policy; merge=True folds it into the base weights
+        (as freeze_reference does), so that the next adapter file applies on top of it."""
+        from safetensors.torch import load_file
+        lora = adapter_lora(path)
+        if lora is None or {k: lora[k] for k in ("r", "alpha", "targets")} != {k: self.lora_cfg[k] for k in ("r", "alpha", "targets")}:
+            raise ValueError(f"{path}: LoRA {lora} does not match the policy's {self.lora_cfg}")
+        res = self.load_state_dict(load_file(path, device=str(self.device)), strict=False)
+        missing = [k for k in res.missing_keys if k in self.trainable_state()]
+        if res.unexpected_keys or missing:
+            raise ValueError(f"{path}: unexpected {res.unexpected_keys[:3]}, missing {missing[:3]}")
+        if merge:
+            self.freeze_reference()
 
     def save(self, path, base_dir=None):
         """Our checkpoint: policy.json (base, LoRA and load options) + trainable weights + tokenizer.
@@ -434,6 +466,16 @@ class Policy(nn.Module):
             if ".base." not in k and not k.endswith((".A", ".B")):
                 sd.setdefault(k, v)
         self.model.save_pretrained(path, state_dict=sd)
+
+
+def adapter_lora(path):
+    """The LoRA settings an adapter file (Policy.save_adapter) was written with, or None."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads((f.metadata() or {}).get("lora", "null"))
+    except (OSError, ValueError, SafetensorError) as e:   # missing, or not a safetensors file
+        raise ValueError(f"adapter file {path}: {e}") from None
 
 
 def _sample(logits, temperature, top_p, gens):
@@ -491,7 +533,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                lora_targets=LORA_TARGETS, full_finetune=False, gradient_checkpointing=None, seed=0, tiny=None):
+                lora_targets=LORA_TARGETS, full_finetune=False, gradient_checkpointing=None, seed=0, tiny=None,
+                adapters=()):
     """Any HF causal LM id or folder, a .gguf file, `smollm2` (models.py), our checkpoint folder, or
     "tiny" -> Policy on `device`.
 
@@ -499,6 +542,8 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
     the local Hub cache is tried (a few seconds), so pass a local folder (save_pretrained) instead.
     A checkpoint of ours restores every load option it was trained with (LoRA, full fine-tuning,
     dtype, gradient checkpointing); `dtype` and `gradient_checkpointing`, when given, override it.
+    adapters: save_adapter files applied in order, each but the last merged into the base (an SFT
+    start's adapter, then an RL adapter trained on top of it).
     """
     from transformers import AutoModelForCausalLM
     device = default_device(device)
@@ -513,6 +558,8 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
         dtype = dtype or DTYPES.get(meta.get("dtype"))
         if gradient_checkpointing is None:
             gradient_checkpointing = bool(meta.get("gradient_checkpointing", False))
+    elif adapters:   # LoRA as the adapter files were trained with
+        base, lora = name, {**adapter_lora(adapters[0]), "dropout": lora_dropout}
     else:
         base, lora = name, (None if full_finetune else dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                                                             targets=list(lora_targets)))
@@ -550,6 +597,8 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
         bad = policy.load_state_dict(state, strict=False).unexpected_keys
         if bad:
             raise ValueError(f"{name}/policy.pt has unexpected weights: {bad[:5]}")
+    for i, a in enumerate(adapters):
+        policy.load_adapter(a, merge=i < len(adapters) - 1)
     return policy
 
 

@@ -39,6 +39,7 @@ Departures from the original code (StepTool's subclass of trl's PPOTrainer, 0.10
    guard against loss spikes); here the clipped surrogate and gradient clipping are the only guards.
 8. Forward passes without dropout, as the original (trl's forward runs in eval mode; LoRA dropout 0).
 """
+import time
 from dataclasses import dataclass
 
 import torch
@@ -215,7 +216,9 @@ def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
     eps = [e for e in eps if e.n_steps > 0]
     if not eps:  # e.g. every prompt too long for max_context: nothing to learn from
         return {"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": 0, "ppo/episodes": 0, "ppo/tokens": 0}
+    t0 = time.perf_counter()
     prepare(policy, eps, cfg)
+    t_prepare = time.perf_counter() - t0
     stats = advantages(eps, kl_ctl.beta, cfg)
     params = [p for p in policy.parameters() if p.requires_grad]
     agg, skipped, n_tok, n_unit = {}, 0, 0, 0
@@ -263,7 +266,8 @@ def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
     kl_ctl.update(stats["ppo/kl"], len(eps))
     stats.update({k: float(v) / max(n_unit if k == "loss/value" else n_tok, 1) for k, v in agg.items()})
     stats.update({"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": skipped, "ppo/episodes": len(eps),
-                  "ppo/tokens": sum(len(e.ids) for e in eps)})
+                  "ppo/tokens": sum(len(e.ids) for e in eps), "time/prepare_s": t_prepare,
+                  "time/epochs_s": time.perf_counter() - t0 - t_prepare})
     return stats
 
 

@@ -16,6 +16,7 @@ Departures from the original code:
 1. The original trains offline only, on fixed trajectories; here rollouts are online and the same
    episodes carry the old log-probs (computed by ppo.prepare) that PPO's ratio needs.
 """
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,27 +52,33 @@ def episode_generator(seed, iteration, episode):
 
 
 def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_steps=12, max_new_tokens=256,
-            max_context=4096, temperature=1.0, top_p=1.0, obs_chars=1024, observation_role=None):
+            max_context=4096, temperature=1.0, top_p=1.0, obs_chars=1024, observation_role=None, batch_size=0,
+            on_done=None):
     """Run `tasks` as parallel episodes -> (episodes, trajectories), in task order.
-    Tool responses go in the chat template's role for them (policy.obs_role) unless told otherwise."""
+    Tool responses go in the chat template's role for them (policy.obs_role) unless told otherwise.
+    batch_size: at most this many episodes at once (0 = all); a finished episode's place goes to the
+    next task at the next turn, so a few long episodes do not leave the batch nearly empty.
+    on_done(n): called with the number of episodes that ended at each turn (a progress bar)."""
     envs = [env.ToolEnv(client, max_steps, obs_chars, observation_role or policy.obs_role) for _ in tasks]
-    eps = []
-    for e, task in zip(envs, tasks):
-        eps.append(Episode())
-        eps[-1].add_context(policy.encode_prompt(e.reset(task)))
+    eps = [Episode() for _ in tasks]
     gens = [episode_generator(seed, iteration, first_episode + i) for i in range(len(tasks))]
-    live = list(range(len(tasks)))
+    live, waiting = [], iter(range(len(tasks)))
     caches = [None] * len(tasks)  # each episode's keys and values: a turn computes only its new tokens
     was_training = policy.training
     policy.eval()
     try:
-        while live:
+        while True:
+            for i in itertools.islice(waiting, max(0, (batch_size or len(tasks)) - len(live))):
+                eps[i].add_context(policy.encode_prompt(envs[i].reset(tasks[i])))
+                live.append(i)
             for i in live:
                 if len(eps[i].ids) + max_new_tokens > max_context:
                     envs[i].end("max_context")  # the next turn cannot fit: unsolved, completed steps kept
-            live = [i for i in live if not envs[i].done]
+            live = _still_live(live, envs, on_done)
             if not live:
-                break
+                if len(envs) == sum(e.done for e in envs):
+                    break
+                continue
             kv = [caches[i] for i in live]
             outs = policy.generate([eps[i].ids for i in live], max_new_tokens, temperature, top_p, [gens[i] for i in live], kv)
             results = env.step_all(client, [envs[i] for i in live], [policy.decode_action(o) for o in outs])
@@ -82,10 +89,17 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
                     # a turn that stopped at max_new_tokens, or at an eos that is not the template's end of turn,
                     # gets the template's end-of-turn token as context
                     eps[i].add_context(policy.encode_observation(envs[i].messages, ended=out[-1] == policy.eot_id))
-            live = [i for i in live if not envs[i].done]
+            live = _still_live(live, envs, on_done)
     finally:
         policy.train(was_training)
     return eps, [e.traj for e in envs]
+
+
+def _still_live(live, envs, on_done):
+    out = [i for i in live if not envs[i].done]
+    if on_done and len(out) < len(live):
+        on_done(len(live) - len(out))
+    return out
 
 
 def expert_episode(policy, task, client):

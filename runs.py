@@ -219,6 +219,17 @@ def write_dir(path, write):
     replace_dir(tmp, path)
 
 
+def write_file(path, write, binary=False):
+    """A file written whole: write(f) (or, binary, write(tmp_path)) fills path.tmp, then a rename."""
+    tmp = path + ".tmp"
+    if binary:
+        write(tmp)
+    else:
+        with open(tmp, "w") as f:
+            write(f)
+    os.replace(tmp, path)
+
+
 def install(run, write, last):
     """Write a folder's worth of entries into the run folder itself (sft.py's checkpoint is DIR): into a
     hidden temporary sub-folder first, then each entry moved in, `last` last, so a crash never leaves

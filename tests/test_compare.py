@@ -23,11 +23,13 @@ def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_re
     model_dir, out = str(tmp_path / "model"), str(tmp_path / "results")
     model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
     model.save_pretrained(model_dir); tok.save_pretrained(model_dir)
-    args = ["--seeds", "3", "--output", out, "--methods", "sft", "rft", "steptool", "--model", model_dir, *BUDGET]
+    args = ["--seeds", "3", "--output", out, "--methods", "sft", "rft", "steptool", "--model", model_dir, "--full-finetune", *BUDGET]
     r = compare(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert set(summary) == {"sft", "rft", "steptool"}
+    assert set(summary) == {"sft", "rft", "steptool", "ci"} and set(summary["ci"]) == {"steptool-sft"}
+    ci = summary.pop("ci")["steptool-sft"]
+    assert set(ci) == {"G1", "G2", "G3", "overall"} and all(lo <= hi for lo, hi in ci.values())
     for m in summary.values():
         assert set(m) == {"G1", "G2", "G3", "overall"}
         for g in m.values():
@@ -36,9 +38,9 @@ def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_re
     assert "| StepTool |" in table and "| RFT |" in table and "Recall" in table
     runs = {m: os.path.join(out, "seed3", m, "metrics.jsonl") for m in ("sft", "rft", "steptool")}
     first = {m: json.loads(open(p).readline()) for m, p in runs.items()}
-    evals = lambda rec: {k: v for k, v in rec.items() if k.startswith("eval/")}
-    assert evals(first["rft"]) == evals(first["sft"]) == evals(first["steptool"])  # one start for all
-    for m in ("rft", "steptool"):
+    assert first["sft"]["iteration"] == 0 and "eval/overall/pass_rate" in first["sft"]
+    for m in ("rft", "steptool"):  # one start for all, evaluated once, in the SFT run
+        assert first[m]["iteration"] == 1 and len(open(runs[m]).read().splitlines()) == 1
         cfg = torch.load(os.path.join(out, "seed3", m, "checkpoint", "state.pt"), weights_only=False)["config"]
         assert cfg["model"] == os.path.join(out, "seed3", "sft", "checkpoint") and cfg["sft_epochs"] == 0
     assert summary["sft"]["overall"]["pass_rate_mean"] == first["sft"]["eval/overall/pass_rate"]
@@ -48,6 +50,40 @@ def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_re
     r = compare(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {m: os.path.getmtime(p) for m, p in runs.items()} == stamps  # finished runs are read, not redone
+
+
+def test_lora_methods_start_from_the_sft_runs_adapter_file_and_the_summary_has_paired_cis(tmp_path, small_model):
+    out = str(tmp_path / "results")
+    r = compare("--seeds", "0", "--output", out, "--methods", "sft", "steptool", "ppo_final", "--model", small_model,
+                "--no-full-finetune", *BUDGET)
+    assert r.returncode == 0, r.stderr[-3000:]
+    adapter = os.path.join(out, "seed0", "sft", "sft_adapter.safetensors")
+    for m in ("steptool", "ppo_final"):
+        run = os.path.join(out, "seed0", m)
+        cfg = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["config"]
+        assert cfg["model"] == small_model and cfg["adapters"] == [adapter] and not cfg["eval_start"]
+        assert os.path.isfile(os.path.join(run, "adapter.safetensors"))
+        tasks = json.load(open(os.path.join(run, "eval_tasks.json")))
+        assert tasks["iteration"] == 1 and len(tasks["tasks"]) == 3   # --eval-limit 1: one task per group
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary["ci"]) == {"steptool-sft", "steptool-ppo_final", "ppo_final-sft"}
+    assert "Pass Rate differences" in open(os.path.join(out, "table.md")).read()
+
+
+def test_parallel_runs_are_the_sequential_runs(tmp_path, small_model):
+    par, seq = str(tmp_path / "par"), str(tmp_path / "seq")
+    common = ["--methods", "sft", "steptool", "--model", small_model, *BUDGET]
+    r = compare("--seeds", "0", "1", "--output", par, "--parallel", "2", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = compare("--seeds", "1", "--output", seq, *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in open(p)]
+    for m in ("sft", "steptool"):
+        a, b = (os.path.join(d, "seed1", m) for d in (par, seq))
+        assert strip(os.path.join(a, "metrics.jsonl")) == strip(os.path.join(b, "metrics.jsonl"))
+        assert json.load(open(os.path.join(a, "eval_tasks.json"))) == json.load(open(os.path.join(b, "eval_tasks.json")))
+    summary = json.load(open(os.path.join(par, "summary.json")))
+    assert summary["steptool"]["overall"]["seeds"] == [0, 1]
 
 
 def test_rft_update_trains_on_the_solved_episodes_only(make_policy, tool_server, test_tasks):

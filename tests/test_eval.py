@@ -286,3 +286,45 @@ def test_cli_model_path_runs_a_saved_model_and_writes_every_output(tmp_path):
     trajs = [json.loads(l) for l in open(os.path.join(out, "trajectories.jsonl"))]
     assert [t["query_id"] for t in trajs] == [t["query_id"] for t in bench["tasks"]]
     assert all(1 <= len(t["steps"]) <= 2 for t in trajs)
+    # a model shipped as an adapter file on the same base: the same rollouts as the policy it came from
+    import policy as P
+    pol = P.load_policy(model)
+    pol.save_adapter(str(tmp_path / "a.safetensors"))
+    r = run_cli("--model", model, "--adapters", str(tmp_path / "a.safetensors"), "--tasks", tasks, "--max-steps", "2",
+                "--max-new-tokens", "12", "--repeats", "2", "--out", str(tmp_path / "out2"))
+    assert r.returncode == 0, r.stderr
+    again = [json.loads(l) for l in open(os.path.join(tmp_path, "out2", "trajectories.jsonl"))]
+    assert [t["steps"] for t in again] == [t["steps"] for t in trajs]
+    r = run_cli("--model", model, "--adapters", tasks, "--tasks", tasks, "--out", str(tmp_path / "out3"))
+    assert r.returncode != 0 and "adapter file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_per_query_scores_average_to_the_group_pass_rates_and_recalls():
+    labels, scored, _ = ev.evaluate(fake_trajectories(), fake_tasks(), lambda task, traj: 0.5, repeats=2, workers=1)
+    each = ev.per_query(labels, fake_tasks())
+    assert {(q["group"], q["query_id"]) for q in each} == {("G1", "1"), ("G1", "2"), ("G2", "3")}
+    for _, g, m in scored:
+        mine = [q for q in each if q["group"] == g]
+        assert 100 * sum(q["pass"] for q in mine) / len(mine) == pytest.approx(m["pass_rate"])
+        assert 100 * sum(q["recall"] for q in mine) / len(mine) == pytest.approx(m["recall"])
+
+
+def test_paired_bootstrap_ci_covers_the_difference_and_needs_the_same_tasks():
+    import numpy as np
+    rng = np.random.default_rng(1)
+    keys = [(g, str(i)) for g in ("G1", "G2", "G3") for i in range(120)]
+    b = {k: float(rng.random() < 0.3) for k in keys}
+    same = ev.paired_bootstrap(b, b)
+    assert set(same) == {"G1", "G2", "G3", "overall"} and all(ci == [0.0, 0.0] for ci in same.values())
+    a = dict(b)
+    for k in keys[::4]:      # 90 tasks of 360 gain a pass where b failed, and 12 lose one
+        a[k] = 1.0
+    for k in keys[1::30]:
+        a[k] = 0.0
+    diff = 100 * (sum(a.values()) - sum(b.values())) / len(keys)
+    ci = ev.paired_bootstrap(a, b, seed=3)
+    assert ci["overall"][0] < diff < ci["overall"][1] and ci["overall"][0] > 0
+    assert ci["overall"][1] - ci["overall"][0] < ci["G1"][1] - ci["G1"][0]  # three groups: a narrower interval
+    assert ev.paired_bootstrap(a, b, seed=3) == ci                        # seeded
+    with pytest.raises(ValueError, match="different tasks"):
+        ev.paired_bootstrap(a, {k: v for k, v in b.items() if k != keys[0]})

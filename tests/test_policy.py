@@ -502,3 +502,37 @@ def test_float16_full_finetuning_is_refused_for_want_of_a_loss_scaler(tiny_tok):
     model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
     with pytest.raises(ValueError, match="loss scaler"):
         P.Policy(model.to(torch.float16), tok, "tiny", full_finetune=True)
+
+
+def test_an_adapter_file_puts_the_lora_and_value_head_back_on_the_base_and_a_chain_merges_all_but_the_last(
+        make_policy, tmp_path):
+    def perturbed(seed):
+        pol = make_policy(seed=0)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in pol.lora_modules():
+                m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.05)
+            pol.v_head.weight.copy_(torch.randn(pol.v_head.weight.shape, generator=g))
+        return pol
+    ids = torch.tensor([[5, 9, 17, 23, 42, 8]])
+    logits = lambda pol: pol.model(input_ids=ids).logits
+    first, second = perturbed(1), perturbed(2)
+    first.save_adapter(str(tmp_path / "a.safetensors")); second.save_adapter(str(tmp_path / "b.safetensors"))
+    fresh = make_policy(seed=0)
+    assert not torch.allclose(logits(fresh), logits(first))
+    fresh.load_adapter(str(tmp_path / "a.safetensors"))
+    assert torch.equal(logits(fresh), logits(first)) and torch.equal(fresh.v_head.weight, first.v_head.weight)
+    # a then b: a merged into the base, b live on top (an SFT start, then an RL adapter)
+    chained = make_policy(seed=0)
+    chained.load_adapter(str(tmp_path / "a.safetensors"), merge=True)
+    chained.load_adapter(str(tmp_path / "b.safetensors"))
+    first.freeze_reference()
+    for m, src in zip(first.lora_modules(), second.lora_modules()):
+        m.A.data.copy_(src.A); m.B.data.copy_(src.B)
+    assert torch.allclose(logits(chained), logits(first), atol=1e-6)
+    with chained.reference():                # pi_ref of the chain is the merged first adapter
+        assert not torch.allclose(logits(chained), logits(make_policy(seed=0)))
+    other = make_policy(seed=0)
+    other.lora_cfg = {**other.lora_cfg, "r": 2}
+    with pytest.raises(ValueError, match="does not match"):
+        other.load_adapter(str(tmp_path / "a.safetensors"))

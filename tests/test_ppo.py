@@ -418,6 +418,24 @@ def test_rollout_is_a_function_of_seed_and_episode_index_not_of_the_batch(rollou
     assert same[0].ids == batch[0].ids and len({tuple(e.ids) for e in same}) == 3  # one generator per episode
 
 
+def test_a_bounded_batch_refills_as_episodes_end_and_samples_the_same_episodes(rollout_policy, tool_server, test_tasks):
+    pol, client = rollout_policy, env.ToolClient(tool_server.url)
+    tasks = test_tasks[:5]
+    whole, _ = rollout.rollout(pol, tasks, client, seed=7, **{**KW, "max_steps": 3})
+    sizes, done, generate = [], [], pol.generate
+    def spy(prompts, *a, **k):
+        sizes.append(len(prompts))
+        return generate(prompts, *a, **k)
+    pol.generate = spy
+    try:
+        bounded, trajs = rollout.rollout(pol, tasks, client, seed=7, batch_size=2, on_done=done.append, **{**KW, "max_steps": 3})
+    finally:
+        del pol.generate
+    assert max(sizes) == 2 and sum(sizes) == sum(e.n_steps for e in bounded)  # never more than 2 live
+    assert len(sizes) > 3 and sum(done) == 5 and [t.query_id for t in trajs] == [t.query_id for t in tasks]
+    assert [e.ids for e in bounded] == [e.ids for e in whole] and [e.act for e in bounded] == [e.act for e in whole]
+
+
 def test_a_turn_ended_by_an_eos_that_is_not_the_end_of_turn_gets_the_templates_end_of_turn(
         rollout_policy, tiny_tok, tool_server, test_tasks):
     import copy

@@ -123,6 +123,32 @@ def test_a_tool_server_lost_mid_run_stops_the_run_with_its_last_checkpoint_intac
     assert [m["iteration"] for m in metrics(out)] == [0, 1]
 
 
+def test_a_run_killed_in_its_first_evaluation_resumes_there_without_redoing_sft(tmp_path, small_model, monkeypatch):
+    """SFT can take an hour on a real model: its result is checkpointed before the first evaluation, and
+    the run writes its SFT adapter file, each task's evaluation and its final adapter file."""
+    import steptool
+    import sft as SFT
+    out = str(tmp_path / "run")
+    real_eval, real_sft, calls = steptool.evaluate, SFT.sft, []
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(steptool, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        steptool.main(["--model", small_model, *SMALL_RUN, "--iterations", "1", "--output", out])
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    assert state["iteration"] == 0 and state["metrics"] == [] and os.path.isfile(os.path.join(out, "sft_adapter.safetensors"))
+    monkeypatch.setattr(steptool, "evaluate", real_eval)
+    monkeypatch.setattr(SFT, "sft", lambda *a, **k: calls.append(1) or real_sft(*a, **k))
+    steptool.main(["--resume", out])
+    assert calls == [] and [m["iteration"] for m in metrics(out)] == [0, 1]
+    assert "eval/overall/pass_rate" in metrics(out)[0]
+    each = json.load(open(os.path.join(out, "eval_tasks.json")))
+    assert each["iteration"] == 1 and {t["group"] for t in each["tasks"]} == {"G1", "G2", "G3"}
+    assert os.path.isfile(os.path.join(out, "adapter.safetensors"))
+
+
 def test_a_model_that_cannot_be_loaded_fails_fast(tmp_path):
     t0 = time.time()
     r = run("--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "run"), timeout=120)
