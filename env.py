@@ -105,7 +105,15 @@ def _bench_task(d, schemas):
     fs = [schemas[n] for n in d["functions"]]
     return Task(int(d["query_id"]), str(d["query"]), [{k: f[k] for k in ("name", "description", "parameters")} for f in fs],
                 list(d["relevant"]), d["group"], {f["name"]: [f["category"], f["tool"], f["api"]] for f in fs},
-                [str(a) for a in d.get("answer", [])], list(d.get("expert", [])))
+                [str(a) for a in d.get("answer", [])], [_expert_step(k, s) for k, s in enumerate(d.get("expert", []))])
+
+
+def _expert_step(k, s):
+    """An expert step {thought, name, arguments}: what SFT formats into an action."""
+    if not (isinstance(s, dict) and isinstance(s.get("thought"), str) and isinstance(s.get("name"), str)
+            and isinstance(s.get("arguments"), dict)):
+        raise ValueError(f"expert step {k}: needs a string 'thought' and 'name' and an object 'arguments', got {str(s)[:80]}")
+    return s
 
 
 _PARAM_TYPES = {"NUMBER": "integer", "STRING": "string", "BOOLEAN": "boolean"}  # ToolBench's map; else string

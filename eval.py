@@ -62,6 +62,7 @@ from tqdm import tqdm
 import env
 import runs
 
+MAX_REPEATS = 1000   # judge repeats per answer (StableToolBench's evaluate_times: 3 to 7)
 STATUS = {"AnswerStatus.Solved": 1.0, "AnswerStatus.Unsure": 0.5, "AnswerStatus.Unsolved": 0.0}
 STATUS_OF = {1: "AnswerStatus.Solved", 0.5: "AnswerStatus.Unsure", 0: "AnswerStatus.Unsolved"}
 STB_GROUPS = ["G1_instruction", "G1_category", "G1_tool", "G2_instruction", "G2_category", "G3_instruction"]
@@ -91,8 +92,8 @@ def load_labels(path):
             if not isinstance(e.get(key), str):
                 raise LabelFileError(f"{where}: missing '{key}' (text)")
         for r, s in e["is_solved"].items():
-            if not str(r).isdecimal():
-                raise LabelFileError(f"{where}: repeat index {r!r} is not a non-negative integer")
+            if not (str(r).isascii() and str(r).isdecimal()) or int(r) >= MAX_REPEATS:
+                raise LabelFileError(f"{where}: repeat index {r!r} is not an integer 0 .. {MAX_REPEATS - 1}")
             if s not in STATUS:
                 raise LabelFileError(f"{where}: unknown status {s!r} (expected one of {', '.join(STATUS)})")
     if not any(e["is_solved"] for e in labels.values()):
@@ -492,20 +493,26 @@ def main(argv=None):
         return 1 if errors else 0
     if not (a.model and a.tasks):
         sys.exit("eval.py: give --model and --tasks, or --labels, or --bench (see -h)")
+    import checks
+    try:  # flags and task files before the --out folder or the model
+        checks.check_ranges(a, {**{k: checks.RULES[k] for k in ("temperature", "max_steps", "max_new_tokens")},
+                                "repeats": checks._rule(1, MAX_REPEATS - 1)})
+        checks.check_model(a.model, a.adapters)
+        tasks = [t for p in a.tasks for t in env.load_tasks(p)]
+        if not tasks:
+            raise checks.InputError(f"--tasks {' '.join(a.tasks)}: no tasks")
+    except (checks.InputError, env.TaskFileError) as e:
+        runs.fail("eval.py", e)
     try:  # --out first (runs.py): never a folder of someone else's, nothing loaded before
         run = runs.claim(a.out, "eval", "--out", overwrite=a.overwrite, entries=("trajectories.jsonl",))
     except runs.RunError as e:
         runs.fail("eval.py", e)
     with run:
-        return evaluate_model(a, run)
+        return evaluate_model(a, tasks, run)
 
 
-def evaluate_model(a, run):
+def evaluate_model(a, tasks, run):
     """--model on --tasks: rollouts, judging, every output written into the claimed run folder."""
-    try:
-        tasks = [t for p in a.tasks for t in env.load_tasks(p)]
-    except env.TaskFileError as e:
-        sys.exit(f"eval.py: {e}")
     srv = None
     if not a.tool_server:
         import server

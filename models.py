@@ -48,7 +48,17 @@ def resolve(name):
         return fetch(name)
     if name.endswith(".gguf"):
         return from_gguf(name)
-    return name
+    if looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise ValueError(f"--model {name}: no such file or folder (a path, not a Hub id)")
+    return os.path.expanduser(name)
+
+
+def looks_like_path(name):
+    """A model name that is a local path, never a Hub id ("org/name"): it starts with /, . or ~, has
+    more than one separator, uses the OS's own separator, ends in .gguf, or its first part is a local folder."""
+    name = str(name)
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+            or ("/" in name and os.path.isdir(name.split("/")[0])) or name.endswith(".gguf"))
 
 
 def sha256(path):

@@ -21,7 +21,10 @@ baseline and its "without step reward" ablation), or "module.function": fn(task,
 Files: our trajectory JSONL is one env.Trajectory.to_dict() per line, plus `rewards` once shaped; a row
 that came from the original's training TSV (read_tsv / write_tsv) also keeps its `prompt` / `response`
 text, so TSV -> JSONL -> TSV is exact. Other rows go to TSV rendered in Qwen2's chat format from
-their task (found by query_id in the task files, --tasks) and their steps.
+their task (found by query_id in the task files, --tasks) and their steps. Both readers check every
+line (UTF-8; at least one trajectory; per step a prompt, a response and a finite reward) before any work:
+a bad one is a DataFileError, "PATH:LINE: what is wrong", which the command line prints as one line with
+exit status 2, as it does a flag out of range (Config).
 
 Departures from the paper and the original code:
 1. r_t is divided by (1 + alpha), which keeps it in [0, 1] as in the original's released training
@@ -46,7 +49,9 @@ import argparse
 import ast
 import csv
 import importlib
+import io
 import json
+import math
 import os
 import re
 import statistics
@@ -213,7 +218,13 @@ def _mode(mode):
     module, _, name = str(mode).rpartition(".")
     if not module:
         raise ValueError(f"unknown reward mode {mode!r}: stepgrained, final, or module.function")
-    return getattr(importlib.import_module(module), name)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward mode {mode!r}: {type(e).__name__}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"reward mode {mode!r}: not a function")
+    return fn
 
 
 def _shape(task, traj, mode, alpha, judge, threshold):
@@ -222,6 +233,8 @@ def _shape(task, traj, mode, alpha, judge, threshold):
         r = [float(x) for x in mode(task, traj)]
         if len(r) != len(traj.steps):
             raise ValueError(f"reward function {mode.__name__}: {len(r)} rewards for {len(traj.steps)} steps")
+        if not all(map(finite, r)):
+            raise ValueError(f"reward function {mode.__name__}: a reward is not finite: {r[:8]}")
         return r, {"judged": 0, "error": ""}
     mid = intermediate(traj)
     use_judge = judge is not None and (mode == "stepgrained" or (not task.answer and traj.finish == "give_answer"))
@@ -387,34 +400,78 @@ IM_END, ASSISTANT = "<|im_end|>\n", "<|im_start|>assistant\n"
 _TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.S)
 
 
+class DataFileError(ValueError):
+    """A trajectory file (TSV, JSONL) we cannot use, as one line: "PATH:LINE: what is wrong". The command
+    lines print it and exit with status 2, before any work starts."""
+
+
+def finite(x):
+    """A reward: an int or float (not a bool) that a float holds, not inf or nan."""
+    return type(x) in (int, float) and abs(x) <= sys.float_info.max
+
+
+def check_row(prompt, response, reward):
+    """Why a training row {prompt, response, reward} is unusable (one line), or "" when it can train:
+    three lists of the same length (one entry per step, at least one), of str, str and finite numbers."""
+    for name, x in (("prompt", prompt), ("response", response), ("rewards", reward)):
+        if not isinstance(x, list):
+            return f"{name} must be a list, got {type(x).__name__} {x!r:.40}"
+    if not len(prompt) == len(response) == len(reward):
+        return (f"prompt, response, rewards must be lists of equal length (one per step), "
+                f"got {len(prompt)}, {len(response)}, {len(reward)}")
+    if not reward:
+        return "prompt, response and rewards are empty lists: a trajectory has at least one step"
+    if not all(isinstance(x, str) for x in prompt + response):
+        return "prompt and response must be lists of str"
+    bad = [x for x in reward if not finite(x)]
+    return f"rewards must be finite numbers, got {bad[0]!r}" if bad else ""
+
+
+def _text(path):
+    """A UTF-8 text file as a str (a leading BOM dropped); a byte that is not UTF-8 is named by its line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:  # missing, a folder, unreadable
+        raise DataFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataFileError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8") from None
+
+
 def read_tsv(path):
     """The original's training TSV (header prompt, response, reward; each cell a Python-literal list,
-    read with ast.literal_eval) -> [{prompt, response, reward}]. Malformed rows raise ValueError."""
+    read with ast.literal_eval) -> [{prompt, response, reward}], at least one row. Anything else (a
+    malformed row, check_row, no rows, not UTF-8) is a DataFileError naming the file and line."""
     csv.field_size_limit(sys.maxsize)
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
-        try:
-            if next(reader, None) != ["prompt", "response", "reward"]:
-                raise ValueError(f"{path}:1: the header must be prompt<TAB>response<TAB>reward")
-            line = 2
-            for cells in reader:
-                where, line = f"{path}:{line}", reader.line_num + 1  # a row's first line; cells may span lines
-                if not cells:
-                    continue
-                if len(cells) != 3:
-                    raise ValueError(f"{where}: expected 3 tab-separated cells, got {len(cells)}")
-                try:
-                    p, r, w = (ast.literal_eval(c) for c in cells)
-                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
-                    raise ValueError(f"{where}: a cell is not a Python-literal list ({type(e).__name__})") from None
-                if not (all(isinstance(x, list) for x in (p, r, w)) and len(p) == len(r) == len(w)
-                        and all(isinstance(x, str) for x in p + r) and all(type(x) in (int, float) for x in w)):
-                    raise ValueError(f"{where}: prompt, response, reward must be lists of equal length "
-                                     "(of str, str, numbers)")
-                rows.append({"prompt": p, "response": r, "reward": w})
-        except csv.Error as e:
-            raise ValueError(f"{path}:{reader.line_num}: {e}") from None
+    rows, reader = [], csv.reader(io.StringIO(_text(path), newline=""), delimiter="\t")
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataFileError(f"{path}: empty: no header, no trajectories")
+        if header != ["prompt", "response", "reward"]:
+            raise DataFileError(f"{path}:1: the header must be prompt<TAB>response<TAB>reward")
+        line = 2
+        for cells in reader:
+            where, line = f"{path}:{line}", reader.line_num + 1  # a row's first line; cells may span lines
+            if not cells:
+                continue
+            if len(cells) != 3:
+                raise DataFileError(f"{where}: expected 3 tab-separated cells, got {len(cells)}")
+            try:
+                p, r, w = (ast.literal_eval(c) for c in cells)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+                raise DataFileError(f"{where}: a cell is not a Python-literal list ({type(e).__name__})") from None
+            why = check_row(p, r, w)
+            if why:
+                raise DataFileError(f"{where}: {why}")
+            rows.append({"prompt": p, "response": r, "reward": w})
+    except csv.Error as e:
+        raise DataFileError(f"{path}:{reader.line_num}: {e}") from None
+    if not rows:
+        raise DataFileError(f"{path}: no trajectories (only the header)")
     return rows
 
 
@@ -429,15 +486,49 @@ def write_tsv(path, rows):
 
 
 def read_jsonl(path):
-    """-> [(line number, object)] of a JSONL file."""
+    """-> [(line number, object)] of a JSONL file: one JSON object a line (blank lines skipped), at least
+    one. Anything else is a DataFileError naming the file and line."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                out += [(i, json.loads(line))] if line.strip() else []
-            except ValueError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+    for i, line in enumerate(io.StringIO(_text(path)), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise DataFileError(f"{path}:{i}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(d), "a number")
+            raise DataFileError(f"{path}:{i}: {kind}, not a JSON object (one trajectory a line)")
+        out.append((i, d))
+    if not out:
+        raise DataFileError(f"{path}: no trajectories (an empty file)")
     return out
+
+
+def read_trajectories(path):
+    """read_jsonl of our trajectory JSONL -> [(line number, dict, env.Trajectory)]; a line whose fields
+    are missing or of the wrong type (Trajectory, Step) is a DataFileError naming it."""
+    keys, out = [f.name for f in fields(env.Trajectory)], []
+    for i, d in read_jsonl(path):
+        try:
+            t = env.Trajectory.from_dict({k: d[k] for k in keys if k in d})
+        except (TypeError, ValueError, AttributeError) as e:
+            raise DataFileError(f"{path}:{i}: not a trajectory ({e})") from None
+        bad = next(filter(None, map(_wrong_type, (t, *t.steps))), None)
+        if bad:
+            raise DataFileError(f"{path}:{i}: not a trajectory: {bad} is of the wrong type")
+        out.append((i, d, t))
+    return out
+
+
+def _wrong_type(obj):
+    """The first field of dataclass obj whose value is not of its declared type (None only where that is
+    the default), as "name value", or None."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(f.type, type) and not isinstance(v, f.type) and not (v is None and f.default is None):
+            return f"{f.name} {v!r:.40}"
+    return None
 
 
 def tsv_row_to_traj(row, n):
@@ -468,19 +559,23 @@ def tsv_row_to_traj(row, n):
 def traj_to_tsv_row(d, tasks):
     """Our trajectory dict (with `rewards`) -> a TSV row. A row that came from a TSV gives back its text;
     others are rendered in Qwen2's chat format: env.initial_messages(task) (task by query_id, from the
-    task files), then each step, tool observations in the `function` role as in the original."""
+    task files), then each step, tool observations in the `function` role as in the original. The row
+    is checked as read_tsv checks one (check_row): ValueError."""
     if "rewards" not in d:
         raise ValueError("no `rewards`: shape them first with `python reward.py annotate`")
     if "prompt" in d and "response" in d:
-        return {"prompt": d["prompt"], "response": d["response"], "reward": d["rewards"]}
-    task, steps = tasks.get(d["query_id"]), d["steps"]
-    if task is None or task.query != d["query"]:
-        raise ValueError(f"query_id {d['query_id']} with this query is in none of the task files (--tasks)")
-    if len(d["rewards"]) != len(steps):
-        raise ValueError(f"{len(d['rewards'])} rewards for {len(steps)} steps")
-    head = "".join(f"<|im_start|>{m['role']}\n{m['content']}{IM_END}" for m in env.initial_messages(task))
-    prompt = [head + ASSISTANT] + [f"<|im_start|>function\n{s['observation']}{IM_END}{ASSISTANT}" for s in steps[:-1]]
-    return {"prompt": prompt, "response": [s["text"] + IM_END for s in steps], "reward": d["rewards"]}
+        row = {"prompt": d["prompt"], "response": d["response"], "reward": d["rewards"]}
+    else:
+        task, steps = tasks.get(d["query_id"]), d["steps"]
+        if task is None or task.query != d["query"]:
+            raise ValueError(f"query_id {d['query_id']} with this query is in none of the task files (--tasks)")
+        head = "".join(f"<|im_start|>{m['role']}\n{m['content']}{IM_END}" for m in env.initial_messages(task))
+        prompt = [head + ASSISTANT] + [f"<|im_start|>function\n{s['observation']}{IM_END}{ASSISTANT}" for s in steps[:-1]]
+        row = {"prompt": prompt, "response": [s["text"] + IM_END for s in steps], "reward": d["rewards"]}
+    why = check_row(row["prompt"], row["response"], row["reward"])
+    if why:
+        raise ValueError(why)
+    return row
 
 
 def load_task_index(paths):
@@ -488,19 +583,21 @@ def load_task_index(paths):
 
 
 def convert(src, dst, task_files=TASK_FILES):
-    """TSV -> JSONL or JSONL -> TSV, by the files' extensions. Returns the number of rows."""
+    """TSV -> JSONL or JSONL -> TSV, by the files' extensions. Returns the number of rows. The input is
+    read and checked whole before anything is written: a bad row is a DataFileError naming its line."""
     kinds = (os.path.splitext(src)[1].lower(), os.path.splitext(dst)[1].lower())
     if kinds == (".tsv", ".jsonl"):
         rows = [tsv_row_to_traj(r, n) for n, r in enumerate(read_tsv(src), 1)]
         with open(dst, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
     elif kinds == (".jsonl", ".tsv"):
         tasks, rows = load_task_index(task_files), []
         for i, d in read_jsonl(src):
             try:
                 rows.append(traj_to_tsv_row(d, tasks))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{src}:{i}: {type(e).__name__}: {e}") from None
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                what = e if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                raise DataFileError(f"{src}:{i}: {what}") from None
         write_tsv(dst, rows)
     else:
         raise ValueError(f"convert reads .tsv and writes .jsonl, or the reverse; got {kinds[0]} -> {kinds[1]}")
@@ -509,14 +606,15 @@ def convert(src, dst, task_files=TASK_FILES):
 
 def annotate(src, dst, task_files=TASK_FILES, judge=None, **kw):
     """Shape the step rewards of recorded trajectories: JSONL -> the same rows with `rewards`; -> stats.
-    A trajectory's task (answer facts, offered functions) is found by query_id and query."""
-    items, tasks, keys = read_jsonl(src), load_task_index(task_files), [f.name for f in fields(env.Trajectory)]
-    trajs = [env.Trajectory.from_dict({k: d[k] for k in keys if k in d}) for _, d in items]
+    A trajectory's task (answer facts, offered functions) is found by query_id and query. Every line
+    is read and checked (read_trajectories) before the first is shaped."""
+    items, tasks = read_trajectories(src), load_task_index(task_files)
+    trajs = [t for _, _, t in items]
     ts = [tasks[t.query_id] if t.query_id in tasks and tasks[t.query_id].query == t.query
           else env.Task(t.query_id, t.query, [], [], t.group, {}) for t in trajs]
     rewards, stats = shape_batch(ts, trajs, judge=judge, **kw)
     with open(dst, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({**d, "rewards": r}, ensure_ascii=False) + "\n" for (_, d), r in zip(items, rewards))
+        f.writelines(json.dumps({**d, "rewards": r}, ensure_ascii=False) + "\n" for (_, d, _), r in zip(items, rewards))
     return stats
 
 
@@ -576,26 +674,44 @@ def _fmt(stats):
     return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
 
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+def opt(default, help, ok=None, need=""):
+    """A Config field: its default, its --help text, and the range its value must lie in (ok, in words)."""
+    return field(default=default, metadata={"help": help, "ok": ok, "need": need})
 
 
 @dataclass
 class Config:  # `annotate`'s options
     mode: str = opt("stepgrained", "stepgrained | final | module.function (your own reward function)")
-    alpha: float = opt(1.0, "alpha: weight of SuccCalling against Contribution (Sec. 4.1)")
-    threshold: float = opt(0.3, "Contribution threshold on LCS / response length; 0: the ratio itself")
+    alpha: float = opt(1.0, "alpha: weight of SuccCalling against Contribution (Sec. 4.1)",
+                       lambda x: 0 <= x < math.inf, "a finite number >= 0")
+    threshold: float = opt(0.3, "Contribution threshold on LCS / response length; 0: the ratio itself",
+                           lambda x: 0 <= x <= 1, "in [0, 1]")
     tasks: str = opt(",".join(TASK_FILES), "task files, comma-separated: answer facts, offered functions, prompts")
     judge_url: str = opt("", "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; empty: rules only")
     judge_model: str = opt("", "the judge's model name at that endpoint")
     judge_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's key (never logged)")
-    judge_repeats: int = opt(3, "annotations per episode, averaged")
-    judge_timeout: float = opt(60.0, "seconds per judge request")
-    judge_retries: int = opt(2, "retries per judge request, with exponential backoff")
-    workers: int = opt(8, "judge requests in flight")
+    judge_repeats: int = opt(3, "annotations per episode, averaged", lambda x: x >= 1, "at least 1")
+    judge_timeout: float = opt(60.0, "seconds per judge request", lambda x: 0 < x < math.inf, "a finite number > 0")
+    judge_retries: int = opt(2, "retries per judge request, with exponential backoff", lambda x: x >= 0, "at least 0")
+    workers: int = opt(8, "judge requests in flight", lambda x: x >= 1, "at least 1")
 
 
-if __name__ == "__main__":
+def flag_error(c):
+    """The first of Config c's flags out of its range, as one line naming it, or ""."""
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if f.metadata["ok"] and not f.metadata["ok"](v):
+            return f"--{f.name.replace('_', '-')} {v}: must be {f.metadata['need']}"
+    if c.judge_url and not c.judge_model:
+        return "--judge-url needs --judge-model"
+    try:
+        _mode(c.mode)
+    except ValueError as e:
+        return f"--mode: {e}"
+    return ""
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     p_ann = sub.add_parser("annotate", help="shape the step rewards of trajectories (JSONL -> JSONL with `rewards`)")
@@ -610,20 +726,36 @@ if __name__ == "__main__":
                            help=f.metadata["help"])
     p_bench.add_argument("--n", type=int, default=1000, help="episodes")
     p_bench.add_argument("--runs", type=int, default=3, help="timed runs (the median is printed)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+
+    def fail(msg):  # a bad flag or file: one line, status 2, no traceback
+        ap.exit(2, f"reward.py {a.command}: error: {msg}\n")
+    # flags first; then the input files, read whole and checked before any work (convert, annotate)
+    if a.command == "bench" and min(a.n, a.runs) < 1:
+        fail(f"--n {a.n} --runs {a.runs}: each must be at least 1")
+    tasks = [p for p in getattr(a, "tasks", "").split(",") if p]
+    missing = [p for p in tasks if not os.path.isfile(p)]
+    if missing:
+        fail(f"--tasks {missing[0]}: no such file")
+    if a.command == "annotate":
+        c = Config(**{f.name: getattr(a, f.name) for f in fields(Config)})
+        why = flag_error(c)
+        if why:
+            fail(why)
     try:
         if a.command == "bench":
             bench(a.n, a.runs)
         elif a.command == "convert":
-            print(f"{a.dst}: {convert(a.src, a.dst, a.tasks.split(','))} rows")
+            print(f"{a.dst}: {convert(a.src, a.dst, tasks)} rows")
         else:
-            c = Config(**{f.name: getattr(a, f.name) for f in fields(Config)})
-            if c.judge_url and not c.judge_model:
-                ap.error("--judge-url needs --judge-model")
             judge = Judge(c.judge_url, c.judge_model, c.judge_key_env, c.judge_repeats, c.judge_timeout,
                           c.judge_retries) if c.judge_url else None
-            s = annotate(a.src, a.dst, c.tasks.split(","), judge, mode=c.mode, alpha=c.alpha,
+            s = annotate(a.src, a.dst, tasks, judge, mode=c.mode, alpha=c.alpha,
                          contribution_threshold=c.threshold or None, workers=c.workers)
             print(f"{a.dst}: {_fmt(s)}")
-    except (ValueError, OSError) as e:  # bad files: one line, no traceback
-        ap.exit(1, f"reward.py {a.command}: error: {e}\n")
+    except (ValueError, OSError) as e:  # DataFileError, env.TaskFileError, an unwritable --out
+        fail(e)
+
+
+if __name__ == "__main__":
+    main()

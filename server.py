@@ -1,6 +1,8 @@
 """A local tool server that speaks StableToolBench's "virtual" protocol (the paper's Sec. 5.1 setup).
 
     python server.py [--host 127.0.0.1] [--port 8081] [--cache DIR] [--queries FILE ...]
+                     [--timeout 10] [--max-threads 64] [--max-connections 512]
+    python server_bench.py        # the load test: this server in a separate process, many clients
 
 POST /virtual  {"category", "tool_name", "api_name", "tool_input": JSON text or object, ...}
             -> {"error": str, "response": ...}          GET /health -> 200 {"status": "ok"}
@@ -21,21 +23,46 @@ Departures from StableToolBench's server:
 2. Nothing a request names is imported or executed (StableToolBench builds `from my_tools.<category>...
    import <api>` from request fields); names reach the file system only after standardization
    and a check that the path stays inside the cache folder. The cache is never written.
+
+Bad input and load (Server below). Threads serve requests, not sockets: a connection with no
+request in flight (a new one not yet sending, or a keep-alive one LINGER = 50 ms after its last
+answer) is parked in one selector thread and holds no handler thread, so idle sockets cannot
+starve clients that are sending (python server_bench.py measures it).
+- Query files and the cache folder are checked when the server is made: ConfigError (a ValueError),
+  one line naming the file and the query; `python server.py` prints it and exits with status 2.
+- A template that cannot be filled (say a `_list_length` of "many") is the protocol's error record
+  with HTTP 200: the query file is at fault, and env.ToolClient retries a 5xx as a server fault.
+- Listen backlog 128 (socketserver's 5 reset 3 % of new connections in issue 14's load test).
+- --timeout s per read or write: a parked connection silent that long is closed; a request whose
+  body stops short of its Content-Length gets 408 and is closed. The limit is per read: a client
+  that trickles a byte at a time keeps its thread (--max-threads bounds how many can).
+- --max-threads handler threads at once; a request beyond them waits for a free thread (FIFO), and
+  after --timeout s of waiting gets 503 and is closed.
+- --max-connections open connections; one more is answered 503 at once and closed.
+- Every error status has a JSON body {"error": ..., "response": ""}, never http.server's HTML.
+- A connection that fails (a client's reset, a broken pipe) is one line on stderr, no traceback.
 """
 import argparse
+import collections
 import hashlib
 import json
 import os
 import random
 import re
+import selectors
+import socket
+import sys
 import threading
+import time
 from functools import lru_cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import world
 from env import change_name, standardize
 
 MAX_BODY = 1 << 20  # bytes; larger requests get HTTP 413
+LINGER = 0.05       # s a handler thread waits for a connection's next request before parking it
 REQUIRED = ("category", "tool_name", "api_name", "tool_input")
 PARSE_ERROR = {"error": "Tool input parse error...\n", "response": ""}  # the protocol's own answer
 _SAFE = re.compile(r"[\w\-^]+")  # one path component (fullmatch): no separators, no dots, no newline
@@ -59,19 +86,48 @@ def _api_key(tool, api, category=""):
     return t, change_name(a)
 
 
+class ConfigError(ValueError):
+    """A bad query file, cache folder or server setting; the message is one line naming it."""
+
+
+def load_queries(paths):
+    """{(tool, api): api entry} from StableToolBench query files: each a non-empty JSON list of
+    objects with an `api_list` of objects with string `tool_name` and `api_name`."""
+    apis = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                queries = json.load(f)
+        except OSError as e:
+            raise ConfigError(f"query file {path}: cannot read it ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"query file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (json.JSONDecodeError, RecursionError) as e:  # truncated, not JSON, nested too deep
+            raise ConfigError(f"query file {path}: not JSON ({str(e)[:120]})") from None
+        if not isinstance(queries, list) or not queries:
+            raise ConfigError(f"query file {path}: not a non-empty JSON list of queries")
+        for i, q in enumerate(queries):
+            if not isinstance(q, dict) or not isinstance(q.get("api_list"), list):
+                raise ConfigError(f"query file {path}: query {i}: not an object with an 'api_list' list")
+            for j, a in enumerate(q["api_list"]):
+                bad = [k for k in ("tool_name", "api_name") if not isinstance(a, dict) or not isinstance(a.get(k), str)]
+                if bad:
+                    raise ConfigError(f"query file {path}: query {i}, api_list[{j}]: "
+                                      f"missing or not a string: {', '.join(bad)}")
+                apis[_api_key(a["tool_name"], a["api_name"])] = a
+    return apis
+
+
 class ToolServer:
     """The protocol, without HTTP: answer(body) -> (http_status, record). Thread-safe (read-only)."""
 
     def __init__(self, cache=None, queries=()):
+        if cache and not os.path.isdir(cache):
+            raise ConfigError(f"cache folder {cache}: {'not a folder' if os.path.exists(cache) else 'does not exist'}")
+        self.simulated = load_queries(queries)
         self.world = world.World()
         self.embedded = {_api_key(tool, api): (tool, api) for _, tool, api, *_ in world.APIS}
         self.cache = os.path.realpath(cache) if cache else None
-        self.simulated = {}
-        for path in queries:
-            with open(path) as f:
-                for q in json.load(f):
-                    for a in q.get("api_list", []):
-                        self.simulated[_api_key(a["tool_name"], a["api_name"])] = a
 
     def answer(self, body):
         if not isinstance(body, dict):
@@ -96,7 +152,11 @@ class ToolServer:
         if record is not None:
             return 200, record
         if key in self.simulated:                                       # c. simulated from a template
-            return 200, {"error": "", "response": simulate(self.simulated[key], key, args)}
+            try:
+                return 200, {"error": "", "response": simulate(self.simulated[key], key, args)}
+            except Exception as e:  # departure 3: the query file's template is broken, not the server
+                return 200, {"error": f"simulated response failed: template_response of tool '{tool}', api "
+                                      f"'{api}': {type(e).__name__}: {str(e)[:200]}", "response": ""}
         return 200, {"error": f"API not found: category '{cat}', tool '{tool}', api '{api}' "  # d.
                               "(not in the embedded benchmark, the cache or the query files)", "response": ""}
 
@@ -159,17 +219,57 @@ def simulate(api, key, args):
 
 
 class Handler(BaseHTTPRequestHandler):
+    """One connection. Made when it is accepted; Server calls serve() each time a request arrives."""
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection
     disable_nagle_algorithm = True  # headers and body go out at once (no 40 ms delayed-ACK stall)
     tools = None                   # set by make_server
+    timeout = 10.0                 # s per read or write on the socket (StreamRequestHandler); make_server
+
+    def __init__(self, request, client_address, server):  # no setup() or handle() until a request comes:
+        self.request, self.client_address, self.server = request, client_address, server  # an idle
+        self.request.settimeout(self.timeout)  # socket costs no read buffer, a parked one no thread
+
+    def serve(self):
+        """Answer the request that has arrived and the next ones that follow within LINGER s; True: the
+        connection stays open (to be parked)."""
+        if not hasattr(self, "rfile"):
+            self.setup()
+        self.handle_one_request()
+        while not self.close_connection and self._next_request(0 if self.server.ready else LINGER):
+            self.handle_one_request()
+        return not self.close_connection
+
+    def _next_request(self, wait):
+        """Has the next request begun (or the client left) within `wait` s? rfile's buffer is looked at
+        first, which is why this handler, not a new one, serves a connection's next request."""
+        sock = self.connection
+        try:
+            sock.settimeout(0)
+            if self.rfile.peek(1):  # buffered, or arrived now (a non-blocking read)
+                return True
+            sock.settimeout(wait)
+            sock.recv(1, socket.MSG_PEEK)  # data, or b"" when the client has left: both for handle_one_request
+            return True
+        except (TimeoutError, BlockingIOError):
+            return False
+        finally:
+            sock.settimeout(self.timeout)
 
     def _send(self, status, obj):
         data = json.dumps(obj, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, other methods, headers too long), as JSON."""
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"  # an unparsed request line is taken as HTTP/0.9: no status line
+        self._send(code, {"error": message or HTTPStatus(code).phrase, "response": ""})
 
     def do_GET(self):
         if self.path.split("?")[0] == "/health":
@@ -193,7 +293,15 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body must not be parsed as a next request
             return self._send(413, {"error": f"body of {n} bytes exceeds {MAX_BODY}", "response": ""})
         try:
-            body = json.loads(self.rfile.read(n))
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raw = None
+        if raw is None or len(raw) < n:  # a body that stops short of its Content-Length
+            self.close_connection = True
+            return self._send(408, {"error": f"body shorter than its Content-Length {n}: the client stopped "
+                                             f"sending for {self.timeout} s or left", "response": ""})
+        try:
+            body = json.loads(raw)
         except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nested too deep
             return self._send(400, {"error": f"malformed JSON body: {str(e)[:200]}", "response": ""})
         try:
@@ -205,11 +313,166 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def make_server(host="127.0.0.1", port=0, cache=None, queries=()):
-    """A ThreadingHTTPServer bound to host:port (0 = a free port); `.url` is its address."""
-    handler = type("BoundHandler", (Handler,), {"tools": ToolServer(cache, queries)})
-    srv = ThreadingHTTPServer((host, port), handler)
-    srv.daemon_threads = True
+def _raw_response(status, message):
+    """A whole JSON error response, for a connection no handler thread has read."""
+    data = json.dumps({"error": message, "response": ""}).encode()
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+
+
+class Server(HTTPServer):
+    """HTTPServer whose threads serve requests, not sockets (the module docstring's "Bad input and load").
+    A connection is, at any time, in exactly one place: parked in the selector thread (`_watch`),
+    queued for a thread (`ready`), or in a handler thread (`_work`)."""
+    request_queue_size = 128  # the listen backlog
+
+    def __init__(self, address, handler, timeout, max_threads, max_connections):
+        super().__init__(address, handler)
+        self.read_timeout, self.max_threads, self.max_connections = timeout, max_threads, max_connections
+        self.lock = threading.Lock()      # guards the five fields below
+        self.open = self.busy = 0         # connections open; handler threads running
+        self.ready = collections.deque()  # connections with a request waiting for a thread
+        self.parked = []                  # connections handed to the selector thread, not yet registered
+        self.closing = False
+        self._wake_r, self._wake_w = socket.socketpair()  # tells the selector thread to look at `parked`
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="server-selector")
+        self._watcher.start()
+
+    def process_request(self, sock, client_address):  # the accept loop (serve_forever) calls this
+        try:  # under load the request has often come with the connection: no need to park it first
+            sock.settimeout(0)
+            sent = sock.recv(1, socket.MSG_PEEK)
+        except OSError:  # BlockingIOError: nothing yet
+            sent = b""
+        conn = self.RequestHandlerClass(sock, client_address, self)
+        with self.lock:
+            self.open += 1
+        if self.open > self.max_connections:
+            return self._refuse(conn, 503, f"server busy: {self.max_connections} connections open")
+        self._dispatch(conn) if sent else self._park(conn)
+
+    def _park(self, conn):
+        with self.lock:
+            conn.deadline = time.monotonic() + self.read_timeout
+            closing, wake = self.closing, not self.parked
+            self.parked.append(conn)
+        if closing:
+            return self._close(conn)
+        if wake:
+            self._wake_w.send(b"\0")
+
+    def _watch(self):
+        """The selector thread: dispatch parked connections that become readable, close the ones that
+        stay silent for read_timeout, refuse the ones that waited that long for a thread."""
+        sel, next_sweep = selectors.DefaultSelector(), 0.0
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        while not self.closing:
+            for key, _ in sel.select(0.1):
+                if key.data is None:
+                    self._wake_r.recv(4096)
+                    continue
+                sel.unregister(key.fileobj)
+                try:
+                    left = not key.fileobj.recv(1, socket.MSG_PEEK)  # b"": the client closed it
+                except OSError:
+                    left = True
+                self._close(key.data) if left else self._dispatch(key.data)
+            with self.lock:
+                parked, self.parked = self.parked, []
+            for conn in parked:
+                sel.register(conn.request, selectors.EVENT_READ, conn)
+            now = time.monotonic()
+            if now < next_sweep:
+                continue
+            next_sweep = now + 0.1
+            for key in [k for k in sel.get_map().values() if k.data and k.data.deadline < now]:
+                sel.unregister(key.fileobj)
+                self._close(key.data)  # the read timeout of an idle connection
+            with self.lock:
+                late = [c for c in self.ready if c.deadline < now]
+                for c in late:
+                    self.ready.remove(c)
+            for conn in late:
+                self._refuse(conn, 503, f"server busy: no handler thread free within {self.read_timeout} s")
+        with self.lock:
+            left = [k.data for k in sel.get_map().values() if k.data] + self.parked + list(self.ready)
+            self.parked, self.ready = [], collections.deque()
+        for conn in left:
+            self._close(conn)
+        sel.close()
+
+    def _dispatch(self, conn):
+        with self.lock:
+            start = self.busy < self.max_threads
+            if start:
+                self.busy += 1
+            else:
+                conn.deadline = time.monotonic() + self.read_timeout
+                self.ready.append(conn)
+        if start:
+            threading.Thread(target=self._work, args=(conn,), daemon=True).start()
+
+    def _work(self, conn):
+        """A handler thread: serve a connection's request(s), park or close it, take the next queued."""
+        while conn is not None:
+            try:
+                alive = conn.serve()
+            except Exception:
+                self.handle_error(conn.request, conn.client_address)
+                alive = False
+            self._park(conn) if alive else self._close(conn)
+            with self.lock:
+                conn = self.ready.popleft() if self.ready else None
+                self.busy -= conn is None
+
+    def _refuse(self, conn, status, message):
+        try:
+            conn.request.settimeout(1.0)
+            conn.request.sendall(_raw_response(status, message))
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _close(self, conn):
+        try:
+            if hasattr(conn, "rfile"):
+                conn.finish()
+        except OSError:
+            pass
+        self.shutdown_request(conn.request)
+        with self.lock:
+            self.open -= 1
+
+    def handle_error(self, request, client_address):
+        """A failed connection (a client's reset, a broken pipe) is one line; a bug keeps its traceback."""
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):
+            return super().handle_error(request, client_address)
+        print(f"tool server: connection from {client_address[0]}:{client_address[1]}: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+
+    def server_close(self):
+        super().server_close()
+        with self.lock:
+            closed, self.closing = self.closing, True
+        if not closed:  # the selector thread closes the connections it holds, then itself
+            self._wake_w.send(b"\0")
+            self._watcher.join(2)
+            self._wake_r.close()
+            self._wake_w.close()
+
+
+def make_server(host="127.0.0.1", port=0, cache=None, queries=(), timeout=10.0, max_threads=64,
+                max_connections=512):
+    """A Server bound to host:port (0 = a free port); `.url` is its address. Raises ConfigError for a
+    bad query file, cache folder or limit, before anything listens."""
+    for name, value in (("timeout", timeout), ("max_threads", max_threads), ("max_connections", max_connections)):
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{name} must be > 0 and finite, got {value}")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port must be in 0..65535, got {port}")
+    handler = type("BoundHandler", (Handler,), {"tools": ToolServer(cache, queries), "timeout": timeout})
+    srv = Server((host, port), handler, timeout, max_threads, max_connections)
     srv.url = f"http://{host}:{srv.server_address[1]}"
     return srv
 
@@ -228,9 +491,20 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=8081)
     ap.add_argument("--cache", help="StableToolBench response cache folder (read-only)")
     ap.add_argument("--queries", nargs="*", default=[], help="StableToolBench query files to simulate")
+    ap.add_argument("--timeout", type=float, default=10.0, help="s a connection may stay silent (per read/write)")
+    ap.add_argument("--max-threads", type=int, default=64, help="requests served at once; more wait for a thread")
+    ap.add_argument("--max-connections", type=int, default=512, help="open connections; more get 503")
     a = ap.parse_args()
-    srv = make_server(a.host, a.port, a.cache, a.queries)
-    print(f"tool server on {srv.url}/virtual ({len(srv.RequestHandlerClass.tools.simulated)} simulated APIs)")
+    try:
+        srv = make_server(a.host, a.port, a.cache, a.queries, a.timeout, a.max_threads, a.max_connections)
+    except ConfigError as e:
+        print(f"server.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the port is taken, the address is not ours
+        print(f"server.py: error: cannot listen on {a.host}:{a.port}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"tool server on {srv.url}/virtual ({len(srv.RequestHandlerClass.tools.simulated)} simulated APIs)",
+          flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checks
 import env
 import eval as evaluation
 import policy as P
@@ -297,10 +298,14 @@ def plot(metrics, path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
-    if cfg.algo not in ("ppo", "rft"):
-        sys.exit(f"steptool: --algo {cfg.algo}: use ppo or rft")
-    # ---- claim the run folder (runs.py), before the tool server or the model ----
-    ckpt = state = None
+    # ---- flags and input files first (checks.py), then the run folder (runs.py): nothing loaded yet ----
+    ckpt = state = inputs = None
+    try:
+        checks.check_flags(cfg)
+        if not cfg.resume:
+            inputs = checks.check_inputs(cfg, *input_files(cfg))
+    except checks.InputError as e:
+        runs.fail("steptool", e)
     try:
         if cfg.resume:   # a checkpoint first (read only): only then is the folder a run to continue
             if not os.path.isdir(cfg.resume):
@@ -315,16 +320,24 @@ def main(argv=None):
             try:
                 state = runs.load_state(ckpt)
                 cfg = resume_config(cfg.resume, given_flags(argv), state)
-            except (runs.RunError, FileNotFoundError) as e:
+                checks.check_flags(cfg)
+                inputs = checks.check_inputs(cfg, *input_files(cfg))
+            except (runs.RunError, FileNotFoundError, checks.InputError) as e:
                 runs.fail("steptool", e)
-        return train(cfg, ckpt, state)
+        return train(cfg, inputs, ckpt, state)
 
 
-def train(cfg, ckpt=None, state=None):
-    """The run in cfg.output (claimed by main); ckpt and state: the checkpoint resumed from, if any."""
-    # derived sizes and paths
-    tasks_files = cfg.tasks or (os.path.join(HERE, "data", "bench_train.json"),)
-    eval_files = cfg.eval_tasks or (os.path.join(HERE, "data", "bench_test.json"),)
+def input_files(cfg):
+    """The training and evaluation task files: the flags', or the embedded benchmark's splits."""
+    return (cfg.tasks or (os.path.join(HERE, "data", "bench_train.json"),),
+            cfg.eval_tasks or (os.path.join(HERE, "data", "bench_test.json"),))
+
+
+def train(cfg, inputs, ckpt=None, state=None):
+    """The run in cfg.output (claimed by main). inputs: (train tasks, eval tasks, offline TSV rows or
+    None), read and checked by checks.check_inputs; ckpt and state: the checkpoint resumed from, if any."""
+    train_tasks, eval_tasks, offline_rows = inputs
+    eval_tasks = limit_per_group(eval_tasks, cfg.eval_limit)
     metrics_path = os.path.join(cfg.output, "metrics.jsonl")
     ckpt_path = os.path.join(cfg.output, "checkpoint")
     # seeding, in one block; each rollout's randomness comes from (seed, iteration, episode)
@@ -339,8 +352,6 @@ def train(cfg, ckpt=None, state=None):
     try:
         client = env.ToolClient(url)
         client.check()                                   # a dead server fails here, before any training
-        train_tasks = [t for p in tasks_files for t in env.load_tasks(p)]
-        eval_tasks = limit_per_group([t for p in eval_files for t in env.load_tasks(p)], cfg.eval_limit)
         judge = reward.Judge(cfg.judge_url, cfg.judge_model, repeats=1) if cfg.judge_url else None
         judge_fn = evaluation.make_judge(cfg.judge_url, cfg.judge_model)
         if cfg.resume:
@@ -385,7 +396,7 @@ def train(cfg, ckpt=None, state=None):
 
         offline = None
         if cfg.data:
-            offline, dropped = ppo.episodes_from_rows(policy, reward.read_tsv(cfg.data), cfg.max_context)
+            offline, dropped = ppo.episodes_from_rows(policy, offline_rows, cfg.max_context)
             print(f"offline: {len(offline)} trajectories from {cfg.data}" + (f", {dropped} cut steps" if dropped else ""))
         B = cfg.episodes_per_iteration
         for it in range(start + 1, cfg.iterations + 1):

@@ -160,9 +160,12 @@ def test_group_name_is_the_file_stem_or_the_stabletoolbench_group_it_contains():
     ({"42": {"query": "q", "answer_steps": "", "final_step": ""}}, "query 42: missing 'is_solved'"),
     ({"42": entry(is_solved={"0": "AnswerStatus.Maybe"})}, "query 42: unknown status 'AnswerStatus.Maybe'"),
     ({"42": entry(is_solved={"first": S})}, "query 42: repeat index 'first'"),
+    ({"42": entry(is_solved={"99999999": S})}, "query 42: repeat index '99999999'"),   # not 10^8 repeats in memory
+    ({"42": entry(is_solved={"\u0663": S})}, "query 42: repeat index"),                 # an Arabic-Indic 3
     ({"42": {**entry(), "final_step": None}}, "query 42: missing 'final_step'"),
     ({}, "non-empty JSON object"),
-], ids=["bad_json", "missing_is_solved", "unknown_status", "bad_repeat_index", "missing_final_step", "empty"])
+], ids=["bad_json", "missing_is_solved", "unknown_status", "bad_repeat_index", "huge_repeat_index",
+        "non_ascii_repeat_index", "missing_final_step", "empty"])
 def test_malformed_label_file_error_names_file_and_entry(tmp_path, content, message):
     p = write(tmp_path, "G1_tool.json", content)
     with pytest.raises(ev.LabelFileError, match=message) as e:

@@ -3,6 +3,7 @@ server on a loopback port), the TSV <-> JSONL round trip and the command line.""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -419,3 +420,113 @@ def test_command_line_annotate_convert_and_bench(tmp_path):
     assert out.returncode != 0 and "trajs.jsonl:1" in out.stderr and "annotate" in out.stderr
     out = run("bench", "--n", "20", "--runs", "1")
     assert out.returncode == 0 and "ms per episode" in out.stdout and "bit-parallel" in out.stdout, out.stderr
+
+
+# ---- bad input: one line naming the file (and line), status 2, before any work ----------------
+def refused(capsys, *argv):
+    """reward.main(argv) -> its one stderr line; it must exit with status 2 (any other exception is a traceback)."""
+    with pytest.raises(SystemExit) as e:
+        reward.main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+HEADER, ROW = "prompt\tresponse\treward\n", "['p']\t['r']\t[1.0]\n"
+BAD_TSV = {"empty lists": ((HEADER + ROW + "[]\t[]\t[]\n").encode(), "bad.tsv:3: .*at least one step"),
+           "infinite reward": ((HEADER + ROW + "['p']\t['r']\t[1e999]\n").encode(), "bad.tsv:3: .*finite"),
+           "unequal lengths": ((HEADER + ROW + "['p', 'q']\t['r', 's']\t[1.0]\n").encode(), "bad.tsv:3: .*equal length"),
+           "latin-1": ((HEADER + ROW + "['café']\t['r']\t[1.0]\n").encode("latin-1"), "bad.tsv:3: not UTF-8"),
+           "utf-16": ((HEADER + ROW).encode("utf-16"), "bad.tsv:1: not UTF-8"),
+           "header only": (HEADER.encode(), "bad.tsv: no trajectories"),
+           "empty file": (b"", "bad.tsv: empty")}
+
+
+@pytest.mark.parametrize("case", BAD_TSV)
+def test_convert_refuses_a_bad_tsv_naming_file_and_line_and_writes_nothing(tmp_path, capsys, case):
+    data, expected = BAD_TSV[case]
+    (tmp_path / "bad.tsv").write_bytes(data)
+    msg = refused(capsys, "convert", "--in", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "t.jsonl"))
+    assert msg.startswith("reward.py convert: error: ") and re.search(expected, msg), msg
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def trajectory_line(**kw):
+    d = {**env.Trajectory(1, "q", "tsv").to_dict(), "prompt": ["p"], "response": ["r"], "rewards": [1.0], **kw}
+    return json.dumps(d)
+
+
+BAD_JSONL = {"rewards a string": (trajectory_line(rewards="x"), "bad.jsonl:2: rewards must be a list"),
+             "infinite reward": (trajectory_line(rewards="INF").replace('"INF"', "[1e999]"), "bad.jsonl:2: .*finite"),
+             "NaN reward": (trajectory_line(rewards="NAN").replace('"NAN"', "[NaN]"), "bad.jsonl:2: .*finite"),
+             "unequal lengths": (trajectory_line(prompt=["p", "q"]), "bad.jsonl:2: .*equal length"),
+             "no steps": (trajectory_line(prompt=[], response=[], rewards=[]), "bad.jsonl:2: .*at least one step"),
+             "not JSON": ("{'rewards': [1.0]}", "bad.jsonl:2: not JSON"),
+             "a list": ("[1, 2]", "bad.jsonl:2: an array, not a JSON object")}
+
+
+@pytest.mark.parametrize("case", BAD_JSONL)
+def test_convert_refuses_a_bad_jsonl_line_naming_file_and_line_and_writes_nothing(tmp_path, capsys, case):
+    line, expected = BAD_JSONL[case]
+    (tmp_path / "bad.jsonl").write_text(trajectory_line() + "\n" + line + "\n")
+    msg = refused(capsys, "convert", "--in", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "t.tsv"))
+    assert re.search(expected, msg), msg
+    assert not (tmp_path / "t.tsv").exists()
+    (tmp_path / "bad.jsonl").write_text("\n")
+    assert "bad.jsonl: no trajectories" in refused(capsys, "convert", "--in", str(tmp_path / "bad.jsonl"),
+                                                   "--out", str(tmp_path / "t.tsv"))
+
+
+NOT_TRAJECTORIES = {"a list": ("[1, 2]", "an array"), "a string": ('"a string"', "a string"), "an int": ("7", "a number"),
+                    "no query": ('{"query_id": 1}', "not a trajectory"),
+                    "steps a string": ('{"query_id": 1, "query": "q", "group": "g", "steps": "abc"}', "not a trajectory"),
+                    "answer null": ('{"query_id": 1, "query": "q", "group": "g", "final_answer": null}',
+                                    "final_answer None is of the wrong type")}
+
+
+@pytest.mark.parametrize("case", NOT_TRAJECTORIES)
+def test_annotate_refuses_a_line_that_is_not_a_trajectory_naming_file_and_line(tmp_path, capsys, case):
+    line, expected = NOT_TRAJECTORIES[case]
+    (tmp_path / "in.jsonl").write_text(json.dumps(env.Trajectory(1, "q", "g").to_dict()) + "\n" + line + "\n")
+    msg = refused(capsys, "annotate", "--in", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"))
+    assert "in.jsonl:2: " in msg and expected in msg, msg
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags", [["--alpha", "-1"], ["--alpha", "nan"], ["--threshold", "1.5"],
+                                   ["--judge-repeats", "0"], ["--judge-timeout", "0"], ["--judge-retries", "-1"],
+                                   ["--workers", "0"], ["--mode", "stepgrainy"], ["--mode", "no_such_module_xyz.fn"],
+                                   ["--judge-url", "http://127.0.0.1:9/v1"], ["--tasks", "no_such_tasks.json"]])
+def test_annotate_refuses_a_flag_out_of_range_naming_it_before_reading(tmp_path, capsys, flags):
+    (tmp_path / "in.jsonl").write_text(json.dumps(env.Trajectory(1, "q", "g").to_dict()) + "\n")
+    msg = refused(capsys, "annotate", "--in", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"), *flags)
+    assert flags[0] in msg, msg
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_read_tsv_and_read_jsonl_raise_one_error_class_naming_file_and_line(tmp_path):
+    assert issubclass(reward.DataFileError, ValueError)
+    (tmp_path / "bad.tsv").write_text(HEADER + ROW + "[]\t[]\t[]\n")
+    with pytest.raises(reward.DataFileError, match=r"bad.tsv:3: "):
+        reward.read_tsv(str(tmp_path / "bad.tsv"))
+    with pytest.raises(reward.DataFileError, match=r"nosuch.tsv: cannot read"):
+        reward.read_tsv(str(tmp_path / "nosuch.tsv"))
+    (tmp_path / "bad.jsonl").write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n')
+    with pytest.raises(reward.DataFileError, match=r"bad.jsonl:2: not UTF-8"):
+        reward.read_jsonl(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n7\n')
+    with pytest.raises(reward.DataFileError, match=r"bad.jsonl:2: a number"):
+        reward.read_jsonl(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "ok.tsv").write_bytes(b"\xef\xbb\xbf" + (HEADER + ROW).replace("\n", "\r\n").encode())
+    assert reward.read_tsv(str(tmp_path / "ok.tsv")) == [{"prompt": ["p"], "response": ["r"], "reward": [1.0]}]
+
+
+def test_a_reward_function_that_is_missing_or_not_finite_is_a_value_error(tmp_path, monkeypatch):
+    (tmp_path / "my_bad_rewards.py").write_text("def nan(task, traj):\n    return [float('nan')] * len(traj.steps)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    traj = episode(call("forecast_for_skycast", WEATHER), finish())
+    with pytest.raises(ValueError, match="not finite"):
+        reward.step_rewards(TASK, traj, mode="my_bad_rewards.nan")
+    for mode in ("no_such_module_xyz.fn", "my_bad_rewards.nope"):
+        with pytest.raises(ValueError, match=mode):
+            reward.step_rewards(TASK, traj, mode=mode)

@@ -2,14 +2,19 @@
 
 Every bad request gets its answer and the next request, on a new connection, is still served;
 the three backends (embedded world, response cache, simulated from query files) answer in order;
-names from requests never reach the file system unstandardized and are never imported.
+names from requests never reach the file system unstandardized and are never imported; idle,
+slow, resetting and surplus clients cost a bounded time and no handler thread for long; bad query
+files and cache folders are refused before the server listens.
 """
 import http.client
 import json
 import os
 import re
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -357,6 +362,217 @@ def test_eight_parallel_clients_get_every_answer_right(tool_server, test_tasks):
           f"{len(answers) / dt:.0f} requests/s")
 
 
+# ---- holding its ground: idle, slow, resetting and surplus clients (issue 14) -----------------
+def connect(url):
+    u = urlsplit(url)
+    return socket.create_connection((u.hostname, u.port), timeout=5)
+
+
+def raw_exchange(url, data):
+    """Send raw bytes on a new connection and read until the server closes it ->
+    (status or None when nothing came back, JSON body or None, seconds until closed)."""
+    t0, chunks = time.monotonic(), []
+    with connect(url) as s:
+        s.sendall(data)
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:  # closed with bytes of ours unread: what came before is intact
+            pass
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return (int(head.split()[1]) if head else None), (json.loads(body) if body else None), time.monotonic() - t0
+
+
+def http_request(body):
+    data = json.dumps(body).encode()
+    return b"POST /virtual HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+
+
+FORECAST = {"category": "Weather", "tool_name": "SkyCast", "api_name": "forecast",
+            "tool_input": json.dumps({"city": CITY})}
+
+
+def test_listen_backlog_is_at_least_128(serve):
+    assert serve().request_queue_size >= 128  # socketserver's 5 reset 3 % of new connections under load
+
+
+def test_an_idle_new_connection_holds_no_thread_and_is_closed_after_the_timeout(serve):
+    srv = serve(timeout=0.3)
+    before = threading.active_count()
+    with connect(srv.url) as s:
+        t0 = time.monotonic()
+        time.sleep(0.1)
+        assert threading.active_count() <= before  # accepted, parked: no handler thread
+        assert s.recv(1) == b""                     # then closed by the server
+        assert 0.2 < time.monotonic() - t0 < 3
+
+
+def test_a_keep_alive_connection_silent_after_its_request_is_closed_after_the_timeout(serve):
+    srv = serve(timeout=0.3)
+    u = urlsplit(srv.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() == b'{"status": "ok"}'
+    t0 = time.monotonic()
+    assert conn.sock.recv(1) == b""
+    assert 0.2 < time.monotonic() - t0 < 3
+    conn.close()
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_json_after_the_timeout(serve):
+    srv = serve(timeout=0.3)
+    status, record, seconds = raw_exchange(srv.url, b"POST /virtual HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"cat")
+    assert status == 408 and "Content-Length 100" in record["error"] and record["response"] == ""
+    assert seconds < 3
+    assert_still_serves(srv.url)
+
+
+def test_idle_sockets_do_not_delay_a_client_that_sends(serve):
+    srv = serve(timeout=5, max_threads=2)
+    idle = [connect(srv.url) for _ in range(20)]  # ten times the threads
+    try:
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        assert_still_serves(srv.url)
+        assert time.monotonic() - t0 < 2.5  # long before the idle ones time out
+    finally:
+        for s in idle:
+            s.close()
+
+
+def slow_answers(srv, seconds):
+    """Make srv's answers take `seconds`; returns [the most answers that ran at once]."""
+    tools, lock, running, peak = srv.RequestHandlerClass.tools, threading.Lock(), [0], [0]
+    real = tools.answer
+
+    def slow(body):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(seconds)
+        with lock:
+            running[0] -= 1
+        return real(body)
+    tools.answer = slow
+    return peak
+
+
+def test_requests_beyond_max_threads_wait_for_a_thread_and_all_get_their_answer(serve):
+    srv = serve(max_threads=1)
+    peak = slow_answers(srv, 0.1)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: request(srv.url, body=FORECAST), range(4)))
+    assert answers == [(200, direct("SkyCast", "forecast", {"city": CITY}))] * 4
+    assert peak == [1]
+
+
+def test_a_request_that_waits_longer_than_the_timeout_for_a_thread_gets_503_json(serve):
+    srv = serve(max_threads=1, timeout=0.3)
+    slow_answers(srv, 1.0)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(request, srv.url, body=FORECAST)
+        time.sleep(0.2)                           # the one thread is busy with it for 1 s
+        status, record, _ = raw_exchange(srv.url, http_request(FORECAST))
+        assert status == 503 and "busy" in record["error"] and record["response"] == ""
+        assert first.result()[0] == 200
+
+
+def test_a_connection_beyond_max_connections_gets_503_json_at_once(serve):
+    srv = serve(max_connections=2)
+    held = [connect(srv.url) for _ in range(2)]
+    try:
+        time.sleep(0.1)
+        status, record, seconds = raw_exchange(srv.url, b"")
+        assert status == 503 and "2 connections" in record["error"] and seconds < 2
+    finally:
+        for s in held:
+            s.close()
+    for _ in range(40):  # the server sees the two leave within its selector's next look
+        if srv.open == 0:
+            break
+        time.sleep(0.05)
+    assert_still_serves(srv.url)
+
+
+@pytest.mark.parametrize("length", ['"many"', "[3]", "-1e999"], ids=["text", "list", "minus-infinity"])
+def test_a_template_with_a_bad_list_length_is_an_error_record_with_http_200(serve, tmp_path, length):
+    q = [{"api_list": [{"tool_name": "Broken Tool", "api_name": "List Things", "category_name": "Data",
+                        "template_response": json.loads('{"items": {"name": "str", "_list_length": %s}}' % length)}]}]
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    url = serve(queries=[str(tmp_path / "q.json")]).url
+    status, record = call(url, "Data", "Broken Tool", "List Things", "{}")
+    assert status == 200 and record["response"] == ""
+    assert "template_response" in record["error"] and "List Things" in record["error"]
+    assert_still_serves(url)
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"PUT /virtual HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 501),
+    (b"DELETE /virtual HTTP/1.1\r\n\r\n", 501),
+    (b"PATCH /virtual HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 501),
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /health HTTP/2.0\r\n\r\n", 505),
+    (b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+], ids=["PUT", "DELETE", "PATCH", "bad-request-line", "bad-version", "header-too-long", "uri-too-long"])
+def test_http_servers_own_errors_have_a_json_body_not_html(tool_server, raw, status):
+    got, record, _ = raw_exchange(tool_server.url, raw)
+    assert got == status and record["error"] and record["response"] == ""
+    assert_still_serves(tool_server.url)
+
+
+def test_a_client_that_resets_after_sending_is_at_most_one_line_on_stderr_and_no_traceback(serve, capfd):
+    srv = serve()
+    full, short = http_request(FORECAST), b"POST /virtual HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"
+    for data in (full, short) * 3:
+        s = connect(srv.url)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends RST
+        s.sendall(data)
+        s.close()
+    assert_still_serves(srv.url)
+    time.sleep(0.3)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) <= 6, err
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"{not json", "not JSON"),
+    (None, "not JSON"),  # the fixture, truncated
+    (b'{"api_list": []}', "not a non-empty JSON list"),
+    (b"[]", "not a non-empty JSON list"),
+    (b'[{"query": "no api_list"}]', "query 0: not an object with an 'api_list' list"),
+    (b'[{"api_list": []}, {"api_list": [{"tool_name": "t"}]}]',
+     "query 1, api_list[0]: missing or not a string: api_name"),
+    (b'[{"api_list": [{"tool_name": 3, "api_name": "a"}]}]', "missing or not a string: tool_name"),
+    ('[{"api_list": "caf\u00e9"}]'.encode("latin-1"), "not UTF-8"),
+], ids=["not-json", "truncated", "not-a-list", "empty", "no-api-list", "no-api-name", "tool-name-not-str", "latin-1"])
+def test_a_bad_query_file_is_a_config_error_naming_the_file_and_the_item(tmp_path, content, says):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content if content is not None else open(STB_QUERIES, "rb").read()[:500])
+    with pytest.raises(server.ConfigError) as e:
+        server.make_server(queries=[str(path)])
+    assert isinstance(e.value, ValueError)  # what callers (steptool.py) catch
+    assert str(path) in str(e.value) and says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(queries=["{tmp}/missing.json"]), "cannot read it"),
+    (dict(cache="{tmp}/no-such-cache"), "does not exist"),
+    (dict(cache="{tmp}/a-file"), "not a folder"),
+    (dict(timeout=0), "timeout must be > 0"),
+    (dict(timeout=float("inf")), "timeout must be > 0 and finite"),
+    (dict(max_threads=0), "max_threads must be > 0"),
+    (dict(max_connections=-1), "max_connections must be > 0"),
+], ids=["missing-query-file", "missing-cache", "cache-is-a-file", "timeout", "timeout-inf", "max-threads",
+        "max-connections"])
+def test_a_missing_file_or_folder_or_a_bad_limit_is_a_config_error_before_listening(tmp_path, kw, says):
+    (tmp_path / "a-file").write_text("")
+    kw = {k: [x.format(tmp=tmp_path) for x in v] if isinstance(v, list) else
+          v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in kw.items()}
+    with pytest.raises(server.ConfigError, match=says):
+        server.make_server(**kw)
+
+
 # ---- the command line ------------------------------------------------------------------------
 def test_server_command_line_serves_and_simulates_like_the_library(tmp_path):
     proc = subprocess.Popen([sys.executable, "-u", "server.py", "--port", "0", "--queries", STB_QUERIES],
@@ -375,6 +591,38 @@ def test_server_command_line_serves_and_simulates_like_the_library(tmp_path):
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--queries", "{tmp}/bad.json"], "bad.json: query 0, api_list[0]"),
+    (["--queries", "{tmp}/truncated.json"], "truncated.json: not JSON"),
+    (["--cache", "{tmp}/no-such-cache"], "no-such-cache: does not exist"),
+    (["--timeout", "0"], "timeout must be > 0"),
+], ids=["query-missing-a-key", "query-file-truncated", "missing-cache", "timeout"])
+def test_server_command_line_refuses_bad_input_in_one_line_with_exit_status_2(tmp_path, args, names):
+    (tmp_path / "bad.json").write_text('[{"api_list": [{"tool_name": "t"}]}]')
+    (tmp_path / "truncated.json").write_bytes(open(STB_QUERIES, "rb").read()[:500])
+    proc = subprocess.run([sys.executable, "server.py", "--port", "0", *[a.format(tmp=tmp_path) for a in args]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout)
+    assert len(proc.stderr.strip().splitlines()) == 1 and names in proc.stderr, proc.stderr
+
+
+def test_load_script_with_a_tiny_budget_prints_every_figure_and_the_server_gets_back_to_its_threads():
+    proc = subprocess.run([sys.executable, "server_bench.py", "--clients", "4", "--requests", "5",
+                           "--keepalive-clients", "2", "--keepalive-requests", "10", "--idle", "5",
+                           "--server-timeout", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for figure in ("requests", "errors", "req/s", "p50", "p99", "max", "threads", "RSS", "before", "during", "after"):
+        assert figure in proc.stdout, figure
+    out = json.loads(proc.stdout.splitlines()[-1])
+    r = out["round_1"]
+    for phase, n in (("new_connection", 20), ("keep_alive", 20)):
+        assert r[phase]["requests"] == n and r[phase]["errors"] == 0, r[phase]
+        assert {"req_per_s", "p50_ms", "p99_ms", "max_ms", "server_threads_peak", "server_rss_mib_peak",
+                "server_cpu_s"} <= set(r[phase])
+    assert r["idle_open"]["sockets"] == 5 and r["idle_closed_by_server"] == 5
+    assert r["after"]["server_threads"] == out["before"]["server_threads"] and r["server_stderr_lines"] == 0
 
 
 # ---- StableToolBench's own sample queries (only where ../shared exists) -----------------------

@@ -1,0 +1,100 @@
+"""Bad input is refused before any work: steptool.py's flags and input files, checked before the tool
+server starts or a model loads. Each error is one line naming the flag or the file (and its item);
+the command exits with status 2 and no traceback.
+
+    check_flags(cfg)       ranges and choices of every numeric or named flag
+    check_inputs(cfg, ..)  the task files, the offline TSV and the reward function, read once
+"""
+import math
+import os
+
+import env
+import models
+import reward
+
+
+class InputError(ValueError):
+    """A flag or input file that would make a run fail late or train nothing."""
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _rule(lo=None, hi=None, lo_open=False, hi_open=False):
+    """v must be finite and within [lo, hi] (open ends where said) -> (test, words)."""
+    def ok(v):
+        return _finite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+    words = " and ".join(w for w in ((f"{'>' if lo_open else '>='} {lo}" if lo is not None else ""),
+                                     (f"{'<' if hi_open else '<='} {hi}" if hi is not None else "")) if w)
+    return ok, f"a finite number {words}".strip()
+
+
+NONNEG, POSITIVE, ONE_UP = _rule(0), _rule(0, lo_open=True), _rule(1)
+RULES = {  # flag: (test, what it must be)
+    "iterations": NONNEG, "episodes_per_iteration": ONE_UP, "ppo_epochs": ONE_UP, "mini_batch_size": ONE_UP,
+    "grad_accum": ONE_UP, "save_every": ONE_UP, "eval_every": NONNEG, "eval_limit": NONNEG,
+    "sft_epochs": NONNEG, "sft_episodes": NONNEG, "sft_micro_batch_size": ONE_UP, "sft_lr": POSITIVE, "lr": POSITIVE,
+    "init_kl_coef": NONNEG, "target_kl": POSITIVE, "horizon": POSITIVE, "gamma": _rule(0, 1), "lam": _rule(0, 1),
+    "cliprange": POSITIVE, "cliprange_value": POSITIVE, "vf_coef": NONNEG, "ent_coef": NONNEG, "max_grad_norm": NONNEG,
+    "alpha": NONNEG, "temperature": NONNEG, "top_p": _rule(0, 1, lo_open=True), "max_steps": ONE_UP,
+    "max_new_tokens": ONE_UP, "max_context": ONE_UP, "obs_chars": ONE_UP, "lora_r": ONE_UP, "lora_alpha": POSITIVE,
+    "lora_dropout": _rule(0, 1, hi_open=True), "threads": NONNEG,
+}
+CHOICES = {"algo": ("ppo", "rft"), "advantage": ("step", "token")}
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_ranges(cfg, rules=None):
+    """Each flag of `rules` (default RULES) that cfg has, within its range."""
+    for name, (ok, what) in (rules or RULES).items():
+        v = getattr(cfg, name, None)
+        if v is not None and not ok(v):
+            raise InputError(f"{flag(name)} {v}: must be {what}")
+
+
+def check_model(model, adapters=()):
+    """A path-like --model must exist (never a Hub id probed); each adapter file must exist."""
+    if models.looks_like_path(model) and not os.path.exists(os.path.expanduser(model)):
+        raise InputError(f"--model {model}: no such file or folder (a path, not a Hub id)")
+    for a in adapters:
+        if not os.path.isfile(a):
+            raise InputError(f"--adapters {a}: no such file")
+
+
+def check_flags(cfg):
+    check_ranges(cfg)
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise InputError(f"{flag(name)} {getattr(cfg, name)}: use one of {', '.join(allowed)}")
+    if cfg.max_context <= cfg.max_new_tokens:
+        raise InputError(f"--max-context {cfg.max_context}: must exceed --max-new-tokens {cfg.max_new_tokens} "
+                         "(a turn must fit after the prompt)")
+    check_model(cfg.model, cfg.adapters)
+
+
+def check_inputs(cfg, train_files, eval_files):
+    """Read every input once -> (train tasks, eval tasks, offline rows or None); InputError if any is
+    unreadable, empty, or cannot train what the flags ask."""
+    def tasks_of(files, what):
+        tasks = [t for p in files for t in env.load_tasks(p)]   # env.TaskFileError names file and item
+        if not tasks:
+            raise InputError(f"{what} {' '.join(files)}: no tasks")
+        return tasks
+    try:
+        reward._mode(cfg.reward)                                 # module.function is importable and callable
+    except ValueError as e:
+        raise InputError(f"--reward: {e}") from None
+    try:
+        train = tasks_of(train_files, "--tasks")
+        evals = tasks_of(eval_files, "--eval-tasks")
+        rows = reward.read_tsv(cfg.data) if cfg.data else None   # non-empty, finite rewards; names file and line
+    except (ValueError, OSError) as e:       # env.TaskFileError, reward.py's file errors: they name file and line
+        raise InputError(str(e)) from None
+    if cfg.sft_epochs and not cfg.data and not cfg.resume and not any(t.expert for t in train):
+        raise InputError(f"--tasks {' '.join(train_files)}: no task has an expert trajectory for the SFT warm start; "
+                         "give --sft-epochs 0 (or tasks with experts)")
+    return train, evals, rows
