@@ -9,6 +9,7 @@ import math
 import os
 
 import env
+import formats
 import models
 import reward
 
@@ -91,9 +92,14 @@ def check_inputs(cfg, train_files, eval_files):
     try:
         train = tasks_of(train_files, "--tasks")
         evals = tasks_of(eval_files, "--eval-tasks")
-        rows = reward.read_tsv(cfg.data) if cfg.data else None   # non-empty, finite rewards; names file and line
-    except (ValueError, OSError) as e:       # env.TaskFileError, reward.py's file errors: they name file and line
+        rows = formats.read_tsv(cfg.data) if cfg.data else None   # non-empty, finite rewards; names file and line
+    except (ValueError, OSError) as e:       # env.TaskFileError, formats.py's file errors: they name file and line
         raise InputError(str(e)) from None
+    if not cfg.judge_url:   # IsSolved of a task without answer facts needs a judge; never a constant 0.5
+        for what, files, tasks in (("--tasks", train_files, [] if cfg.data else train), ("--eval-tasks", eval_files, evals)):
+            if any(not t.answer for t in tasks):
+                raise InputError(f"{what} {' '.join(files)}: {sum(not t.answer for t in tasks)} tasks have no answer facts "
+                                 "to judge IsSolved by: give --judge-url")
     if cfg.sft_epochs and not cfg.data and not cfg.resume and not any(t.expert for t in train):
         raise InputError(f"--tasks {' '.join(train_files)}: no task has an expert trajectory for the SFT warm start; "
                          "give --sft-epochs 0 (or tasks with experts)")

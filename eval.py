@@ -1,163 +1,95 @@
 """Evaluation: Pass Rate and Recall per test group, StableToolBench-compatible (paper Sec. 5.1, Table 1).
 
-    python eval.py --model M --tasks FILE ... [--tool-server URL] [--judge-url URL] [--repeats 3]
+    python eval.py --model M --tasks FILE ... [--tool-server URL] [--judge-url URL [--stb-dir STB]] [--repeats 3]
+    python eval.py --answers FILE.json ... --judge-url URL [--stb-dir STB] [--queries FILE ...] [--json]
     python eval.py --labels FILE.json ... [--queries FILE ...] [--groups G ...] [--json]
     python eval.py --bench      # time --labels scoring of six synthetic files, 765 queries in all
 
 Pass Rate (StableToolBench's solvable pass rate, its eval_pass_rate.py): for each judge repeat r,
     score_r = (#Solved + 0.5 * #Unsure) / #queries,
-reported as the mean over r (%) and the population standard deviation over r (%).
-Recall (the paper's second column; the original never released its code): per query,
-    |relevant APIs called at least once| / |relevant APIs|
-with APIs compared by ToolBench function name (env.function_name), averaged over queries (%).
-Groups as the paper: I1 = mean of G1_instruction, G1_category, G1_tool; I2 = mean of
-G2_instruction, G2_category; I3 = G3_instruction; the embedded benchmark's G1 / G2 / G3 are
-groups of their own; Avg = the unweighted mean over the groups scored (the paper's "Average").
+reported as the mean over r (%) and the population std over r (%) -- judge noise -- beside a 95%
+bootstrap CI over queries (each query's mean over the repeats, resampled) -- task sampling; with the
+Solved / Unsure / Unsolved counts and, from judge.py's chain, the majority pass rate. Recall (the
+paper's second column; the original never released its code): per query |relevant APIs called at
+least once| / |relevant APIs|, by ToolBench function name (env.function_name), averaged (%). Groups
+as the paper: I1 = mean of G1_instruction, G1_category, G1_tool; I2 = mean of G2_instruction,
+G2_category; I3 = G3_instruction; the embedded G1 / G2 / G3 stand alone; Avg = the unweighted mean.
 
-Both paths meet in one format: a rollout becomes an entry of StableToolBench's pass-rate label
-file (query id -> {query, tool_names, answer_steps, final_step, is_solved, length}), and only label
-files are scored. So `--labels` reads our files and theirs, and theirs read ours.
-Outputs of --model (in --out): <group>.json label files, results.json (the --json object),
-results.csv, trajectories.jsonl (env.Trajectory.to_dict(), written before judging). --out must be new,
-empty, or an earlier eval.py output (--overwrite replaces only what that wrote; runs.py).
+--judge (judge.py): `facts`, the embedded benchmark's answer facts, locally (tasks without facts:
+reward.py's annotator at --judge-url, our prompt); `stabletoolbench`, StableToolBench's decision chain
+at --judge-url, with its own prompts from --stb-dir (else ours, every output marked not comparable);
+`auto`: stabletoolbench when --judge-url is given and a task lacks facts. --answers judges saved
+answers with the chain: StableToolBench's converted answers or label files (ours or theirs; their
+is_solved ignored). Every path meets in StableToolBench's label file (formats.py), and only label
+files are scored: --labels reads ours and theirs, theirs read ours. Outputs in --out (new, empty or
+an earlier eval.py output; --overwrite replaces only what that wrote, runs.py): <group>.json label
+files, results.json (the --json object, with the judge's model, endpoint, prompts and errors),
+results.csv, and for --model trajectories.jsonl, written before judging.
 
 Decisions and departures:
 1. Missing repeats: as StableToolBench, a file has R = 1 + its largest repeat index, and a query
-   that lacks repeat r counts Unsolved (0) in score_r. (StableToolBench takes R from its
-   --evaluate_times flag; a label file only tells us the largest index written.)
-2. An answer whose final step is not Finish with return_type give_answer counts Unsolved in every
-   repeat, whatever its label says; it is not sent to the judge. StableToolBench checks only
-   "'name': 'Finish'" before judging; a give-up has an empty final answer, which its judge
-   rules Unsolved, so the numbers agree.
-3. The group of a label file is its file stem, or the StableToolBench group the stem contains
-   (their evaluator writes <group>_<model>.json); --groups overrides.
-4. Step texts are Python literals: parsed with ast.literal_eval, never eval; a truncated step
-   falls back to a regex on its 'name'. Relevant APIs are de-duplicated; a query without
-   relevant APIs, or absent from --queries, is left out of Recall (and said so).
-5. Our label files list the steps that reached a tool (or Finish); turns that could not be parsed
-   or named an unknown function made no call and are left out, as ToolBench's converter leaves
-   out assistant turns without a function call. So Recall of a trajectory and of its label entry agree.
-6. A malformed file is reported (file and query id) and skipped; the other files are still scored.
-
-Left out: StableToolBench's preference (win-rate) evaluation and its GPT judge client; the judge
-here is whatever judge_fn is given (reward.py's is_solved on the command line).
+   that lacks repeat r counts Unsolved (0) in score_r.
+2. An answer whose final step is not Finish give_answer counts Unsolved in every repeat, whatever its
+   label says (the facts judge is not asked). StableToolBench checks only "'name': 'Finish'", but a
+   give-up's empty final answer is Unsolved there too, so the numbers agree.
+3. A label file's group is its file stem, or the StableToolBench group the stem contains (their
+   evaluator writes <group>_<model>.json); --groups overrides.
+4. Relevant APIs are de-duplicated; a query without any, or absent from --queries, has no Recall.
+5. A malformed --labels file is reported and skipped, the others still scored; a malformed --answers
+   file stops the run (status 2) before the judge is asked anything.
+6. Judge failures are never a score: a query whose judge still fails after its retries is a judge
+   error, left out of its label file, of n and of the rate, counted per group (judge_errors; the
+   messages in results.json), and the command exits with status 1; a group of judge errors alone has
+   no rate. (StableToolBench's evaluator stops the run; our facts judge used to score it 0.5.)
+Left out: the preference (win-rate) evaluation; CIs of group means (compare.py: paired CIs of runs).
 """
 import argparse
-import ast
 import csv
 import json
 import os
 import random
-import re
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 from tqdm import tqdm
 
 import env
+import formats
+import judge as J
 import runs
+from formats import write_trajectories
+from judge import FactsJudge as make_judge  # noqa: F401  (steptool.py's name)
+# the label-file format moved to formats.py; these names stay importable from here
+from formats import (MAX_REPEATS, STATUS, STATUS_OF, STB_GROUPS, LabelFileError, called_steps,  # noqa: F401
+                     ends_with_answer, label_group, load_labels, parse_step, step_names, to_label)
 
-MAX_REPEATS = 1000   # judge repeats per answer (StableToolBench's evaluate_times: 3 to 7)
-STATUS = {"AnswerStatus.Solved": 1.0, "AnswerStatus.Unsure": 0.5, "AnswerStatus.Unsolved": 0.0}
-STATUS_OF = {1: "AnswerStatus.Solved", 0.5: "AnswerStatus.Unsure", 0: "AnswerStatus.Unsolved"}
-STB_GROUPS = ["G1_instruction", "G1_category", "G1_tool", "G2_instruction", "G2_category", "G3_instruction"]
 PAPER_GROUPS = {"I1": STB_GROUPS[:3], "I2": STB_GROUPS[3:5], "I3": STB_GROUPS[5:]}  # Table 1's columns
 JSON_KEYS = ("pass_rate", "pass_rate_std", "n", "repeats", "recall")
+DETAIL_KEYS = ("pass_rate_ci", "answer_status", "majority_pass_rate", "majority_pass_rate_ci", "judge_errors",
+               "missing_repeats", "overridden", "recall_n")
 
 
-class LabelFileError(ValueError):
-    pass
-
-
-# ---- reading StableToolBench label files -----------------------------------------------------
-def load_labels(path):
-    """A pass-rate label file -> {query id: entry}, each entry checked; errors name file and query."""
-    try:
-        with open(path) as f:
-            labels = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LabelFileError(f"{path}: cannot read label file: {e}") from None
-    if not isinstance(labels, dict) or not labels:
-        raise LabelFileError(f"{path}: expected a non-empty JSON object keyed by query id")
-    for qid, e in labels.items():
-        where = f"{path}: query {qid}"
-        if not isinstance(e, dict) or not isinstance(e.get("is_solved"), dict):
-            raise LabelFileError(f"{where}: missing 'is_solved' (an object: judge repeat -> AnswerStatus)")
-        for key in ("final_step", "answer_steps"):
-            if not isinstance(e.get(key), str):
-                raise LabelFileError(f"{where}: missing '{key}' (text)")
-        for r, s in e["is_solved"].items():
-            if not (str(r).isascii() and str(r).isdecimal()) or int(r) >= MAX_REPEATS:
-                raise LabelFileError(f"{where}: repeat index {r!r} is not an integer 0 .. {MAX_REPEATS - 1}")
-            if s not in STATUS:
-                raise LabelFileError(f"{where}: unknown status {s!r} (expected one of {', '.join(STATUS)})")
-    if not any(e["is_solved"] for e in labels.values()):
-        raise LabelFileError(f"{path}: no judge repeats in any query")
-    return labels
-
-
-def label_group(path, override=None):
-    """G2_category.json -> G2_category; G1_tool_toolllama.json -> G1_tool; else the file stem."""
-    if override:
-        return override
-    stem = os.path.splitext(os.path.basename(path))[0]
-    m = re.search("|".join(STB_GROUPS), stem)
-    return m.group(0) if m else stem
-
-
-_NAME = re.compile(r"""\{\s*['"]name['"]\s*:\s*['"]([^'"]*)['"]""")
-
-
-def parse_step(text):
-    """'Step k: {...}' / 'Final step: {...}' -> dict; a truncated one -> {'name': ...}; None if nameless."""
-    body = text.partition(":")[2].strip()
-    try:
-        d = ast.literal_eval(body)  # data only: literals, never code
-        if isinstance(d, dict) and "name" in d:
-            return d
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        pass
-    m = _NAME.search(body[:300])
-    return {"name": m.group(1)} if m else None
-
-
-def step_names(answer_steps):
-    """The function names called in an answer_steps text, in order (repeats kept)."""
-    steps = re.split(r"\n(?=Step \d+:)", answer_steps.strip()) if answer_steps.strip() else []
-    return [d["name"] for d in map(parse_step, steps) if d]
-
-
-def ends_with_answer(final_step):
-    """Does the final step call Finish with return_type give_answer?"""
-    d = parse_step(final_step) if final_step else None
-    if not d or d["name"] != "Finish":
-        return False
-    try:  # ToolBench stores the arguments as JSON text
-        return json.loads(d["arguments"]).get("return_type") == "give_answer"
-    except (KeyError, TypeError, ValueError, AttributeError):  # truncated or odd: the text still says which
-        return "give_answer" in final_step
-
-
-# ---- the two numbers -------------------------------------------------------------------------
+# ---- the numbers -----------------------------------------------------------------------------
 def pass_rate(scores):
     """Per-repeat scores [score_r] (fractions) -> (mean %, population std %), as StableToolBench."""
     return sum(scores) / len(scores) * 100, statistics.pstdev(scores) * 100
+
+
+def bootstrap_ci(values, n=2000, seed=0, level=0.95):
+    """95% percentile-bootstrap CI (%) of the mean of per-query values in [0, 1], queries resampled."""
+    v = np.asarray(values, dtype=float)
+    means = v[np.random.default_rng(seed).integers(0, len(v), size=(n, len(v)))].mean(axis=1) * 100  # [n]
+    return [float(x) for x in np.percentile(means, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])]
 
 
 def recall(called, relevant):
     """|relevant called at least once| / |relevant|; None when there is nothing relevant."""
     relevant = set(relevant)
     return len(relevant & set(called)) / len(relevant) if relevant else None
-
-
-def called_steps(traj):
-    """The steps of our trajectory that reached a tool or Finish (no parse error, known name)."""
-    return [s for s in traj.steps if s.name and not s.error]
 
 
 def trajectory_recall(traj, task):
@@ -175,39 +107,52 @@ def relevant_index(tasks):
     return lookup
 
 
-def score_labels(labels, group="", relevant=None):
-    """{qid: entry} -> metrics: pass_rate, pass_rate_std (%), n, repeats, recall (% or None), and notes."""
-    n = len(labels)
-    R = 1 + max(int(r) for e in labels.values() for r in e["is_solved"])  # departure 1
-    score, unfinished, missing = [0.0] * R, 0, 0
+def query_scores(e, R):
+    """One label entry -> [its score in repeat r] for r < R: 0 without Finish give_answer (departure 2)
+    or where the repeat is missing (departure 1)."""
+    ok, solved = ends_with_answer(e["final_step"]), {int(r): s for r, s in e["is_solved"].items()}
+    return [STATUS[solved[r]] if ok and r in solved else 0.0 for r in range(R)]
+
+
+def score_labels(labels, group="", relevant=None, judge_errors=0):
+    """{qid: entry} -> metrics: pass_rate, pass_rate_std, pass_rate_ci (%), n, repeats, recall (% or
+    None), answer_status counts, majority_pass_rate(_ci) (% or None), judge_errors, and notes."""
+    out = {"n": len(labels), "judge_errors": judge_errors, "recall_n": None}
+    if not labels:  # every query a judge error: no rate
+        return {**out, **dict.fromkeys(("pass_rate", "pass_rate_std", "pass_rate_ci", "recall", "majority_pass_rate",
+                                        "majority_pass_rate_ci")), "repeats": 0, "answer_status": {},
+                "overridden": 0, "missing_repeats": 0}
+    R = 1 + max([int(r) for e in labels.values() for r in e["is_solved"]], default=0)  # departure 1
+    each = [query_scores(e, R) for e in labels.values()]                                # [n][R]
+    counts = dict.fromkeys(("Solved", "Unsure", "Unsolved"), 0)
     for e in labels.values():
-        solved = {int(r): s for r, s in e["is_solved"].items()}
-        missing += len(solved) < R
-        if not ends_with_answer(e["final_step"]):  # departure 2: no Finish give_answer -> Unsolved
-            unfinished += any(STATUS[s] > 0 for s in solved.values())
-            continue
-        for r in range(R):
-            score[r] += STATUS[solved[r]] if r in solved else 0.0  # departure 1: missing -> Unsolved
-    mean, std = pass_rate([s / n for s in score])
+        for s in e["is_solved"].values():
+            counts["Unsolved" if not ends_with_answer(e["final_step"]) else s.split(".")[-1]] += 1
+    mean, std = pass_rate([sum(q[r] for q in each) / len(each) for r in range(R)])
+    votes = [e["failed"] <= e["passed"] for e in labels.values() if isinstance(e.get("passed"), int)]
+    majority = votes if len(votes) == len(labels) else None                             # step 6 (judge.py)
     recalls = [recall(step_names(e["answer_steps"]), rel) for qid, e in labels.items()
                if relevant and (rel := relevant(group, qid))]  # departure 4: no relevant APIs, no Recall
-    return {"pass_rate": mean, "pass_rate_std": std, "n": n, "repeats": R,
-            "recall": sum(recalls) / len(recalls) * 100 if recalls else None,
-            "recall_n": len(recalls) if relevant else None, "overridden": unfinished, "missing_repeats": missing}
+    return {**out, "pass_rate": mean, "pass_rate_std": std, "pass_rate_ci": bootstrap_ci([sum(q) / R for q in each]),
+            "repeats": R, "recall": sum(recalls) / len(recalls) * 100 if recalls else None,
+            "recall_n": len(recalls) if relevant else None, "answer_status": counts,
+            "majority_pass_rate": 100 * sum(majority) / len(majority) if majority else None,
+            "majority_pass_rate_ci": bootstrap_ci(majority) if majority else None,
+            "overridden": sum(any(STATUS[s] > 0 for s in e["is_solved"].values()) and not ends_with_answer(e["final_step"])
+                              for e in labels.values()),
+            "missing_repeats": sum(len(e["is_solved"]) < R for e in labels.values())}
 
 
 def per_query(labels, tasks):
     """{group: {qid: entry}} -> [{group, query_id, pass (0..1), recall (0..1 or None)}], as score_labels
-    counts them (an answer that is not Finish give_answer passes no repeat; missing repeats fail)."""
+    counts them. Judge errors are in no label file, so in none of these either."""
     relevant = relevant_index(tasks)
     out = []
     for g, entries in labels.items():
         R = 1 + max(int(r) for e in entries.values() for r in e["is_solved"])
         for qid, e in entries.items():
-            ok = ends_with_answer(e["final_step"])
             rel = relevant(g, qid)
-            out.append({"group": g, "query_id": qid,
-                        "pass": sum(STATUS[s] for s in e["is_solved"].values()) / R if ok else 0.0,
+            out.append({"group": g, "query_id": qid, "pass": sum(query_scores(e, R)) / R,
                         "recall": recall(step_names(e["answer_steps"]), rel) if rel else None})
     return out
 
@@ -230,7 +175,8 @@ def paired_bootstrap(a, b, n=10000, seed=0, level=0.95):
 
 
 def group_means(scored):
-    """[(name, group, metrics)] -> {group: {pass_rate, recall}} with I1 / I2 / I3 and Avg (paper's Table 1)."""
+    """[(name, group, metrics)] -> {group: {pass_rate, recall}} with I1 / I2 / I3 and Avg (paper's Table 1);
+    a member without a rate (or a Recall) leaves the mean without one."""
     groups = {}
     for _, g, m in scored:
         if g in groups:  # two files of one group (two models?): no group table, it would mix them
@@ -238,9 +184,8 @@ def group_means(scored):
         groups[g] = {"pass_rate": m["pass_rate"], "recall": m["recall"]}
 
     def mean_of(members):
-        recalls = [groups[g]["recall"] for g in members]
-        return {"pass_rate": statistics.fmean(groups[g]["pass_rate"] for g in members),
-                "recall": statistics.fmean(recalls) if None not in recalls else None}
+        vals = {k: [groups[g][k] for g in members] for k in ("pass_rate", "recall")}
+        return {k: statistics.fmean(v) if None not in v else None for k, v in vals.items()}
     base = list(groups)
     for name, members in PAPER_GROUPS.items():
         if all(g in groups for g in members):
@@ -269,23 +214,41 @@ def score_paths(label_paths, query_paths=(), group_names=()):
     return scored, group_means(scored), errors
 
 
+def score_groups(labels, errors, tasks, names=None):
+    """Judged {group: {qid: entry}} and judge errors {group: {qid: message}} -> (scored, groups)."""
+    relevant = relevant_index(tasks)
+    scored = [((names or {}).get(g, f"{g}.json"), g, score_labels(labels.get(g, {}), g, relevant, len(errors.get(g, {}))))
+              for g in sorted(set(labels) | set(errors))]
+    if errors:
+        first = next(iter(next(iter(errors.values())).values()))
+        print(f"eval.py: the judge failed on {sum(map(len, errors.values()))} answers, left out of the Pass Rate "
+              f"(judge_errors); first: {first}", file=sys.stderr)
+    return scored, group_means(scored)
+
+
 # ---- printing and writing --------------------------------------------------------------------
 def _pct(x):
     return "-" if x is None else f"{x:.1f}"
 
 
-def format_table(scored, groups):
-    """The paper's table as plain text: group | n | Pass Rate mean ± std | Recall."""
+def format_table(scored, groups, judge=None):
+    """The paper's table as plain text: group | n | Pass Rate mean ± std | 95% CI | Recall, and notes."""
     dup = {g for _, g, _ in scored if sum(g == h for _, h, _ in scored) > 1}
-    lines = [f"{'group':<24}{'n':>6}   {'Pass Rate (%)':<16}{'Recall (%)':>10}"]
+    lines = [f"{'group':<24}{'n':>6}   {'Pass Rate (%)':<16}{'95% CI':<16}{'Recall (%)':>10}"]
     for name, g, m in scored:
-        label = f"{g} ({name})" if g in dup else g
-        lines.append(f"{label:<24}{m['n']:>6}   {_pct(m['pass_rate']) + ' ± ' + _pct(m['pass_rate_std']):<16}"
-                     f"{_pct(m['recall']):>10}")
+        ci = m.get("pass_rate_ci")
+        lines.append(f"{g + f' ({name})' if g in dup else g:<24}{m['n']:>6}   "
+                     f"{_pct(m['pass_rate']) + ' ± ' + _pct(m['pass_rate_std']):<16}"
+                     f"{f'[{ci[0]:.1f}, {ci[1]:.1f}]' if ci else '-':<16}{_pct(m['recall']):>10}")
     for g in [g for g in groups if g in PAPER_GROUPS or g == "Avg"]:
-        lines.append(f"{g:<24}{'':>6}   {_pct(groups[g]['pass_rate']):<16}{_pct(groups[g]['recall']):>10}")
+        lines.append(f"{g:<24}{'':>6}   {_pct(groups[g]['pass_rate']):<32}{_pct(groups[g]['recall']):>10}")
     for name, g, m in scored:  # what a reader comparing with StableToolBench's own printout should know
-        notes = [f"{m['repeats']} judge repeats"]
+        notes = [f"{m['repeats']} judge repeats"] + [f"{k} {v}" for k, v in m["answer_status"].items()]
+        if m["majority_pass_rate"] is not None:
+            notes.append(f"majority pass rate {_pct(m['majority_pass_rate'])} % "
+                         f"[{m['majority_pass_rate_ci'][0]:.1f}, {m['majority_pass_rate_ci'][1]:.1f}]")
+        if m["judge_errors"]:
+            notes.append(f"JUDGE ERRORS: {m['judge_errors']} queries (left out of n and the rate)")
         if m["missing_repeats"]:
             notes.append(f"queries lacking a repeat: {m['missing_repeats']} (Unsolved there)")
         if m["overridden"]:
@@ -295,31 +258,20 @@ def format_table(scored, groups):
         lines.append(f"  {name}: " + "; ".join(notes))
     if dup:
         lines.append(f"  no group means: {', '.join(sorted(dup))} given by several files; score one model per call")
+    if judge:
+        lines.append(f"  judge: {judge['kind']}, {judge['model'] or '-'} at {judge['url'] or '-'}; prompts: {judge['prompts']}")
     return "\n".join(lines)
 
 
-def to_json(scored, groups):
-    return {"files": {name: {k: m[k] for k in JSON_KEYS} for name, _, m in scored}, "groups": groups}
+def to_json(scored, groups, judge=None, errors=None):
+    out = {"files": {name: {k: m[k] for k in JSON_KEYS} for name, _, m in scored}, "groups": groups,
+           "detail": {name: {k: m.get(k) for k in DETAIL_KEYS} for name, _, m in scored}}
+    if judge:
+        out["judge"] = {**judge, "errors": errors or {}}
+    return out
 
 
-def to_label(task, traj, statuses):
-    """Our trajectory + per-repeat statuses -> one entry of a StableToolBench pass-rate label file."""
-    texts = [str({"name": s.name, "arguments": json.dumps(s.arguments, ensure_ascii=False),
-                  "response": "" if s.name == "Finish" else s.observation}) for s in called_steps(traj)]
-    return {"query": traj.query, "tool_names": [f["name"] for f in task.functions] + ["Finish"],
-            "answer_steps": "\n".join(f"Step {k}: {t}" for k, t in enumerate(texts, 1)),
-            "final_step": f"Final step: {texts[-1]}" if texts else "",
-            "is_solved": {str(r): s for r, s in enumerate(statuses)}, "length": len(texts)}
-
-
-def write_trajectories(path, trajectories):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        for t in trajectories:
-            f.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
-
-
-def write_outputs(out, labels, scored, groups, run=None):
+def write_outputs(out, labels, scored, groups, run=None, judge=None, errors=None):
     """<out>/<group>.json label files (StableToolBench's layout: indent 4), results.json, results.csv.
     run: the claimed --out folder (runs.py), whose marker lists each file before it is written."""
     os.makedirs(out, exist_ok=True)
@@ -329,7 +281,7 @@ def write_outputs(out, labels, scored, groups, run=None):
         with open(os.path.join(out, f"{g}.json"), "w") as f:
             json.dump(entries, f, ensure_ascii=False, indent=4)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(to_json(scored, groups), f, indent=2)
+        json.dump(to_json(scored, groups, judge, errors), f, indent=2)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "n", "repeats", "pass_rate", "pass_rate_std", "recall"])
@@ -339,32 +291,16 @@ def write_outputs(out, labels, scored, groups, run=None):
             w.writerow([g, "", "", groups[g]["pass_rate"], "", groups[g]["recall"]])
 
 
-# ---- the model path --------------------------------------------------------------------------
-def evaluate(trajectories, tasks, judge_fn, repeats=3, workers=8):
-    """Judge finished trajectories -> (labels {group: {qid: entry}}, scored [(file, group, metrics)], groups).
-
-    judge_fn(task, traj) -> 1 | 0.5 | 0 (Solved / Unsure / Unsolved), called `repeats` times per answer
-    that ends in Finish give_answer; other answers are Unsolved without a call (departure 2)."""
-    by_key = {(t.group, t.query_id): t for t in tasks}
-
-    def judge(traj):
-        task = by_key.get((traj.group, traj.query_id))
-        if task is None:
-            raise KeyError(f"trajectory of query {traj.query_id} (group {traj.group}) has no task")
-        scores = [judge_fn(task, traj) for _ in range(repeats)] if traj.finish == "give_answer" else [0] * repeats
-        if any(s not in STATUS_OF for s in scores):
-            raise ValueError(f"judge_fn returned {scores} for query {traj.query_id}; expected 1, 0.5 or 0")
-        return task, traj, [STATUS_OF[s] for s in scores]
-
-    with ThreadPoolExecutor(workers) as pool:  # judges are often remote LLM calls
-        judged = list(tqdm(pool.map(judge, trajectories), total=len(trajectories), desc="judge", leave=False))
-    labels = {}
-    for task, traj, statuses in judged:
-        labels.setdefault(task.group, {})[str(task.query_id)] = to_label(task, traj, statuses)
-    labels = dict(sorted(labels.items()))
-    relevant = relevant_index(tasks)
-    scored = [(f"{g}.json", g, score_labels(entries, g, relevant)) for g, entries in labels.items()]
-    return labels, scored, group_means(scored)
+# ---- judging ---------------------------------------------------------------------------------
+def evaluate(trajectories, tasks, judge_fn, repeats=3, workers=8, errors=None):
+    """Judge finished trajectories (judge.judge_trajectories: judge_fn(task, traj) -> 1 | 0.5 | 0, asked
+    `repeats` times per answer that ends in Finish give_answer; departure 2) -> (labels {group: {qid:
+    entry}}, scored [(file, group, metrics)], groups). A judge_fn that raises judge.JudgeError makes
+    that query a judge error (departure 6), its message put in `errors` {group: {qid: message}}."""
+    labels, errs = J.judge_trajectories(trajectories, tasks, judge_fn, repeats, workers)
+    if errors is not None:
+        errors.update(errs)
+    return labels, *score_groups(labels, errs, tasks)
 
 
 def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0, batch_size=32,
@@ -383,24 +319,6 @@ def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0,
                                    max_steps=max_steps, max_new_tokens=max_new_tokens, max_context=max_context,
                                    temperature=temperature, batch_size=batch_size, on_done=bar.update)
     return trajs
-
-
-def make_judge(judge_url="", judge_model="gpt-4o-mini"):
-    """reward.py's is_solved as judge_fn(task, traj) -> 1 | 0.5 | 0.
-
-    Embedded tasks are judged by their answer facts; StableToolBench tasks need --judge-url (an
-    OpenAI-compatible endpoint), each of eval's --repeats asking it once. Without one they are
-    Unsure (0.5) -- a warning says so, since such numbers are not a pass rate."""
-    import reward
-    judge = reward.Judge(judge_url, judge_model, repeats=1) if judge_url else None
-    warned = []
-
-    def judge_fn(task, traj):
-        if judge is None and not task.answer and not warned:
-            warned.append(1)
-            print("eval.py: warning: no --judge-url; tasks without answer facts are judged Unsure", file=sys.stderr)
-        return reward.is_solved(task, traj, judge)
-    return judge_fn
 
 
 # ---- the benchmark of the scorer -------------------------------------------------------------
@@ -453,19 +371,27 @@ class Args:
     adapters: tuple = opt((), "adapter files (LoRA + value head) put on --model in order, each but the last merged")
     tasks: tuple = opt((), "task files: StableToolBench query files or data/bench_test.json")
     tool_server: str = opt("", "tool server URL; empty: start the embedded one")
-    judge_url: str = opt("", "OpenAI-compatible judge for StableToolBench tasks (key: $OPENAI_API_KEY)")
-    judge_model: str = opt("gpt-4o-mini", "model name sent to the judge")
+    judge: str = opt("auto", "facts | stabletoolbench | auto (stabletoolbench if --judge-url and a task lacks facts)")
+    judge_url: str = opt("", "OpenAI-compatible judge endpoint, e.g. https://api.openai.com/v1")
+    judge_model: str = opt("gpt-4o-mini", "model name sent to the judge (StableToolBench's: gpt-4-turbo-2024-04-09)")
+    judge_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's key (never logged)")
+    stb_dir: str = opt("", "a StableToolBench checkout: its pass-rate prompts, read at run time; empty: ours")
+    judge_temperature: float = opt(0.0, "judge sampling temperature (StableToolBench's default config: 0.2)")
+    judge_retries: int = opt(2, "retries per judge request, with exponential backoff")
+    judge_timeout: float = opt(60.0, "seconds per judge request")
+    judge_workers: int = opt(8, "judge requests in flight")
     repeats: int = opt(3, "judge repeats per answer (StableToolBench's evaluate_times)")
     temperature: float = opt(0.0, "sampling temperature; 0 = greedy, as the paper")
     max_steps: int = opt(12, "actions per episode")
     max_new_tokens: int = opt(256, "tokens per assistant turn")
-    seed: int = opt(0, "rollout seed")
-    out: str = opt("out/eval", "folder for label files, results.json/.csv, trajectories.jsonl: new or empty")
+    seed: int = opt(0, "rollout seed, and the seed of the judge's coin flips")
+    out: str = opt("out/eval", "folder for label files, results.json/.csv (and trajectories.jsonl): new or empty")
     overwrite: bool = opt(False, "replace an earlier eval.py output in --out (only what it wrote)")
+    answers: tuple = opt((), "judge these saved answers (StableToolBench converted answers or label files)")
     labels: tuple = opt((), "score these StableToolBench pass-rate label files instead")
-    queries: tuple = opt((), "query files whose 'relevant APIs' give --labels' Recall")
-    groups: tuple = opt((), "group names for the --labels files, one per file")
-    json: bool = opt(False, "--labels: print one JSON object as the last line")
+    queries: tuple = opt((), "query files whose 'relevant APIs' give Recall of --labels / --answers")
+    groups: tuple = opt((), "group names for the --labels / --answers files, one per file")
+    json: bool = opt(False, "--labels / --answers: print one JSON object as the last line")
     bench: bool = opt(False, "time --labels on six synthetic files (765 queries)")
 
 
@@ -481,9 +407,9 @@ def main(argv=None):
     a = parse_args(argv)
     if a.bench:
         return 0 if bench() < 2.0 else 1
+    if a.groups and len(a.groups) != len(a.labels or a.answers):
+        sys.exit(f"eval.py: --groups gives {len(a.groups)} names for {len(a.labels or a.answers)} files")
     if a.labels:
-        if a.groups and len(a.groups) != len(a.labels):
-            sys.exit(f"eval.py: --groups gives {len(a.groups)} names for {len(a.labels)} label files")
         scored, groups, errors = score_paths(a.labels, a.queries, a.groups)
         print(format_table(scored, groups))
         for e in errors:
@@ -491,28 +417,66 @@ def main(argv=None):
         if a.json:
             print(json.dumps(to_json(scored, groups)))
         return 1 if errors else 0
-    if not (a.model and a.tasks):
-        sys.exit("eval.py: give --model and --tasks, or --labels, or --bench (see -h)")
+    if not (a.answers or (a.model and a.tasks)):
+        sys.exit("eval.py: give --model and --tasks, or --answers, or --labels, or --bench (see -h)")
     import checks
-    try:  # flags and task files before the --out folder or the model
+    try:  # flags, input files and the judge's prompts before the --out folder, the model or the judge
         checks.check_ranges(a, {**{k: checks.RULES[k] for k in ("temperature", "max_steps", "max_new_tokens")},
+                                "judge_temperature": checks.NONNEG, "judge_retries": checks.NONNEG,
+                                "judge_timeout": checks.POSITIVE, "judge_workers": checks.ONE_UP,
                                 "repeats": checks._rule(1, MAX_REPEATS - 1)})
-        checks.check_model(a.model, a.adapters)
-        tasks = [t for p in a.tasks for t in env.load_tasks(p)]
-        if not tasks:
+        if a.judge not in ("auto", "facts", "stabletoolbench"):
+            raise checks.InputError(f"--judge {a.judge}: use one of auto, facts, stabletoolbench")
+        if a.answers and (a.judge == "facts" or not a.judge_url):
+            raise checks.InputError("--answers needs --judge-url (and --judge auto or stabletoolbench): saved answers "
+                                    "have no answer facts")
+        if not a.answers:
+            checks.check_model(a.model, a.adapters)
+        tasks = [t for p in (a.queries if a.answers else a.tasks) for t in env.load_tasks(p)]
+        if not (tasks or a.answers):
             raise checks.InputError(f"--tasks {' '.join(a.tasks)}: no tasks")
-    except (checks.InputError, env.TaskFileError) as e:
+        items, names = formats.read_answers(a.answers, a.groups) if a.answers else ([], None)
+        chain = a.judge == "stabletoolbench" or (a.judge == "auto" and a.judge_url and (
+            a.answers or not all(t.answer for t in tasks)))
+        if chain and not a.judge_url:
+            raise checks.InputError("--judge stabletoolbench needs --judge-url")
+        if not a.judge_url and not all(t.answer for t in tasks):   # never a constant 0.5 called a pass rate
+            raise checks.InputError(f"--tasks {' '.join(a.tasks)}: {sum(not t.answer for t in tasks)} tasks have no answer "
+                                    "facts to judge by: give --judge-url")
+        kw = dict(key_env=a.judge_key_env, timeout=a.judge_timeout, retries=a.judge_retries)
+        judge = J.PassRateJudge(a.judge_url, a.judge_model, a.stb_dir, a.judge_temperature, **kw) if chain \
+            else J.FactsJudge(a.judge_url, a.judge_model, **kw)
+    except ValueError as e:  # checks.InputError, env.TaskFileError, formats.LabelFileError, a bad --stb-dir
         runs.fail("eval.py", e)
     try:  # --out first (runs.py): never a folder of someone else's, nothing loaded before
-        run = runs.claim(a.out, "eval", "--out", overwrite=a.overwrite, entries=("trajectories.jsonl",))
+        run = runs.claim(a.out, "eval", "--out", overwrite=a.overwrite, entries=() if a.answers else ("trajectories.jsonl",))
     except runs.RunError as e:
         runs.fail("eval.py", e)
     with run:
-        return evaluate_model(a, tasks, run)
+        if not a.answers:
+            trajectories = evaluate_model(a, tasks)
+            write_trajectories(os.path.join(a.out, "trajectories.jsonl"), trajectories)  # kept if judging fails
+        if chain and not a.answers:  # the model's answers, judged as saved answers are
+            by_key = {(t.group, t.query_id): t for t in tasks}
+            items = [(t.group, t.query_id, formats.traj_to_example(by_key[(t.group, t.query_id)], t)) for t in trajectories]
+        if chain:
+            labels, errors = J.judge_answers(items, judge, a.repeats, a.seed, a.judge_workers)
+            scored, groups = score_groups(labels, errors, tasks, names)
+        else:
+            errors = {}
+            labels, scored, groups = evaluate(trajectories, tasks, judge, a.repeats, errors=errors)
+        info = {**judge.describe(), "repeats": a.repeats, "seed": a.seed}  # the seed of the coin flips
+        write_outputs(a.out, labels, scored, groups, run, info, errors)
+        print(format_table(scored, groups, info))
+        print(f"wrote {a.out}/results.json, results.csv, {'' if a.answers else 'trajectories.jsonl, '}"
+              f"{len(labels)} label files")
+        if a.json:
+            print(json.dumps(to_json(scored, groups, info, errors)))
+        return 1 if errors else 0
 
 
-def evaluate_model(a, tasks, run):
-    """--model on --tasks: rollouts, judging, every output written into the claimed run folder."""
+def evaluate_model(a, tasks):
+    """--model's rollouts on --tasks (the embedded tool server unless --tool-server) -> [env.Trajectory]."""
     srv = None
     if not a.tool_server:
         import server
@@ -523,17 +487,11 @@ def evaluate_model(a, tasks, run):
             model = P.load_policy(a.model, adapters=tuple(a.adapters)) if a.adapters else a.model
         except (ValueError, OSError) as e:
             sys.exit(f"eval.py: {e}")
-        trajectories = run_policy(model, tasks, a.tool_server or srv.url, a.temperature, a.max_steps, a.seed,
-                                  max_new_tokens=a.max_new_tokens)
+        return run_policy(model, tasks, a.tool_server or srv.url, a.temperature, a.max_steps, a.seed,
+                          max_new_tokens=a.max_new_tokens)
     finally:
         if srv:
             srv.shutdown()
-    write_trajectories(os.path.join(a.out, "trajectories.jsonl"), trajectories)  # kept even if judging fails
-    labels, scored, groups = evaluate(trajectories, tasks, make_judge(a.judge_url, a.judge_model), a.repeats)
-    write_outputs(a.out, labels, scored, groups, run)
-    print(format_table(scored, groups))
-    print(f"wrote {a.out}/results.json, results.csv, trajectories.jsonl and {len(labels)} label files")
-    return 0
 
 
 if __name__ == "__main__":

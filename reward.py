@@ -18,13 +18,10 @@ baseline and its "without step reward" ablation), or "module.function": fn(task,
     python reward.py convert --in step_grained_for_ppo.tsv --out trajs.jsonl   # and .jsonl -> .tsv
     python reward.py bench        # time the shaping of 1,000 embedded-benchmark episodes
 
-Files: our trajectory JSONL is one env.Trajectory.to_dict() per line, plus `rewards` once shaped; a row
-that came from the original's training TSV (read_tsv / write_tsv) also keeps its `prompt` / `response`
-text, so TSV -> JSONL -> TSV is exact. Other rows go to TSV rendered in Qwen2's chat format from
-their task (found by query_id in the task files, --tasks) and their steps. Both readers check every
-line (UTF-8; at least one trajectory; per step a prompt, a response and a finite reward) before any work:
-a bad one is a DataFileError, "PATH:LINE: what is wrong", which the command line prints as one line with
-exit status 2, as it does a flag out of range (Config).
+Files (formats.py): `annotate` and `convert` read our trajectory JSONL or the original's training TSV,
+checked whole before any work; a bad line is a DataFileError, "PATH:LINE: what is wrong", which the
+command line prints as one line with exit status 2, as it does a flag out of range (Config). The LLM
+judge (judge.Judge) asks an OpenAI-compatible endpoint.
 
 Departures from the paper and the original code:
 1. r_t is divided by (1 + alpha), which keeps it in [0, 1] as in the original's released training
@@ -40,16 +37,14 @@ Departures from the paper and the original code:
    (0.5): no rule grades free text. Answer facts decide IsSolved even when a judge is given; the judge
    then scores the intermediate steps only.
 6. A judge that fails (HTTP error, timeout, unparseable reply) after retries with backoff falls back
-   to the rules for that episode, and shape_batch counts it: training never stops on a judge.
+   to the rules for that episode (IsSolved as in 5), and shape_batch counts it (judge_fallbacks;
+   steptool.py logs it as reward/judge_errors): training never stops on a judge, nor hides one.
 Left out: the original's GPT-4 prompt (ours is our own wording), DFSDT search trees (one path per
 episode), and the original's per-query annotation JSON as an input of `annotate` (annotation_rewards
 turns one entry of it into rewards).
 """
 import argparse
-import ast
-import csv
 import importlib
-import io
 import json
 import math
 import os
@@ -60,12 +55,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
-import requests
-
 import env
+from formats import TASK_FILES, finite, load_task_index, read_trajectories, convert
+from formats import literal as _literal
+# moved to formats.py and judge.py; these names stay importable from here for their old callers
+from formats import DataFileError, read_tsv, write_tsv, read_jsonl, tsv_row_to_traj, traj_to_tsv_row  # noqa: F401
+from judge import Judge, JudgeError, judge_messages, parse_judge_reply  # noqa: F401
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TASK_FILES = [os.path.join(HERE, "data", f"bench_{s}.json") for s in ("train", "test")]
 STATUS = {"solved": 1.0, "unsure": 0.5, "unsolved": 0.0}  # AnswerStatus -> IsSolved
 
 
@@ -76,18 +72,6 @@ _ERROR_WORDS = re.compile(r"\b(errors?|invalid|not found|no such|unknown|missing
                           r"too many requests|rate limit|exceeded|timed? ?out|expired|bad request)\b", re.I)
 _PLEASE = re.compile(r"(^|[.!?]\s+)please\b", re.I)  # "Please check what you are inputting"
 _ENVELOPE = {"message", "msg", "detail", "error", "errors", "status", "statuscode", "status_code", "code", "success"}
-
-
-def _literal(s):
-    """JSON or Python-literal text -> its value (data only, never run), or None."""
-    try:
-        return json.loads(s)
-    except (ValueError, RecursionError):
-        pass
-    try:
-        return ast.literal_eval(s) if len(s) < 20000 else None
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return None
 
 
 def failed_response(resp):
@@ -300,93 +284,7 @@ def annotation_rewards(ann, alpha=1.0):
     return shaped(succ, contrib, alpha) + [solved]
 
 
-# ---- the LLM judge --------------------------------------------------------------------------
-JUDGE_SYSTEM = (
-    "You review how an AI assistant used tools (APIs) to answer a user's query. You get the query, each "
-    "tool call with the response it got, and the assistant's final answer. For every tool call give\n"
-    "- success: 1 if the call worked and returned usable data, 0 if it failed (an error, an empty or "
-    "meaningless response, a wrong function or wrong arguments);\n"
-    "- contribution: 0 (the final answer uses nothing from this call) to 5 (the final answer rests on it).\n"
-    "Then grade the final answer: \"Solved\" if it answers the whole query with information from the tools, "
-    "\"Unsolved\" if it does not or gives up, \"Unsure\" if you cannot tell.\n"
-    "Reply with JSON only: {\"steps\": [{\"success\": 0 or 1, \"contribution\": 0 to 5}, ... one per tool "
-    "call, in order], \"status\": \"Solved\" | \"Unsure\" | \"Unsolved\"}")
-
-
-class JudgeError(RuntimeError):
-    pass
-
-
-def judge_messages(task, traj, max_chars=1024):
-    """The chat that asks the judge to annotate one episode (our wording of the paper's procedure)."""
-    calls = [{"call": i + 1, "function": s.name or "(unparsed)", "arguments": s.arguments,
-              "response": (json.dumps(s.record, ensure_ascii=False) if s.record else s.observation)[:max_chars]}
-             for i, s in enumerate(intermediate(traj))]
-    answer = {"give_answer": traj.final_answer, "give_up": "(the assistant gave up)"}.get(traj.finish, "(none)")
-    tools = ", ".join(f["name"] for f in task.functions) or "?"
-    user = (f"Query: {task.query or traj.query}\nTools offered: {tools}\n"
-            f"Tool calls ({len(calls)}):\n{json.dumps(calls, ensure_ascii=False, indent=1)}\nFinal answer: {answer}")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-
-
-def parse_judge_reply(reply, n):
-    """A chat completion -> ([success 0/1] * n, [contribution 0..5] * n, status). The JSON may be a
-    function call's arguments or the message text (code fences and words around it are skipped).
-    Raises ValueError / KeyError / TypeError / IndexError when the reply does not fit."""
-    msg = reply["choices"][0]["message"]
-    calls = msg.get("tool_calls") or ([{"function": msg["function_call"]}] if msg.get("function_call") else [])
-    text = calls[0]["function"]["arguments"] if calls else msg.get("content") or ""
-    obj = text if isinstance(text, dict) else json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
-    status = str(obj["status"]).split(".")[-1].strip().lower()
-    succ = [float(s["success"]) for s in obj["steps"]]
-    contrib = [float(s["contribution"]) for s in obj["steps"]]
-    if len(succ) != n or status not in STATUS or not all(s in (0, 1) for s in succ) or not all(0 <= c <= 5 for c in contrib):
-        raise ValueError(f"judge reply does not fit {n} steps: {json.dumps(obj)[:200]}")
-    return [int(s) for s in succ], contrib, status.capitalize()
-
-
-class Judge:
-    """An LLM annotator at any OpenAI-compatible endpoint (a hosted model, a vLLM server): URL .../v1 or
-    .../v1/chat/completions. The key is read from the environment variable `key_env` at each request
-    (none: no Authorization header); it is never stored, printed or logged."""
-
-    def __init__(self, url, model, key_env="OPENAI_API_KEY", repeats=3, timeout=60.0, retries=2, backoff=1.0,
-                 max_chars=1024):
-        u = url.rstrip("/")
-        u = u if u.endswith("/chat/completions") or u.endswith("/v1") else u + "/v1"
-        self.url = u if u.endswith("/chat/completions") else u + "/chat/completions"
-        self.model, self.key_env, self.repeats, self.timeout = model, key_env, repeats, timeout
-        self.retries, self.backoff, self.max_chars = retries, backoff, max_chars
-
-    def annotate(self, task, traj):
-        """One episode -> an annotation in the original's format (annotation_means); `repeats` requests."""
-        n, messages = len(intermediate(traj)), judge_messages(task, traj, self.max_chars)
-        reps = [self._ask(messages, n) for _ in range(self.repeats)]
-        return {"process_reward": {str(i): {"succeed_tool_calling": s, "contributions": c}
-                                   for i, (s, c, _) in enumerate(reps)},
-                "is_solved": {str(i): f"AnswerStatus.{st}" for i, (_, _, st) in enumerate(reps)}}
-
-    def _ask(self, messages, n):
-        body = {"model": self.model, "messages": messages}  # the server's default temperature: repeats differ
-        key = os.environ.get(self.key_env, "").strip()
-        headers, last = {"Authorization": f"Bearer {key}"} if key else {}, ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                r = requests.post(self.url, json=body, headers=headers, timeout=self.timeout)
-                if r.status_code != 200:
-                    last = f"HTTP {r.status_code}"
-                    continue
-                return parse_judge_reply(r.json(), n)
-            except (requests.RequestException, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-                text = str(e)
-                for k in (key, repr(key)[1:-1]) if key else ():  # requests quotes a malformed header
-                    text = text.replace(k, "<key>")
-                last = f"{type(e).__name__}: {text[:200]}"
-        raise JudgeError(f"judge at {self.url} failed {self.retries + 1} times; last: {last}")
-
-
+# ---- the LLM judge (judge.py) ----------------------------------------------------------------
 def _annotate(judge, task, traj):
     """-> (annotation, "") or (None, the error): a failing judge never stops training (departure 6)."""
     try:
@@ -395,215 +293,7 @@ def _annotate(judge, task, traj):
         return None, str(e)
 
 
-# ---- files: our trajectory JSONL and the original StepTool training TSV ----------------------
-IM_END, ASSISTANT = "<|im_end|>\n", "<|im_start|>assistant\n"
-_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.S)
-
-
-class DataFileError(ValueError):
-    """A trajectory file (TSV, JSONL) we cannot use, as one line: "PATH:LINE: what is wrong". The command
-    lines print it and exit with status 2, before any work starts."""
-
-
-def finite(x):
-    """A reward: an int or float (not a bool) that a float holds, not inf or nan."""
-    return type(x) in (int, float) and abs(x) <= sys.float_info.max
-
-
-def check_row(prompt, response, reward):
-    """Why a training row {prompt, response, reward} is unusable (one line), or "" when it can train:
-    three lists of the same length (one entry per step, at least one), of str, str and finite numbers."""
-    for name, x in (("prompt", prompt), ("response", response), ("rewards", reward)):
-        if not isinstance(x, list):
-            return f"{name} must be a list, got {type(x).__name__} {x!r:.40}"
-    if not len(prompt) == len(response) == len(reward):
-        return (f"prompt, response, rewards must be lists of equal length (one per step), "
-                f"got {len(prompt)}, {len(response)}, {len(reward)}")
-    if not reward:
-        return "prompt, response and rewards are empty lists: a trajectory has at least one step"
-    if not all(isinstance(x, str) for x in prompt + response):
-        return "prompt and response must be lists of str"
-    bad = [x for x in reward if not finite(x)]
-    return f"rewards must be finite numbers, got {bad[0]!r}" if bad else ""
-
-
-def _text(path):
-    """A UTF-8 text file as a str (a leading BOM dropped); a byte that is not UTF-8 is named by its line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:  # missing, a folder, unreadable
-        raise DataFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataFileError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8") from None
-
-
-def read_tsv(path):
-    """The original's training TSV (header prompt, response, reward; each cell a Python-literal list,
-    read with ast.literal_eval) -> [{prompt, response, reward}], at least one row. Anything else (a
-    malformed row, check_row, no rows, not UTF-8) is a DataFileError naming the file and line."""
-    csv.field_size_limit(sys.maxsize)
-    rows, reader = [], csv.reader(io.StringIO(_text(path), newline=""), delimiter="\t")
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise DataFileError(f"{path}: empty: no header, no trajectories")
-        if header != ["prompt", "response", "reward"]:
-            raise DataFileError(f"{path}:1: the header must be prompt<TAB>response<TAB>reward")
-        line = 2
-        for cells in reader:
-            where, line = f"{path}:{line}", reader.line_num + 1  # a row's first line; cells may span lines
-            if not cells:
-                continue
-            if len(cells) != 3:
-                raise DataFileError(f"{where}: expected 3 tab-separated cells, got {len(cells)}")
-            try:
-                p, r, w = (ast.literal_eval(c) for c in cells)
-            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
-                raise DataFileError(f"{where}: a cell is not a Python-literal list ({type(e).__name__})") from None
-            why = check_row(p, r, w)
-            if why:
-                raise DataFileError(f"{where}: {why}")
-            rows.append({"prompt": p, "response": r, "reward": w})
-    except csv.Error as e:
-        raise DataFileError(f"{path}:{reader.line_num}: {e}") from None
-    if not rows:
-        raise DataFileError(f"{path}: no trajectories (only the header)")
-    return rows
-
-
-def write_tsv(path, rows):
-    """[{prompt, response, reward}] -> the original's TSV, written as its own files are."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["prompt", "response", "reward"])
-        for row in rows:
-            reward = [x if type(x) in (int, float) else float(x) for x in row["reward"]]  # no numpy reprs
-            w.writerow([repr(list(row["prompt"])), repr(list(row["response"])), repr(reward)])
-
-
-def read_jsonl(path):
-    """-> [(line number, object)] of a JSONL file: one JSON object a line (blank lines skipped), at least
-    one. Anything else is a DataFileError naming the file and line."""
-    out = []
-    for i, line in enumerate(io.StringIO(_text(path)), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise DataFileError(f"{path}:{i}: not JSON ({e})") from None
-        if not isinstance(d, dict):
-            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(d), "a number")
-            raise DataFileError(f"{path}:{i}: {kind}, not a JSON object (one trajectory a line)")
-        out.append((i, d))
-    if not out:
-        raise DataFileError(f"{path}: no trajectories (an empty file)")
-    return out
-
-
-def read_trajectories(path):
-    """read_jsonl of our trajectory JSONL -> [(line number, dict, env.Trajectory)]; a line whose fields
-    are missing or of the wrong type (Trajectory, Step) is a DataFileError naming it."""
-    keys, out = [f.name for f in fields(env.Trajectory)], []
-    for i, d in read_jsonl(path):
-        try:
-            t = env.Trajectory.from_dict({k: d[k] for k in keys if k in d})
-        except (TypeError, ValueError, AttributeError) as e:
-            raise DataFileError(f"{path}:{i}: not a trajectory ({e})") from None
-        bad = next(filter(None, map(_wrong_type, (t, *t.steps))), None)
-        if bad:
-            raise DataFileError(f"{path}:{i}: not a trajectory: {bad} is of the wrong type")
-        out.append((i, d, t))
-    return out
-
-
-def _wrong_type(obj):
-    """The first field of dataclass obj whose value is not of its declared type (None only where that is
-    the default), as "name value", or None."""
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        if isinstance(f.type, type) and not isinstance(v, f.type) and not (v is None and f.default is None):
-            return f"{f.name} {v!r:.40}"
-    return None
-
-
-def tsv_row_to_traj(row, n):
-    """A TSV row -> our trajectory dict: steps parsed from the text, and the text itself (prompt,
-    response) with the rewards. A TSV row has no query id: row n gets -n (negative: unknown)."""
-    user = dict(_TURN.findall(row["prompt"][0])).get("user", "")
-    t = {"query_id": -n, "query": user.strip().removesuffix("Begin!").strip(), "group": "tsv", "steps": [],
-         "finish": "", "final_answer": "", "end": ""}
-    for k, text in enumerate(row["response"]):
-        text, nxt = text.removesuffix(IM_END), row["prompt"][k + 1] if k + 1 < len(row["prompt"]) else ""
-        m, act = _TURN.match(nxt), env.parse_action(text)
-        obs = m.group(2) if m else nxt
-        step = {"text": text, "name": act.name, "arguments": act.arguments, "observation": obs, "record": None,
-                "error": act.error}
-        kind = act.arguments.get("return_type")
-        if not act.error and act.name == "Finish" and kind in ("give_answer", "give_up_and_restart"):
-            t.update(finish="give_answer" if kind == "give_answer" else "give_up", end="finish",
-                     final_answer=str(act.arguments.get("final_answer", "")) if kind == "give_answer" else "")
-        elif not act.error and act.name != "Finish":  # the original cut long observations ("..."): keep the text
-            rec, prefix = _literal(obs) if obs.startswith("{") else None, '{"error": "", "response": '
-            step["record"] = (rec if isinstance(rec, dict) and "response" in rec else
-                              {"error": "", "response": obs[len(prefix):]} if obs.startswith(prefix) else
-                              {"error": obs, "response": ""})
-        t["steps"].append(step)
-    return {**t, "rewards": row["reward"], "prompt": row["prompt"], "response": row["response"]}
-
-
-def traj_to_tsv_row(d, tasks):
-    """Our trajectory dict (with `rewards`) -> a TSV row. A row that came from a TSV gives back its text;
-    others are rendered in Qwen2's chat format: env.initial_messages(task) (task by query_id, from the
-    task files), then each step, tool observations in the `function` role as in the original. The row
-    is checked as read_tsv checks one (check_row): ValueError."""
-    if "rewards" not in d:
-        raise ValueError("no `rewards`: shape them first with `python reward.py annotate`")
-    if "prompt" in d and "response" in d:
-        row = {"prompt": d["prompt"], "response": d["response"], "reward": d["rewards"]}
-    else:
-        task, steps = tasks.get(d["query_id"]), d["steps"]
-        if task is None or task.query != d["query"]:
-            raise ValueError(f"query_id {d['query_id']} with this query is in none of the task files (--tasks)")
-        head = "".join(f"<|im_start|>{m['role']}\n{m['content']}{IM_END}" for m in env.initial_messages(task))
-        prompt = [head + ASSISTANT] + [f"<|im_start|>function\n{s['observation']}{IM_END}{ASSISTANT}" for s in steps[:-1]]
-        row = {"prompt": prompt, "response": [s["text"] + IM_END for s in steps], "reward": d["rewards"]}
-    why = check_row(row["prompt"], row["response"], row["reward"])
-    if why:
-        raise ValueError(why)
-    return row
-
-
-def load_task_index(paths):
-    return {t.query_id: t for p in paths if os.path.exists(p) for t in env.load_tasks(p)}
-
-
-def convert(src, dst, task_files=TASK_FILES):
-    """TSV -> JSONL or JSONL -> TSV, by the files' extensions. Returns the number of rows. The input is
-    read and checked whole before anything is written: a bad row is a DataFileError naming its line."""
-    kinds = (os.path.splitext(src)[1].lower(), os.path.splitext(dst)[1].lower())
-    if kinds == (".tsv", ".jsonl"):
-        rows = [tsv_row_to_traj(r, n) for n, r in enumerate(read_tsv(src), 1)]
-        with open(dst, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
-    elif kinds == (".jsonl", ".tsv"):
-        tasks, rows = load_task_index(task_files), []
-        for i, d in read_jsonl(src):
-            try:
-                rows.append(traj_to_tsv_row(d, tasks))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                what = e if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-                raise DataFileError(f"{src}:{i}: {what}") from None
-        write_tsv(dst, rows)
-    else:
-        raise ValueError(f"convert reads .tsv and writes .jsonl, or the reverse; got {kinds[0]} -> {kinds[1]}")
-    return len(rows)
-
-
+# ---- annotate: shape recorded trajectories ---------------------------------------------------
 def annotate(src, dst, task_files=TASK_FILES, judge=None, **kw):
     """Shape the step rewards of recorded trajectories: JSONL -> the same rows with `rewards`; -> stats.
     A trajectory's task (answer facts, offered functions) is found by query_id and query. Every line

@@ -94,11 +94,11 @@ def sft_step(policy, optimizer, episodes, micro_batch_size=8):
 def read_data(path):
     """--data, read and checked whole before any model loads -> ("tsv", rows) or ("tasks", the tasks
     with an expert trajectory). A file we cannot use is a ValueError of one line naming it (and its
-    line or item): reward.DataFileError for a TSV, env.TaskFileError for a task file (expert steps too)."""
+    line or item): formats.DataFileError for a TSV, env.TaskFileError for a task file (expert steps too)."""
     import env
-    import reward
+    import formats
     if path.lower().endswith(".tsv"):
-        return "tsv", reward.read_tsv(path)
+        return "tsv", formats.read_tsv(path)
     tasks = [t for t in env.load_tasks(path) if t.expert]
     if not tasks:
         raise ValueError(f"{path}: no task has an expert trajectory to train on")
@@ -152,7 +152,7 @@ def main(argv=None):
             runs.fail("sft", f"{flag} {value}: must be {need}")
     try:
         data = read_data(a.data)
-    except ValueError as e:       # reward.DataFileError, env.TaskFileError: they name the file
+    except ValueError as e:       # formats.DataFileError, env.TaskFileError: they name the file
         runs.fail("sft", f"--data {e}")
     import checks
     try:

@@ -429,7 +429,8 @@ def train(cfg, inputs, ckpt=None, state=None):
                        "rollout/finished": float(np.mean([t.finish == "give_answer" for t in trajs])),
                        "reward/is_solved": float(rstats["is_solved"]),
                        "reward/succ_calling": float(rstats["succ_calling"]),
-                       "reward/contribution": float(rstats["contribution"])}
+                       "reward/contribution": float(rstats["contribution"]),
+                       "reward/judge_errors": float(rstats["judge_fallbacks"])}  # episodes whose annotation failed
             # ---- PPO update over steps (Sec. 4.2), or RFT's SFT on the Solved rollouts ----
             if cfg.algo == "rft":
                 stats = rft_update(policy, optimizer, [e for e, s in zip(eps, rstats["solved_each"]) if s == 1.0], cfg)

@@ -1,0 +1,476 @@
+"""The file formats StepTool's users already have: read, checked and written in one place.
+
+1. The original StepTool training TSV (header prompt, response, reward; each cell a Python-literal list,
+   one entry per step): read_tsv, write_tsv.
+2. Our trajectory JSONL: one env.Trajectory.to_dict() per line, plus `rewards` once shaped (read_jsonl,
+   read_trajectories). A row that came from a TSV keeps its `prompt` / `response` text, so TSV -> JSONL
+   -> TSV is exact (convert); other rows go to TSV rendered in Qwen2's chat format from their task.
+3. StableToolBench pass-rate label files, what its eval_pass_rate.py writes: {query id: {query,
+   tool_names, answer_steps ("Step k: {...}" lines), final_step, is_solved: {repeat: "AnswerStatus.X"}}}
+   (load_labels, to_label). Ours add `length` and, when judge.py judged them, per repeat `reasons`,
+   `task_status` and `pass_label` ("passed" / "failed"; `coin` where a coin flip settled it), and the
+   `passed` / `failed` counts of ToolBench's label files: extra keys that both scorers ignore.
+4. StableToolBench converted answers, what its convert_to_answer_format.py writes for the pass-rate
+   evaluator: {query id: {query, available_tools, answer: {method, total_steps, final_answer,
+   answer_details: [{role, message, next: [node]}]}}}, a tool node's message {name, arguments,
+   response} (traj_to_example, answer_steps). load_answers reads these and label files alike.
+Errors: a trajectory file we cannot use is a DataFileError, "PATH:LINE: what is wrong"; a label or
+answer file, a LabelFileError, "PATH: query Q: what is wrong". Command lines print either as one line.
+
+Departures:
+1. Step texts are Python literals: parsed with ast.literal_eval, never eval; a truncated step falls
+   back to a regex on its 'name' (and stays text in an answer rebuilt from a label file).
+2. Our label files list the steps that reached a tool (or Finish); turns that could not be parsed or
+   named an unknown function made no call and are left out, as StableToolBench's converter leaves out
+   assistant turns without a function call. In a converted answer of ours they are assistant nodes.
+3. An answer rebuilt from a label file (judged again by eval.py --answers) offers only the tool names
+   (a label file has no schemas), so the judge's solvability question sees names, not descriptions.
+"""
+import ast
+import csv
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import fields
+
+import env
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TASK_FILES = [os.path.join(HERE, "data", f"bench_{s}.json") for s in ("train", "test")]
+
+
+def literal(s):
+    """JSON or Python-literal text -> its value (data only, never run), or None."""
+    try:
+        return json.loads(s)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return ast.literal_eval(s) if len(s) < 20000 else None
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+# ---- 1. the original StepTool training TSV ---------------------------------------------------
+IM_END, ASSISTANT = "<|im_end|>\n", "<|im_start|>assistant\n"
+_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.S)
+
+
+class DataFileError(ValueError):
+    """A trajectory file (TSV, JSONL) we cannot use, as one line: "PATH:LINE: what is wrong". The command
+    lines print it and exit with status 2, before any work starts."""
+
+
+def finite(x):
+    """A reward: an int or float (not a bool) that a float holds, not inf or nan."""
+    return type(x) in (int, float) and abs(x) <= sys.float_info.max
+
+
+def check_row(prompt, response, reward):
+    """Why a training row {prompt, response, reward} is unusable (one line), or "" when it can train:
+    three lists of the same length (one entry per step, at least one), of str, str and finite numbers."""
+    for name, x in (("prompt", prompt), ("response", response), ("rewards", reward)):
+        if not isinstance(x, list):
+            return f"{name} must be a list, got {type(x).__name__} {x!r:.40}"
+    if not len(prompt) == len(response) == len(reward):
+        return (f"prompt, response, rewards must be lists of equal length (one per step), "
+                f"got {len(prompt)}, {len(response)}, {len(reward)}")
+    if not reward:
+        return "prompt, response and rewards are empty lists: a trajectory has at least one step"
+    if not all(isinstance(x, str) for x in prompt + response):
+        return "prompt and response must be lists of str"
+    bad = [x for x in reward if not finite(x)]
+    return f"rewards must be finite numbers, got {bad[0]!r}" if bad else ""
+
+
+def _text(path):
+    """A UTF-8 text file as a str (a leading BOM dropped); a byte that is not UTF-8 is named by its line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:  # missing, a folder, unreadable
+        raise DataFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataFileError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8") from None
+
+
+def read_tsv(path):
+    """The original's training TSV -> [{prompt, response, reward}], at least one row. Anything else (a
+    malformed row, check_row, no rows, not UTF-8) is a DataFileError naming the file and line."""
+    csv.field_size_limit(sys.maxsize)
+    rows, reader = [], csv.reader(io.StringIO(_text(path), newline=""), delimiter="\t")
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataFileError(f"{path}: empty: no header, no trajectories")
+        if header != ["prompt", "response", "reward"]:
+            raise DataFileError(f"{path}:1: the header must be prompt<TAB>response<TAB>reward")
+        line = 2
+        for cells in reader:
+            where, line = f"{path}:{line}", reader.line_num + 1  # a row's first line; cells may span lines
+            if not cells:
+                continue
+            if len(cells) != 3:
+                raise DataFileError(f"{where}: expected 3 tab-separated cells, got {len(cells)}")
+            try:
+                p, r, w = (ast.literal_eval(c) for c in cells)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+                raise DataFileError(f"{where}: a cell is not a Python-literal list ({type(e).__name__})") from None
+            why = check_row(p, r, w)
+            if why:
+                raise DataFileError(f"{where}: {why}")
+            rows.append({"prompt": p, "response": r, "reward": w})
+    except csv.Error as e:
+        raise DataFileError(f"{path}:{reader.line_num}: {e}") from None
+    if not rows:
+        raise DataFileError(f"{path}: no trajectories (only the header)")
+    return rows
+
+
+def write_tsv(path, rows):
+    """[{prompt, response, reward}] -> the original's TSV, written as its own files are."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["prompt", "response", "reward"])
+        for row in rows:
+            reward = [x if type(x) in (int, float) else float(x) for x in row["reward"]]  # no numpy reprs
+            w.writerow([repr(list(row["prompt"])), repr(list(row["response"])), repr(reward)])
+
+
+# ---- 2. our trajectory JSONL, and TSV <-> JSONL ----------------------------------------------
+def read_jsonl(path):
+    """-> [(line number, object)] of a JSONL file: one JSON object a line (blank lines skipped), at least
+    one. Anything else is a DataFileError naming the file and line."""
+    out = []
+    for i, line in enumerate(io.StringIO(_text(path)), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise DataFileError(f"{path}:{i}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(d), "a number")
+            raise DataFileError(f"{path}:{i}: {kind}, not a JSON object (one trajectory a line)")
+        out.append((i, d))
+    if not out:
+        raise DataFileError(f"{path}: no trajectories (an empty file)")
+    return out
+
+
+def read_trajectories(path):
+    """read_jsonl of our trajectory JSONL -> [(line number, dict, env.Trajectory)]; a line whose fields
+    are missing or of the wrong type (Trajectory, Step) is a DataFileError naming it."""
+    keys, out = [f.name for f in fields(env.Trajectory)], []
+    for i, d in read_jsonl(path):
+        try:
+            t = env.Trajectory.from_dict({k: d[k] for k in keys if k in d})
+        except (TypeError, ValueError, AttributeError) as e:
+            raise DataFileError(f"{path}:{i}: not a trajectory ({e})") from None
+        bad = next(filter(None, map(_wrong_type, (t, *t.steps))), None)
+        if bad:
+            raise DataFileError(f"{path}:{i}: not a trajectory: {bad} is of the wrong type")
+        out.append((i, d, t))
+    return out
+
+
+def _wrong_type(obj):
+    """The first field of dataclass obj whose value is not of its declared type (None only where that is
+    the default), as "name value", or None."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(f.type, type) and not isinstance(v, f.type) and not (v is None and f.default is None):
+            return f"{f.name} {v!r:.40}"
+    return None
+
+
+def write_trajectories(path, trajectories):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in trajectories)
+
+
+def tsv_row_to_traj(row, n):
+    """A TSV row -> our trajectory dict: steps parsed from the text, and the text itself (prompt,
+    response) with the rewards. A TSV row has no query id: row n gets -n (negative: unknown)."""
+    user = dict(_TURN.findall(row["prompt"][0])).get("user", "")
+    t = {"query_id": -n, "query": user.strip().removesuffix("Begin!").strip(), "group": "tsv", "steps": [],
+         "finish": "", "final_answer": "", "end": ""}
+    for k, text in enumerate(row["response"]):
+        text, nxt = text.removesuffix(IM_END), row["prompt"][k + 1] if k + 1 < len(row["prompt"]) else ""
+        m, act = _TURN.match(nxt), env.parse_action(text)
+        obs = m.group(2) if m else nxt
+        step = {"text": text, "name": act.name, "arguments": act.arguments, "observation": obs, "record": None,
+                "error": act.error}
+        kind = act.arguments.get("return_type")
+        if not act.error and act.name == "Finish" and kind in ("give_answer", "give_up_and_restart"):
+            t.update(finish="give_answer" if kind == "give_answer" else "give_up", end="finish",
+                     final_answer=str(act.arguments.get("final_answer", "")) if kind == "give_answer" else "")
+        elif not act.error and act.name != "Finish":  # the original cut long observations ("..."): keep the text
+            rec, prefix = literal(obs) if obs.startswith("{") else None, '{"error": "", "response": '
+            step["record"] = (rec if isinstance(rec, dict) and "response" in rec else
+                              {"error": "", "response": obs[len(prefix):]} if obs.startswith(prefix) else
+                              {"error": obs, "response": ""})
+        t["steps"].append(step)
+    return {**t, "rewards": row["reward"], "prompt": row["prompt"], "response": row["response"]}
+
+
+def traj_to_tsv_row(d, tasks):
+    """Our trajectory dict (with `rewards`) -> a TSV row. A row that came from a TSV gives back its text;
+    others are rendered in Qwen2's chat format: env.initial_messages(task) (task by query_id, from the
+    task files), then each step, tool observations in the `function` role as in the original. The row
+    is checked as read_tsv checks one (check_row): ValueError."""
+    if "rewards" not in d:
+        raise ValueError("no `rewards`: shape them first with `python reward.py annotate`")
+    if "prompt" in d and "response" in d:
+        row = {"prompt": d["prompt"], "response": d["response"], "reward": d["rewards"]}
+    else:
+        task, steps = tasks.get(d["query_id"]), d["steps"]
+        if task is None or task.query != d["query"]:
+            raise ValueError(f"query_id {d['query_id']} with this query is in none of the task files (--tasks)")
+        head = "".join(f"<|im_start|>{m['role']}\n{m['content']}{IM_END}" for m in env.initial_messages(task))
+        prompt = [head + ASSISTANT] + [f"<|im_start|>function\n{s['observation']}{IM_END}{ASSISTANT}" for s in steps[:-1]]
+        row = {"prompt": prompt, "response": [s["text"] + IM_END for s in steps], "reward": d["rewards"]}
+    why = check_row(row["prompt"], row["response"], row["reward"])
+    if why:
+        raise ValueError(why)
+    return row
+
+
+def load_task_index(paths):
+    return {t.query_id: t for p in paths if os.path.exists(p) for t in env.load_tasks(p)}
+
+
+def convert(src, dst, task_files=TASK_FILES):
+    """TSV -> JSONL or JSONL -> TSV, by the files' extensions. Returns the number of rows. The input is
+    read and checked whole before anything is written: a bad row is a DataFileError naming its line."""
+    kinds = (os.path.splitext(src)[1].lower(), os.path.splitext(dst)[1].lower())
+    if kinds == (".tsv", ".jsonl"):
+        rows = [tsv_row_to_traj(r, n) for n, r in enumerate(read_tsv(src), 1)]
+        with open(dst, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+    elif kinds == (".jsonl", ".tsv"):
+        tasks, rows = load_task_index(task_files), []
+        for i, d in read_jsonl(src):
+            try:
+                rows.append(traj_to_tsv_row(d, tasks))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                what = e if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                raise DataFileError(f"{src}:{i}: {what}") from None
+        write_tsv(dst, rows)
+    else:
+        raise ValueError(f"convert reads .tsv and writes .jsonl, or the reverse; got {kinds[0]} -> {kinds[1]}")
+    return len(rows)
+
+
+# ---- 3. StableToolBench pass-rate label files ------------------------------------------------
+MAX_REPEATS = 1000   # judge repeats per answer (StableToolBench's evaluate_times: 3 to 7)
+STATUS = {"AnswerStatus.Solved": 1.0, "AnswerStatus.Unsure": 0.5, "AnswerStatus.Unsolved": 0.0}
+STATUS_OF = {1: "AnswerStatus.Solved", 0.5: "AnswerStatus.Unsure", 0: "AnswerStatus.Unsolved"}
+STB_GROUPS = ["G1_instruction", "G1_category", "G1_tool", "G2_instruction", "G2_category", "G3_instruction"]
+
+
+class LabelFileError(ValueError):
+    """A label or converted-answer file we cannot use: "PATH: query Q: what is wrong"."""
+
+
+def _json_object(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LabelFileError(f"{path}: cannot read {what}: {e}") from None
+    if not isinstance(obj, dict) or not obj:
+        raise LabelFileError(f"{path}: expected a non-empty JSON object keyed by query id")
+    return obj
+
+
+def _check_label(where, e, judged=True):
+    if not isinstance(e, dict):
+        raise LabelFileError(f"{where}: not a JSON object (a label entry{'' if judged else ' or a converted answer'})")
+    if judged and not isinstance(e.get("is_solved"), dict):
+        raise LabelFileError(f"{where}: missing 'is_solved' (an object: judge repeat -> AnswerStatus)")
+    for key in ("final_step", "answer_steps"):
+        if not isinstance(e.get(key), str):
+            raise LabelFileError(f"{where}: missing '{key}' (text)")
+    for r, s in (e.get("is_solved") or {}).items() if judged else ():
+        if not (str(r).isascii() and str(r).isdecimal()) or int(r) >= MAX_REPEATS:
+            raise LabelFileError(f"{where}: repeat index {r!r} is not an integer 0 .. {MAX_REPEATS - 1}")
+        if s not in STATUS:
+            raise LabelFileError(f"{where}: unknown status {s!r} (expected one of {', '.join(STATUS)})")
+
+
+def load_labels(path):
+    """A pass-rate label file -> {query id: entry}, each entry checked; errors name file and query."""
+    labels = _json_object(path, "label file")
+    for qid, e in labels.items():
+        _check_label(f"{path}: query {qid}", e)
+    if not any(e["is_solved"] for e in labels.values()):
+        raise LabelFileError(f"{path}: no judge repeats in any query")
+    return labels
+
+
+def label_group(path, override=None):
+    """G2_category.json -> G2_category; G1_tool_toolllama.json -> G1_tool; else the file stem."""
+    if override:
+        return override
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = re.search("|".join(STB_GROUPS), stem)
+    return m.group(0) if m else stem
+
+
+_NAME = re.compile(r"""\{\s*['"]name['"]\s*:\s*['"]([^'"]*)['"]""")
+
+
+def parse_step(text):
+    """'Step k: {...}' / 'Final step: {...}' -> dict; a truncated one -> {'name': ...}; None if nameless."""
+    body = text.partition(":")[2].strip()
+    try:
+        d = ast.literal_eval(body)  # data only: literals, never code (departure 1)
+        if isinstance(d, dict) and "name" in d:
+            return d
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    m = _NAME.search(body[:300])
+    return {"name": m.group(1)} if m else None
+
+
+def split_steps(answer_steps):
+    return re.split(r"\n(?=Step \d+:)", answer_steps.strip()) if answer_steps.strip() else []
+
+
+def step_names(answer_steps):
+    """The function names called in an answer_steps text, in order (repeats kept)."""
+    return [d["name"] for d in map(parse_step, split_steps(answer_steps)) if d]
+
+
+def ends_with_answer(final_step):
+    """Does the final step call Finish with return_type give_answer?"""
+    d = parse_step(final_step) if final_step else None
+    if not d or d["name"] != "Finish":
+        return False
+    try:  # ToolBench stores the arguments as JSON text
+        return json.loads(d["arguments"]).get("return_type") == "give_answer"
+    except (KeyError, TypeError, ValueError, AttributeError):  # truncated or odd: the text still says which
+        return "give_answer" in final_step
+
+
+def called_steps(traj):
+    """The steps of our trajectory that reached a tool or Finish (no parse error, known name)."""
+    return [s for s in traj.steps if s.name and not s.error]
+
+
+def to_label(task, traj, statuses, judged=None):
+    """Our trajectory + per-repeat statuses -> one entry of a StableToolBench pass-rate label file."""
+    return label_entry(traj_to_example(task, traj), statuses, judged)
+
+
+def label_entry(example, statuses, judged=None):
+    """A converted answer + per-repeat statuses ["AnswerStatus.X"] (+ judge.py's per-repeat records:
+    reasons, task_status, pass_label, coin) -> a label entry; answer_steps as StableToolBench writes them."""
+    steps, final = answer_steps(example)
+    e = {"query": example["query"], "tool_names": [tool_name(t) for t in example["available_tools"]],
+         "answer_steps": steps, "final_step": final,
+         "is_solved": {str(r): s for r, s in enumerate(statuses)}, "length": len(split_steps(steps))}
+    if judged:
+        for key in ("reason", "task_status", "pass_label", "coin"):
+            e[key + "s" if key == "reason" else key] = {str(r): j[key] for r, j in enumerate(judged) if j.get(key)}
+        e["passed"] = sum(j["pass_label"] == "passed" for j in judged)  # ToolBench's counts
+        e["failed"] = len(judged) - e["passed"]
+    return e
+
+
+# ---- 4. StableToolBench converted answers ----------------------------------------------------
+def tool_name(t):
+    return (t.get("function") or t)["name"]   # an OpenAI `tools` item or a plain function schema
+
+
+def chain(nodes):
+    """[{role, message}] -> answer_details: one path of nodes, each the only `next` of the one before."""
+    head = []
+    for n in reversed(nodes):
+        head = [{"role": n["role"], "message": n["message"], "next": head}]
+    return head
+
+
+def traj_to_example(task, traj, method="steptool"):
+    """Our trajectory -> a converted answer as StableToolBench's converter writes one: the offered
+    functions and Finish; system and user nodes with empty messages (as theirs); per turn an assistant
+    node (its thought; a turn that made no call: its text) and, for a call, a tool node {name,
+    arguments (JSON text), response ("" for Finish)}; final_answer the Finish arguments as JSON text."""
+    nodes = [{"role": "system", "message": ""}, {"role": "user", "message": ""}]
+    for s in traj.steps:
+        called = bool(s.name and not s.error)
+        thought = env.parse_action(s.text).thought if called else s.text
+        if thought.strip():
+            nodes.append({"role": "assistant", "message": thought.strip()})
+        if called:
+            nodes.append({"role": "tool", "message": {"name": s.name, "arguments": json.dumps(s.arguments, ensure_ascii=False),
+                                                      "response": "" if s.name == "Finish" else s.observation}})
+    last = called_steps(traj)[-1:]
+    final = json.dumps(last[0].arguments, ensure_ascii=False) if last and last[0].name == "Finish" else ""
+    return {"query": traj.query, "available_tools": list(task.functions) + [env.FINISH],
+            "answer": {"method": method, "total_steps": len(nodes), "final_answer": final,
+                       "answer_details": chain(nodes)}}
+
+
+def answer_steps(example):
+    """A converted answer -> (answer_steps, final_step) texts, as StableToolBench's get_steps: each tool
+    node along the first path, "Step k: {message}", and the last one as "Final step: {message}"."""
+    steps, node = [], (example["answer"]["answer_details"] or [None])[0]
+    while node:
+        if node.get("role") == "tool" and node.get("message"):
+            steps.append(str(node["message"]))
+        node = (node.get("next") or [None])[0]
+    return "\n".join(f"Step {k}: {m}" for k, m in enumerate(steps, 1)), f"Final step: {steps[-1]}" if steps else ""
+
+
+def label_to_example(e):
+    """A label entry (ours or StableToolBench's) -> a converted answer (departure 3), to judge it again."""
+    nodes = [{"role": "system", "message": ""}, {"role": "user", "message": ""}]
+    for text in split_steps(e["answer_steps"]):
+        d = parse_step(text)
+        nodes.append({"role": "tool", "message": d if d and "arguments" in d else text.partition(":")[2].strip()})
+    last = nodes[-1]["message"] if len(nodes) > 2 else None
+    final = (last.get("arguments", "") if isinstance(last, dict) else last) if "'name': 'Finish'" in e["final_step"] else ""
+    return {"query": e.get("query", ""), "available_tools": [{"name": n} for n in e.get("tool_names") or []],
+            "answer": {"method": "label file", "total_steps": len(nodes), "final_answer": str(final),
+                       "answer_details": chain(nodes)}}
+
+
+def load_answers(path):
+    """A converted-answer file, or a label file (its is_solved ignored) -> {query id: converted answer}.
+    Errors name the file and the query."""
+    raw, out = _json_object(path, "answer file"), {}
+    for qid, e in raw.items():
+        where = f"{path}: query {qid}"
+        if isinstance(e, dict) and isinstance(e.get("answer"), dict):
+            a, tools = e["answer"], e.get("available_tools")
+            if not isinstance(e.get("query"), str) or not isinstance(tools, list):
+                raise LabelFileError(f"{where}: a converted answer needs 'query' (text) and 'available_tools' (a list)")
+            if not all(isinstance(t, dict) and isinstance((t.get("function") or t).get("name"), str) for t in tools):
+                raise LabelFileError(f"{where}: each of 'available_tools' needs a 'name'")
+            if not isinstance(a.get("final_answer"), str) or not isinstance(a.get("answer_details"), list):
+                raise LabelFileError(f"{where}: 'answer' needs 'final_answer' (text) and 'answer_details' (a list)")
+            out[qid] = e
+        else:
+            _check_label(where, e, judged=False)
+            out[qid] = label_to_example(e)
+    return out
+
+
+def read_answers(paths, group_names=()):
+    """eval.py --answers files -> ([(group, query id, converted answer)], {group: file}); one file a group."""
+    items, names = [], {}
+    for i, p in enumerate(paths):
+        g = label_group(p, group_names[i] if group_names else None)
+        if g in names:
+            raise LabelFileError(f"--answers {names[g]} and {p} are both group {g}; give --groups, or one file a group")
+        names[g] = p
+        items += [(g, qid, example) for qid, example in load_answers(p).items()]
+    return items, names
