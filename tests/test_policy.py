@@ -539,3 +539,25 @@ def test_an_adapter_file_puts_the_lora_and_value_head_back_on_the_base_and_a_cha
     other.lora_cfg = {**other.lora_cfg, "r": 2}
     with pytest.raises(ValueError, match="does not match"):
         other.load_adapter(str(tmp_path / "a.safetensors"))
+
+
+def test_sampling_merges_each_lora_projection_into_one_matrix_up_to_rounding_and_leaves_w_untouched(make_policy):
+    pol = make_policy().eval()
+    randomize_lora(pol, scale=1.0)
+    ids = torch.tensor([[5, 9, 17, 23, 42, 8]])
+    weights = {n: p.clone() for n, p in pol.named_parameters()}
+    with torch.no_grad():
+        two_paths = pol.model(input_ids=ids).logits
+        with pol.merged_lora():
+            assert all(m.merged is not None for m in pol.lora_modules())
+            merged = pol.model(input_ids=ids).logits
+    assert torch.allclose(merged, two_paths, atol=1e-5) and not torch.equal(merged, two_paths)  # one matmul, not two
+    assert all(m.merged is None for m in pol.lora_modules())
+    assert all(torch.equal(weights[n], p) for n, p in pol.named_parameters())
+    with pytest.raises(RuntimeError):        # an error while sampling leaves no merged copy behind
+        with pol.merged_lora():
+            raise RuntimeError
+    assert all(m.merged is None for m in pol.lora_modules())
+    fresh = make_policy()                    # B = 0: nothing to merge, exactly W
+    with fresh.merged_lora():
+        assert all(m.merged is None for m in fresh.lora_modules())
