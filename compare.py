@@ -126,10 +126,16 @@ def main(argv=None):
     ap.add_argument("--output", default="results")
     ap.add_argument("--methods", nargs="+", default=["sft", *METHODS], choices=["sft", *METHODS])
     ap.add_argument("--model", default="tiny", help="the base of every SFT start (steptool.py --model)")
+    ap.add_argument("--sft-adapters", nargs="+", default=[], metavar="FILE",
+                    help="an SFT start for each seed, in --seeds order, instead of training one: an adapter file "
+                         "(steptool.py's sft_adapter.safetensors), evaluated in the seed's SFT run")
     ap.add_argument("--parallel", type=int, default=1, help="independent runs at once, as processes (one GPU holds "
                     "many small runs; on CPU each gets cores / N threads unless --threads says otherwise)")
     argv = sys.argv[1:] if argv is None else argv
     args, extra = ap.parse_known_args(argv)
+    if len(args.sft_adapters) > len(args.seeds) or not all(map(os.path.isfile, args.sft_adapters)):
+        runs.fail("compare", f"--sft-adapters {' '.join(args.sft_adapters)}: one existing file per seed at most "
+                             f"(seeds {' '.join(map(str, args.seeds))})")
     # the model's schedule, spelled out: a run started from a checkpoint would take the paper's
     sched = steptool.defaults(args.model)
     base = [f"--{k.replace('_', '-')}={v}" for k, v in sched.items() if k != "full_finetune"]
@@ -160,15 +166,17 @@ def compare(args, base, extra, argv):
     if args.parallel > 1 and not any(a.startswith("--threads") for a in extra):   # share the CPU cores
         extra = extra + ["--threads", str(max(1, (os.cpu_count() or 1) // args.parallel))]
     roots = {seed: os.path.join(args.output, f"seed{seed}") for seed in args.seeds}
-    # first every seed's SFT start, then every method from its seed's start
+    given = dict(zip(args.seeds, map(os.path.abspath, args.sft_adapters)))   # SFT starts trained before
+    # first every seed's SFT start (trained, or given and evaluated), then every method from its seed's start
     warm = dict(zip(args.seeds, run_all([(os.path.join(roots[s], "sft"), base + extra + [
-        "--model", args.model, "--seed", str(s), "--iterations", "0"]) for s in args.seeds], args.parallel)))
+        "--model", args.model, "--seed", str(s), "--iterations", "0"]
+        + (["--adapters", given[s], "--sft-epochs", "0"] if s in given else [])) for s in args.seeds], args.parallel)))
     print(f"compare: SFT starts done, {(time.time() - t0) / 60:.1f} min so far")
     jobs = []
     for seed in args.seeds:
         # every method starts from the SFT run's policy, evaluated once, there: LoRA from its adapter file
         # (a few MB, committed with the results), full fine-tuning from its checkpoint
-        adapter = os.path.join(roots[seed], "sft", "sft_adapter.safetensors")
+        adapter = given.get(seed) or os.path.join(roots[seed], "sft", "sft_adapter.safetensors")
         start = ["--model", args.model, "--adapters", adapter] if os.path.isfile(adapter) else \
                 ["--model", os.path.join(roots[seed], "sft", "checkpoint")]
         jobs += [((seed, m), (os.path.join(roots[seed], m), base + extra + [

@@ -68,6 +68,17 @@ def test_lora_methods_start_from_the_sft_runs_adapter_file_and_the_summary_has_p
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert set(summary["ci"]) == {"steptool-sft", "steptool-ppo_final", "ppo_final-sft"}
     assert "Pass Rate differences" in open(os.path.join(out, "table.md")).read()
+    # the same SFT start given as a file: evaluated as the run that trained it, the methods start from it
+    again = str(tmp_path / "again")
+    r = compare("--seeds", "0", "--output", again, "--methods", "sft", "steptool", "--model", small_model,
+                "--no-full-finetune", "--sft-adapters", adapter, *BUDGET)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tasks = lambda d, m: json.load(open(os.path.join(d, "seed0", m, "eval_tasks.json")))
+    assert tasks(again, "sft") == tasks(out, "sft")
+    cfg = torch.load(os.path.join(again, "seed0", "steptool", "checkpoint", "state.pt"), weights_only=False)["config"]
+    assert cfg["adapters"] == [adapter]
+    r = compare("--seeds", "0", "--output", str(tmp_path / "bad"), "--sft-adapters", adapter, adapter, *BUDGET)
+    assert r.returncode == 2 and "--sft-adapters" in r.stderr
 
 
 def test_parallel_runs_are_the_sequential_runs(tmp_path, small_model):
