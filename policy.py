@@ -301,12 +301,13 @@ class Policy(nn.Module):
         untouched), not W x plus the adapter's three small matmuls: decoding a token at a time, those took
         as long as W x itself (SmolLM2, 2 CPU threads). The merged product differs from the two-path sum by
         float rounding only (~1e-7 relative in fp32), so rollouts sample from pi_theta up to that rounding;
-        PPO's log-probs (prepare, update) use the two paths. An adapter with B = 0 is skipped: exactly W."""
-        mods = [m for m in self.lora_modules() if m.enabled and bool(m.B.any())]
+        PPO's log-probs (prepare, update) use the two paths. An adapter with B = 0 adds exactly nothing:
+        W itself, no copy (the first rollouts after freeze_reference)."""
+        mods = [m for m in self.lora_modules() if m.enabled]
         try:
             with torch.no_grad():
                 for m in mods:
-                    m.merged = m.merged_weight()
+                    m.merged = m.merged_weight() if bool(m.B.any()) else m.base.weight.detach()
             yield
         finally:
             for m in mods:
