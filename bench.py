@@ -5,10 +5,23 @@
     python bench.py --model smollm2 --updates 1        # a real LM: the update against raw forward + backward
     python bench.py ... --compare-trl /path/to/python  # and trl 0.11.4's PPOTrainer.step on the same data, first
     python bench.py --memory [--shape qwen2-7b]        # bytes saved for backward per token and layer
+    python bench.py --gpu-check --device cuda --shape qwen2-7b   # the update and rollouts of a 7B shape, one GPU
     python ppo.py --bench ...                          # the same as python bench.py ...
 
 Figures are printed (one JSON object last); the README quotes them with the machine named. Speed
 is never asserted in tests, only that each figure is produced.
+
+The GPU check (`--gpu-check`, issue 16) builds the shape from its config with random weights (no
+download), in bf16 with LoRA r 8 on every projection, and reports for 4,096-token episodes (1,000
+action tokens each), mini-batch 1 and 2, with and without gradient checkpointing: seconds per PPO
+update (4 episodes, one epoch, one optimizer step: pi_old and pi_ref passes, then forward and backward
+of each mini-batch), tokens/s, MFU (bench.update_flops over the GPU's dense bf16 peak: PEAK_TFLOPS
+by device name, or --peak-tflops), and peak memory (torch.cuda.max_memory_allocated) beside the
+README's memory plan for the same configuration (its per-token figures measured here first, on this
+device); a configuration that does not fit says OOM. MFU counts model FLOPs: the forward that
+gradient checkpointing recomputes is not counted. Then rollouts: one sampled turn (512-token
+prompts, 128 new tokens) at batch 8, 16 and 32, in sampled tokens/s. On CPU it runs the same code
+(peak memory is then the process's peak RSS, and the peak a measured matmul's).
 """
 import argparse
 import json
@@ -179,6 +192,7 @@ def bench_rollouts(pol, args):
 
 
 # ---- memory: what a PPO forward keeps for backward -------------------------------------------
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHAPES = {  # model shapes built from their config with random weights (no download)
     "qwen2-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                      num_key_value_heads=4, num_hidden_layers=28, tie_word_embeddings=False),
@@ -230,19 +244,25 @@ def saved_for_backward(pol, tokens, actions):
     return by
 
 
-def bench_memory(args):
+def measure_saved(shape, dtype, device, T):
+    """{(layers, tokens): {dtype: bytes}} saved for backward, 1 and 2 layers at T/2 and T tokens."""
+    res = {}
+    for layers in (1, 2):
+        pol = shaped_policy(shape, layers, dtype, device)
+        for t in (T // 2, T):
+            res[layers, t] = saved_for_backward(pol, t, t // 4)
+        del pol
+    return res
+
+
+def bench_memory(args, quiet=False):
     """Saved bytes per token per layer (2 layers minus 1) and per action token (the LM head), measured at
     two lengths; then the plan for the full shape: layers x tokens x per-layer + actions x per-action."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     T, N = args.tokens, args.tokens // 4
-    res = {}
-    for layers in (1, 2):
-        pol = shaped_policy(args.shape, layers, dtype, args.device or "cpu")
-        for t in (T // 2, T):
-            res[layers, t] = saved_for_backward(pol, t, t // 4)
-        del pol
+    res = measure_saved(args.shape, dtype, args.device or "cpu", T)
     tot = {k: sum(v.values()) for k, v in res.items()}
     layer_tok = (tot[2, T] - tot[1, T]) / T                                       # per token per layer
     layer_tok_half = (tot[2, T // 2] - tot[1, T // 2]) / (T // 2)
@@ -259,12 +279,163 @@ def bench_memory(args):
            "saved_bytes_per_token_per_layer": layer_tok, "at_half_length": layer_tok_half,
            "of_which_fp32_per_token_per_layer": fp32_layer_tok, "saved_bytes_per_action_token": per_action,
            "layers": L, "hidden": H, "vocab": V, "plan_tokens": ep_tokens, "plan_action_tokens": ep_actions, **plan}
+    if quiet:
+        return out
     print(f"{args.shape} ({args.dtype}, LoRA r 8 on every projection): {layer_tok / 1e3:.1f} KB saved per token per layer "
           f"({layer_tok_half / 1e3:.1f} KB at {T // 2} tokens; fp32 {fp32_layer_tok / 1e3:.1f} KB of it), "
           f"{per_action / 1e6:.2f} MB per action token (LM head)")
     print(f"plan for one {ep_tokens}-token episode with {ep_actions} action tokens, {L} layers: "
           f"{plan['no_checkpointing_gb']:.1f} GB without gradient checkpointing, {plan['checkpointing_gb']:.1f} GB with it")
     print(json.dumps(out))
+    return out
+
+
+# ---- the GPU check: a real shape's update and rollouts, beside the memory plan -------------------
+# dense bf16 tensor-core peaks per GPU (vendor data sheets, TFLOP/s, without sparsity); the first name
+# that occurs in torch.cuda.get_device_name() wins, so "H100 PCIe" is looked up before "H100"
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+               "L4": 121.0}
+
+
+def peak_tflops(args, device, dtype):
+    """(peak TFLOP/s, where it comes from): --peak-tflops, the table by GPU name, or on CPU a measured matmul."""
+    if args.peak_tflops:
+        return args.peak_tflops, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for k, v in PEAK_TFLOPS.items():
+            if k in name:
+                return v, f"{name}: dense bf16 peak of its data sheet"
+        return None, f"{name}: not in bench.PEAK_TFLOPS; give --peak-tflops for MFU"
+    from bench_trl import matmul_peak_gflops
+    return matmul_peak_gflops(dtype=dtype, threads=args.threads, n=1024, reps=5) / 1e3, "a measured CPU matmul"
+
+
+def synthetic_episode(tokens, actions, vocab, g, steps=4):
+    """`tokens` random ids: a prompt, then `steps` x (action, observation), `actions` action tokens in all."""
+    a = actions // steps
+    obs = (tokens - actions) // (steps + 1)
+    ep = rollout.Episode()
+    ep.add_context(torch.randint(3, vocab, (tokens - actions - obs * steps,), generator=g).tolist())
+    for _ in range(steps):
+        ep.add_action(torch.randint(3, vocab, (a,), generator=g).tolist())
+        ep.add_context(torch.randint(3, vocab, (obs,), generator=g).tolist())
+    ep.rewards = [0.5] * steps
+    return ep
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gb(device):
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else _peak_rss_mib() * 2 ** 20 / 1e9
+
+
+def gpu_check(args):
+    """The update at mini-batch 1 and 2, without and with gradient checkpointing, and rollouts at batch
+    8/16/32, on --shape with random weights; each figure printed and in the last JSON line."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
+    shape = SHAPES[args.shape]
+    L = args.check_layers or shape["num_hidden_layers"]
+    T, A, E = args.check_tokens, args.check_actions, args.check_episodes
+    peak, peak_from = peak_tflops(args, device, dtype)
+    # the plan's per-token figures, measured on this device (bench_memory), then scaled to L layers
+    mem = bench_memory(argparse.Namespace(shape=args.shape, dtype=args.dtype, tokens=args.tokens, plan_tokens=T,
+                                          plan_actions=A, threads=args.threads, device=str(device)), quiet=True)
+    pol = shaped_policy(args.shape, L, dtype, device)
+    frozen = sum(p.numel() * p.element_size() for p in pol.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in pol.parameters() if p.requires_grad)
+    H, item = shape["hidden_size"], dtype.itemsize
+    per_episode = {False: L * T * mem["saved_bytes_per_token_per_layer"] + A * mem["saved_bytes_per_action_token"],
+                   True: L * T * H * item + T * mem["saved_bytes_per_token_per_layer"] + A * mem["saved_bytes_per_action_token"]}
+    print(f"gpu check: {args.shape} ({L} layers, {sum(p.numel() for p in pol.parameters()) / 1e6:,.1f} M params), "
+          f"{args.dtype}, LoRA r 8 on every projection, on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+          f"peak {peak if peak else float('nan'):.1f} TFLOP/s ({peak_from})")
+    print(f"memory plan (README's method; its per-token figures measured here): {mem['saved_bytes_per_token_per_layer'] / 1e3:.1f} KB "
+          f"saved per token per layer, {mem['saved_bytes_per_action_token'] / 1e6:.2f} MB per action token (README, on CPU "
+          f"for qwen2-7b: 320.9 KB, 0.61 MB); plan = bf16 weights + LoRA x 16 B + mini-batch x one episode's activations")
+    print(f"update: {E} episodes x {T} tokens ({A} action tokens each), {args.check_epochs} PPO epoch(s), "
+          f"one optimizer step per epoch; median of {args.check_reps} after a warm-up")
+    print(f"{'mini-batch':>10s} {'checkpointing':>13s} {'s/update':>9s} {'tokens/s':>9s} {'MFU':>6s} "
+          f"{'peak memory GB':>15s} {'plan GB':>8s}")
+    g = torch.Generator().manual_seed(0)
+    episodes = [synthetic_episode(T, A, shape["vocab_size"], g) for _ in range(E)]
+    runs_out = []
+    for ckpt in (False, True):
+        if ckpt:
+            pol.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        for mbs in (1, 2):
+            cfg = ppo.PPOConfig(batch_size=E, mini_batch_size=mbs, grad_accum=max(1, E // mbs), ppo_epochs=args.check_epochs)
+            plan = (frozen + trainable * 16 + mbs * per_episode[ckpt]) / 1e9   # weights, LoRA + grad + Adam, activations
+            rec = {"mini_batch": mbs, "gradient_checkpointing": ckpt, "plan_gb": plan}
+            opt, kl = ppo.make_optimizer(pol, cfg), ppo.KLController(cfg)
+            if device.type == "cuda":
+                torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            try:
+                for i in range(args.check_reps + 1):
+                    eps = [rollout.Episode(e.ids, e.act, e.step, e.state_end, e.rewards) for e in episodes]
+                    _sync(device); t0 = time.perf_counter()
+                    ppo.update(pol, opt, eps, cfg, kl)
+                    _sync(device)
+                    if i:  # the first is a warm-up
+                        times.append(time.perf_counter() - t0)
+            except torch.OutOfMemoryError:
+                rec.update(oom=True)
+                print(f"{mbs:10d} {'on' if ckpt else 'off':>13s} {'OOM':>9s} {'':>9s} {'':>6s} {'':>15s} {plan:8.2f}")
+                runs_out.append(rec)
+                del opt
+                pol.zero_grad(set_to_none=True)
+                continue
+            med = sorted(times)[len(times) // 2]
+            flops = update_flops(pol.model.config, E * T, E * A, E * T * T, cfg)
+            rec.update(oom=False, update_s=med, tokens_per_s=E * T / med, update_tflop=flops / 1e12,
+                       mfu=flops / med / (peak * 1e12) if peak else None, peak_memory_gb=_peak_memory_gb(device))
+            runs_out.append(rec)
+            mfu = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "-"
+            print(f"{mbs:10d} {'on' if ckpt else 'off':>13s} {med:9.2f} {rec['tokens_per_s']:9.0f} {mfu:>6s} "
+                  f"{rec['peak_memory_gb']:15.2f} {plan:8.2f}")
+            del opt
+    pol.model.activation_checkpointing_disable()
+    rolls = bench_generate(pol, args, device)
+    out = {"check": "gpu", "shape": args.shape, "layers": L, "dtype": args.dtype, "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "peak_tflops": peak, "peak_from": peak_from,
+           "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+           "episode_tokens": T, "episode_action_tokens": A, "episodes": E, "ppo_epochs": args.check_epochs,
+           "plan_bytes_per_token_per_layer": mem["saved_bytes_per_token_per_layer"],
+           "plan_bytes_per_action_token": mem["saved_bytes_per_action_token"],
+           "weights_gb": frozen / 1e9, "trainable_params": trainable, "update": runs_out, "rollouts": rolls}
+    print(json.dumps(out))
+    return out
+
+
+def bench_generate(pol, args, device):
+    """One sampled turn of --rollout-prompt-token prompts, --rollout-new tokens each, at each batch size:
+    sampled tokens/s (prefill and decode included; a warm-up at the first size)."""
+    V = SHAPES[args.shape]["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i, b in enumerate([args.rollout_batches[0]] + list(args.rollout_batches)):
+        prompts = [torch.randint(3, V, (args.rollout_prompt,), generator=g).tolist() for _ in range(b)]
+        gens = [rollout.episode_generator(0, 0, k) for k in range(b)]
+        s0 = dict(pol.gen_stats)
+        _sync(device); t0 = time.perf_counter()
+        outs = pol.generate(prompts, args.rollout_new, 1.0, 1.0, gens)
+        _sync(device); dt = time.perf_counter() - t0
+        if i == 0:
+            continue   # warm-up
+        n = sum(map(len, outs))
+        rec = {"batch": b, "sampled_tokens": n, "seconds": dt, "sampled_tokens_per_s": n / dt,
+               "prefill_s": pol.gen_stats["prefill_s"] - s0["prefill_s"], "decode_s": pol.gen_stats["decode_s"] - s0["decode_s"]}
+        out.append(rec)
+        print(f"rollout batch {b:3d}: {n} sampled tokens in {dt:.2f} s = {n / dt:.0f} sampled tokens/s "
+              f"(prefill {rec['prefill_s']:.2f} s of {b} x {args.rollout_prompt}-token prompts, decode {rec['decode_s']:.2f} s)")
     return out
 
 
@@ -287,8 +458,19 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=256, help="--memory: measured episode length (and half of it)")
     ap.add_argument("--plan-tokens", type=int, default=4096, help="--memory: episode length of the plan")
     ap.add_argument("--plan-actions", type=int, default=1000, help="--memory: action tokens of the plan")
+    ap.add_argument("--gpu-check", action="store_true", help="the update and rollouts of --shape with random weights")
+    ap.add_argument("--peak-tflops", type=float, help="--gpu-check: the device's peak for MFU (default: by GPU name)")
+    ap.add_argument("--check-layers", type=int, default=0, help="--gpu-check: layers (0 = the shape's)")
+    ap.add_argument("--check-tokens", type=int, default=4096, help="--gpu-check: tokens per episode")
+    ap.add_argument("--check-actions", type=int, default=1000, help="--gpu-check: action tokens per episode")
+    ap.add_argument("--check-episodes", type=int, default=4, help="--gpu-check: episodes per update")
+    ap.add_argument("--check-epochs", type=int, default=1, help="--gpu-check: PPO epochs per update")
+    ap.add_argument("--check-reps", type=int, default=2, help="--gpu-check: timed updates per configuration")
+    ap.add_argument("--rollout-batches", type=int, nargs="+", default=[8, 16, 32], help="--gpu-check: rollout batch sizes")
+    ap.add_argument("--rollout-prompt", type=int, default=512, help="--gpu-check: prompt tokens per rollout row")
+    ap.add_argument("--rollout-new", type=int, default=128, help="--gpu-check: tokens sampled per row")
     a = ap.parse_args(argv)
-    bench_memory(a) if a.memory else bench(a)
+    return gpu_check(a) if a.gpu_check else bench_memory(a) if a.memory else bench(a)
 
 
 if __name__ == "__main__":

@@ -304,11 +304,13 @@ def evaluate(trajectories, tasks, judge_fn, repeats=3, workers=8, errors=None):
 
 
 def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0, batch_size=32,
-               max_new_tokens=256, max_context=4096, progress=True):
+               max_new_tokens=256, max_context=4096, progress=True, first_episode=0):
     """Roll the policy out on tasks -> [env.Trajectory], one per task, in task order.
 
     model: a policy.Policy, or what policy.load_policy accepts (hub id, folder, our checkpoint,
-    "tiny"); tool_server: URL or env.ToolClient; temperature 0 = greedy (the paper's evaluation)."""
+    "tiny"); tool_server: URL or env.ToolClient; temperature 0 = greedy (the paper's evaluation).
+    first_episode: the index of tasks[0] in the whole evaluation (a rank's block of it, steptool.py):
+    episode i samples from the generator of (seed, eval, first_episode + i)."""
     import policy as P
     import rollout
     pol = model if isinstance(model, P.Policy) else P.load_policy(model)
@@ -316,8 +318,9 @@ def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0,
     client.check()
     with tqdm(total=len(tasks), desc="eval rollouts", disable=not progress, leave=False) as bar:
         _, trajs = rollout.rollout(pol, tasks, client, seed=seed, iteration=1 << 30,  # an rng stream of its own
-                                   max_steps=max_steps, max_new_tokens=max_new_tokens, max_context=max_context,
-                                   temperature=temperature, batch_size=batch_size, on_done=bar.update)
+                                   first_episode=first_episode, max_steps=max_steps, max_new_tokens=max_new_tokens,
+                                   max_context=max_context, temperature=temperature, batch_size=batch_size,
+                                   on_done=bar.update)
     return trajs
 
 

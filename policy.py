@@ -411,10 +411,11 @@ class Policy(nn.Module):
         return self.tok.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
 
     # ---- saving -----------------------------------------------------------------------------
-    def trainable_state(self):
+    def trainable_state(self, state=None):
         """What a checkpoint must hold: LoRA + value head, or (full fine-tuning) every weight of pi_theta
-        once; pi_ref is the base, on disk once."""
-        return {k: v for k, v in self.state_dict().items()
+        once; pi_ref is the base, on disk once. state: the state dict to take it from (dist.py's full
+        tensors of a policy sharded by FSDP2), else the policy's own."""
+        return {k: v for k, v in (self.state_dict() if state is None else state).items()
                 if (self.full_finetune and k.startswith("model.")) or k.startswith("v_head.") or k.endswith((".A", ".B"))}
 
     def save_adapter(self, path):
@@ -440,17 +441,18 @@ class Policy(nn.Module):
         if merge:
             self.freeze_reference()
 
-    def save(self, path, base_dir=None):
+    def save(self, path, base_dir=None, state=None):
         """Our checkpoint: policy.json (base, LoRA and load options) + trainable weights + tokenizer.
 
         The base (the weights LoRA sits on, or pi_ref when fully fine-tuning) is written only when no
         copy is on disk: into base_dir, once per run (later saves refer to it as ../base), or without
-        base_dir into path/base. A base from a hub id or a folder is referred to, never copied."""
+        base_dir into path/base. A base from a hub id or a folder is referred to, never copied.
+        state: the whole state dict as full tensors, for a policy sharded by FSDP2 (dist.py)."""
         os.makedirs(path, exist_ok=True)
         own = bool(base_dir) and self.base_path is not None and os.path.realpath(self.base_path) == os.path.realpath(base_dir)
         if self.base_path is None or (self.base_owned and not own):  # a random or changed base, or another run's
             target = base_dir or os.path.join(path, "base")
-            self._save_base(target)
+            self._save_base(target, state)
             if base_dir:
                 self.base_path, self.base_owned = os.path.abspath(base_dir), True
             base, rel = os.path.relpath(target, path), True
@@ -458,33 +460,40 @@ class Policy(nn.Module):
             base, rel = os.path.relpath(self.base_path, path), True     # the run's own base: ../base
         else:
             base, rel = self.base_path, False                         # a hub id, or an absolute folder
-        torch.save(self.trainable_state(), os.path.join(path, "policy.pt"))
+        torch.save(self.trainable_state(state), os.path.join(path, "policy.pt"))
         self.tok.save_pretrained(path)
         with open(os.path.join(path, "policy.json"), "w") as f:
             json.dump({"base": base, "base_relative": rel, "lora": self.lora_cfg, "full_finetune": self.full_finetune,
                        "dtype": str(self.compute_dtype).removeprefix("torch."),
                        "gradient_checkpointing": bool(self.model.is_activation_checkpointing)}, f)
 
-    def _save_base(self, path):
+    def _save_base(self, path, state=None):
         """The base weights as a save_pretrained folder, written whole (runs.write_dir: a temporary
         name, then a rename)."""
         import runs
+        if self.ref_model is not None and state is not None:   # pi_ref's full tensors (FSDP2)
+            ref = {k.removeprefix("ref_model."): v for k, v in state.items() if k.startswith("ref_model.")}
+            runs.write_dir(path, lambda tmp: self.ref_model.save_pretrained(tmp, state_dict=ref))
+            return
         runs.write_dir(path, self.ref_model.save_pretrained if self.ref_model is not None
                        else lambda tmp: self._merged_model_save(tmp, merge=False))
 
-    def export_merged(self, path):
-        """A plain HF checkpoint (LoRA merged into W) that transformers and vLLM load as is."""
-        self._merged_model_save(path, merge=True)
+    def export_merged(self, path, state=None):
+        """A plain HF checkpoint (LoRA merged into W) that transformers and vLLM load as is. state: the
+        policy's full tensors when its own are sharded (dist.py)."""
+        self._merged_model_save(path, merge=True, state=state)
         self.tok.save_pretrained(path)
 
-    def _merged_model_save(self, path, merge):
+    def _merged_model_save(self, path, merge, state=None):
         sd = {}
         for name, mod in self.model.named_modules():
             if isinstance(mod, LoRALinear):
                 sd[name + ".weight"] = (mod.merged_weight() if merge else mod.base.weight).detach().contiguous()
                 if mod.base.bias is not None:
                     sd[name + ".bias"] = mod.base.bias.detach()
-        for k, v in self.model.state_dict().items():
+        own = self.model.state_dict() if state is None else {k.removeprefix("model."): v for k, v in state.items()
+                                                              if k.startswith("model.")}
+        for k, v in own.items():
             if ".base." not in k and not k.endswith((".A", ".B")):
                 sd.setdefault(k, v)
         self.model.save_pretrained(path, state_dict=sd)

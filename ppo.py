@@ -20,7 +20,9 @@ log pi_old, reference log-probs log pi_ref and values V(s_t) read at the last to
 Every forward pass (prepare and update) runs without dropout, so rho is 1 until the first optimizer
 step: bit for bit when an optimizer step takes the whole batch (the defaults), else up to rounding.
 
-Its benchmark (update time, tokens/s, memory) is bench.py.
+Its benchmark (update time, tokens/s, memory) is bench.py. On several ranks (torchrun; dist.py) the
+same update runs on each rank's share of the batch, with the batch statistics and gradients reduced
+over ranks: `ranks` (a dist.Ranks) is passed in, never global; one process passes none.
 
 Departures from the original code (StepTool's subclass of trl's PPOTrainer, 0.10 / 0.11):
 1. GAE runs over steps, not tokens: the original runs it per token through tool-response tokens
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+import dist
 import rollout
 
 
@@ -130,16 +133,26 @@ def _chunks(eps, size):
     return [[eps[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
 
 
+# a 2-token episode (one context, one action token) that a rank runs, with weight 0, when it has fewer
+# mini-batches than another: under FSDP2 every forward is a collective (dist.py)
+STANDIN = rollout.Episode([0, 0], [False, True], [-1, 0], [0], [0.0])
+STANDIN.old_logp = STANDIN.old_values = STANDIN.A = STANDIN.R = torch.zeros(1)
+
+
 @torch.no_grad()
-def prepare(policy, eps, cfg):
+def prepare(policy, eps, cfg, ranks=dist.ONE):
     """Old log-probs, reference log-probs and old values of each episode (no gradient)."""
     was = policy.training
     policy.eval()
-    for mb in _chunks(eps, cfg.mini_batch_size):
-        c = collate(mb, cfg.advantage, policy.device)
+    chunks = _chunks(eps, cfg.mini_batch_size)
+    for k in range(ranks.max(len(chunks)) if ranks.lockstep else len(chunks)):
+        mb = chunks[k] if k < len(chunks) else None                      # None: a stand-in (lockstep only)
+        c = collate(mb or [STANDIN], cfg.advantage, policy.device)
         logp, V, _ = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
         with policy.reference():
             ref_logp, _, _ = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
+        if mb is None:
+            continue
         n = [len(units(e, cfg.advantage)[0]) for e in mb]
         u = [len(units(e, cfg.advantage)[1]) for e in mb]
         for e, lp, rl, v in zip(mb, logp.split(n), ref_logp.split(n), V.split(u)):
@@ -165,8 +178,9 @@ def gae(r, V, mask, gamma, lam):
     return A, (A + V) * mask
 
 
-def advantages(eps, beta, cfg):
-    """Step rewards - KL penalty -> GAE -> whitened advantages; stored on each episode."""
+def advantages(eps, beta, cfg, ranks=dist.ONE):
+    """Step rewards - KL penalty -> GAE -> whitened advantages; stored on each episode. On several
+    ranks GAE runs per episode here and the whitening mean and std are over every rank's units."""
     r_list, V_list, kls = [], [], []
     for e in eps:
         kl_tok = e.old_logp - e.ref_logp                                    # [N] k1 estimate of KL per token
@@ -180,18 +194,22 @@ def advantages(eps, beta, cfg):
         else:
             r[last_tok] += step_r                             # r_t on the last action token of step t
         r_list.append(r); V_list.append(e.old_values)
-    U = max(len(r) for r in r_list)
-    pad = lambda xs: torch.stack([torch.cat([x, x.new_zeros(U - len(x))]) for x in xs])  # [B, U]
+    U = max((len(r) for r in r_list), default=1)                      # (a rank may hold no episode)
+    pad = lambda xs: torch.stack([torch.cat([x, x.new_zeros(U - len(x))]) for x in xs]) if xs else torch.zeros(0, U)  # [B, U]
     mask = pad([torch.ones(len(r)) for r in r_list])
     A, R = gae(pad(r_list), pad(V_list), mask, cfg.gamma, cfg.lam)
     if cfg.whiten:
         a = A[mask.bool()]
-        A = (A - a.mean()) / (a.std(unbiased=False) + 1e-8) * mask
+        if ranks.world == 1:
+            A = (A - a.mean()) / (a.std(unbiased=False) + 1e-8) * mask
+        else:                                                           # departure 3, over every rank's units
+            mean, std = ranks.mean_std(a)
+            A = (A - mean) / (std + 1e-8) * mask
     for b, e in enumerate(eps):
         n = len(r_list[b])
         e.A, e.R = A[b, :n], R[b, :n]
-    return {"reward/step_mean": torch.cat([torch.tensor(e.rewards, dtype=torch.float) for e in eps]).mean().item(),
-            "ppo/kl": sum(kls) / len(kls), "ppo/returns": R[mask.bool()].mean().item()}
+    step_r = torch.cat([torch.tensor(e.rewards, dtype=torch.float) for e in eps] or [torch.zeros(0)])
+    return {"reward/step_mean": ranks.mean(step_r), "ppo/kl": ranks.mean(kls), "ppo/returns": ranks.mean(R[mask.bool()])}
 
 
 def policy_loss(logp, old_logp, A, eps):
@@ -206,73 +224,99 @@ def value_loss(V, old_V, R, eps_v):
     return 0.5 * torch.max((V - R) ** 2, (V_clip - R) ** 2)
 
 
-def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
+def update(policy, optimizer, eps, cfg, kl_ctl, gen=None, ranks=dist.ONE):
     """One PPO update on a batch of episodes that carry `rewards`. Returns logged statistics.
 
     Each optimizer step takes one group of episodes (mini_batch_size x grad_accum of them, cut into
     mini-batches of similar length). Its loss is one mean over the whole group: the policy loss (and
     the entropy) over all its action tokens, each token weighing the same whatever mini-batch it
-    fell in; the value loss over all its units. Logged losses are the same means over the update."""
+    fell in; the value loss over all its units. Logged losses are the same means over the update.
+    On several ranks `eps` are this rank's episodes of the batch; the groups are drawn over the
+    global batch (every rank's episodes in rank order: the batch's order) from the same `gen`, each
+    rank computes the group's episodes it holds, and the counts N, U are the group's (dist.py)."""
     eps = [e for e in eps if e.n_steps > 0]
-    if not eps:  # e.g. every prompt too long for max_context: nothing to learn from
+    # (action tokens, units, tokens) of every rank's episodes; the global episode j is held by where[j]
+    sizes = ranks.gather([(len(units(e, cfg.advantage)[0]), len(units(e, cfg.advantage)[1]), len(e.ids)) for e in eps])
+    where = [(r, i) for r, s in enumerate(sizes) for i in range(len(s))]                 # j -> (rank, local index)
+    size = [x for s in sizes for x in s]                                                 # j -> (N_j, U_j, T_j)
+    if not where:  # e.g. every prompt too long for max_context: nothing to learn from
         return {"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": 0, "ppo/episodes": 0, "ppo/tokens": 0}
     t0 = time.perf_counter()
-    prepare(policy, eps, cfg)
+    prepare(policy, eps, cfg, ranks)
     t_prepare = time.perf_counter() - t0
-    stats = advantages(eps, kl_ctl.beta, cfg)
+    stats = advantages(eps, kl_ctl.beta, cfg, ranks)
     params = [p for p in policy.parameters() if p.requires_grad]
+    model = ranks.module(policy)                                      # the DDP wrapper, or the policy itself
     agg, skipped, n_tok, n_unit = {}, 0, 0, 0
     policy.train_without_dropout()  # no dropout: pi_theta = pi_old exactly until the first step
     group = cfg.mini_batch_size * cfg.grad_accum
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(len(eps), generator=gen).tolist()
-        for g in range(0, len(eps), group):                            # one optimizer step per group
-            grp = [eps[i] for i in perm[g:g + group]]
-            N = sum(len(units(e, cfg.advantage)[0]) for e in grp)         # action tokens of the step
-            U = sum(len(units(e, cfg.advantage)[1]) for e in grp)         # units (steps) of the step
+        perm = torch.randperm(len(where), generator=gen).tolist()
+        for g in range(0, len(where), group):                          # one optimizer step per group
+            grp = perm[g:g + group]
+            N = sum(size[j][0] for j in grp)                               # action tokens of the step (every rank's)
+            U = sum(size[j][1] for j in grp)                               # units (steps) of the step
+            chunks = _chunks([eps[where[j][1]] for j in grp if where[j][0] == ranks.rank], cfg.mini_batch_size)
+            held = [sum(where[j][0] == r for j in grp) for r in range(ranks.world)]
+            M = max(-(-h // cfg.mini_batch_size) for h in held)           # the most mini-batches a rank has
             optimizer.zero_grad(set_to_none=True)
             ok, sums = True, {}
-            for mb in _chunks(grp, cfg.mini_batch_size):
-                c = collate(mb, cfg.advantage, policy.device)
-                dev = policy.device
-                old_logp = torch.cat([e.old_logp for e in mb]).to(dev)         # [N_mb]
-                old_V = torch.cat([e.old_values for e in mb]).to(dev)          # [U_mb]
-                A_unit = torch.cat([e.A for e in mb]).to(dev)                  # [U_mb]
-                R = torch.cat([e.R for e in mb]).to(dev)                       # [U_mb]
-                A = A_unit[c["unit"]]                                          # [N_mb] step advantage -> each of its tokens
-                logp, V, ent = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"], entropy=cfg.ent_coef > 0)
-                pg, ratio = policy_loss(logp, old_logp, A, cfg.cliprange)       # clipped surrogate, Sec. 4.2
-                pg, vf = pg.sum(), value_loss(V, old_V, R, cfg.cliprange_value).sum()
-                en = ent.sum() if ent is not None else torch.zeros((), device=dev)
-                loss = (pg - cfg.ent_coef * en) / N + cfg.vf_coef * vf / U       # this mini-batch's share of the step's means
-                if not torch.isfinite(loss):
-                    ok = False
-                    break
-                loss.backward()
+            for k in range(M):
+                mb = chunks[k] if k < len(chunks) else None                 # None: a stand-in of weight 0 (dist.py)
+                run = mb or [STANDIN]
+                with ranks.sync(last=k == M - 1):
+                    c = collate(run, cfg.advantage, policy.device)
+                    dev = policy.device
+                    old_logp = torch.cat([e.old_logp for e in run]).to(dev)        # [N_mb]
+                    old_V = torch.cat([e.old_values for e in run]).to(dev)         # [U_mb]
+                    A_unit = torch.cat([e.A for e in run]).to(dev)                 # [U_mb]
+                    R = torch.cat([e.R for e in run]).to(dev)                      # [U_mb]
+                    A = A_unit[c["unit"]]                                          # [N_mb] step advantage -> each of its tokens
+                    logp, V, ent = model(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"], entropy=cfg.ent_coef > 0)
+                    pg, ratio = policy_loss(logp, old_logp, A, cfg.cliprange)       # clipped surrogate, Sec. 4.2
+                    pg, vf = pg.sum(), value_loss(V, old_V, R, cfg.cliprange_value).sum()
+                    en = ent.sum() if ent is not None else torch.zeros((), device=dev)
+                    loss = (pg - cfg.ent_coef * en) / N + cfg.vf_coef * vf / U       # this mini-batch's share of the step's means
+                    if ranks.world > 1:       # DDP / FSDP2 average gradients over ranks: world x their average is their sum
+                        loss = loss * (ranks.world if mb is not None else 0.0)
+                    if not torch.isfinite(loss):
+                        ok = False
+                        if ranks.world == 1:
+                            break
+                    loss.backward()           # on several ranks even a non-finite one: the collectives must match
+                if mb is None or not ok:
+                    continue
                 with torch.no_grad():  # summed as tensors: no device sync per mini-batch
-                    for k, v in {"loss/policy": pg, "loss/value": vf, "loss/entropy": en, "ppo/ratio": ratio.sum(),
-                                 "ppo/clipfrac": ((ratio - 1).abs() > cfg.cliprange).float().sum(),
-                                 "ppo/approx_kl": 0.5 * ((logp - old_logp) ** 2).sum()}.items():
-                        sums[k] = sums.get(k, 0.0) + v
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")) if ok else torch.tensor(float("nan"))
+                    for key, v in {"loss/policy": pg, "loss/value": vf, "loss/entropy": en, "ppo/ratio": ratio.sum(),
+                                   "ppo/clipfrac": ((ratio - 1).abs() > cfg.cliprange).float().sum(),
+                                   "ppo/approx_kl": 0.5 * ((logp - old_logp) ** 2).sum()}.items():
+                        sums[key] = sums.get(key, 0.0) + v
+            ok = ranks.all_true(ok)                                        # a NaN on any rank skips the step on all
+            norm = dist.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))) if ok else torch.tensor(float("nan"))
             if not ok or not torch.isfinite(norm):
                 optimizer.zero_grad(set_to_none=True)                          # a NaN never reaches the weights
                 skipped += 1
                 continue
             optimizer.step()
             n_tok, n_unit = n_tok + N, n_unit + U
-            for k, v in sums.items():
-                agg[k] = agg.get(k, 0.0) + v
-    kl_ctl.update(stats["ppo/kl"], len(eps))
+            for key in LOGGED if ranks.world > 1 else sums:                    # every rank the same keys
+                agg[key] = agg.get(key, 0.0) + sums.get(key, 0.0)
+    kl_ctl.update(stats["ppo/kl"], len(where))
+    if ranks.world > 1 and agg:
+        agg = dict(zip(agg, ranks.sum([float(v) for v in agg.values()])))
     stats.update({k: float(v) / max(n_unit if k == "loss/value" else n_tok, 1) for k, v in agg.items()})
-    stats.update({"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": skipped, "ppo/episodes": len(eps),
-                  "ppo/tokens": sum(len(e.ids) for e in eps), "time/prepare_s": t_prepare,
+    stats.update({"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": skipped, "ppo/episodes": len(where),
+                  "ppo/tokens": sum(s[2] for s in size), "time/prepare_s": t_prepare,
                   "time/epochs_s": time.perf_counter() - t0 - t_prepare})
     return stats
 
 
+LOGGED = ("loss/policy", "loss/value", "loss/entropy", "ppo/ratio", "ppo/clipfrac", "ppo/approx_kl")
+
+
 def make_optimizer(policy, cfg):
-    """The one place that builds the optimizer (DDP/FSDP wrapping goes next to it)."""
+    """The one place that builds the optimizer: after dist.Ranks.wrap, whose FSDP2 (full fine-tuning on
+    several ranks) replaces the parameters by sharded ones, which AdamW then steps shard by shard."""
     return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
 
 

@@ -253,10 +253,11 @@ def install(run, write, last):
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(run_dir, policy, state, name="checkpoint"):
-    """RUN/checkpoint: the policy (its base, when changed, once per run in RUN/base) + state.pt."""
+def save_checkpoint(run_dir, policy, state, name="checkpoint", weights=None):
+    """RUN/checkpoint: the policy (its base, when changed, once per run in RUN/base) + state.pt.
+    weights: the policy's state dict as full tensors, when its own are sharded (dist.py, FSDP2)."""
     def write(tmp):
-        policy.save(tmp, base_dir=os.path.join(run_dir, "base"))
+        policy.save(tmp, base_dir=os.path.join(run_dir, "base"), state=weights)
         torch.save(state, os.path.join(tmp, "state.pt"))
     write_dir(os.path.join(run_dir, name), write)   # the new checkpoint is complete before the old one goes
 

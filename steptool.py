@@ -6,6 +6,7 @@
         --tasks train_queries.json --eval-tasks G1_instruction.json ... --judge-url URL
     python steptool.py --data step_grained_for_ppo.qwen2.tsv --model DIR   # the paper's offline mode
     python steptool.py --resume DIR [--iterations N]    # continue (or extend) the run in DIR, in DIR
+    torchrun --standalone --nproc_per_node 8 steptool.py ...   # data parallel on 8 GPUs (dist.py)
 
 The algorithm box (online mode, the default):
     SFT warm start on expert trajectories (optional; the paper fine-tunes before PPO)
@@ -19,6 +20,9 @@ Offline mode (--data FILE.tsv) replaces the rollouts by a fixed set of trajector
 rewards, in the original's TSV format: PPO over them, as the paper's released code trains.
 --output is claimed first (runs.py): a new or empty folder, or an earlier run of ours with --overwrite;
 --resume DIR continues in DIR with the checkpoint's config (--iterations N extends it).
+Under torchrun (dist.py) each rank rolls out, rewards and evaluates its block of the batch; the PPO
+update is the single-process update, its statistics and gradients reduced over ranks; rank 0 alone
+writes. Plain `python steptool.py` is one process, unchanged.
 
 Departures from the original code:
 1. Online rollouts by default (the original trains only offline, with "old" log-probs computed by
@@ -29,6 +33,7 @@ Departures from the original code:
    the last checkpoint is intact and --resume continues from it.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -42,8 +47,10 @@ import torch
 from tqdm import tqdm
 
 import checks
+import dist
 import env
 import eval as evaluation
+import judge as J
 import policy as P
 import ppo
 import reward
@@ -193,10 +200,13 @@ def rft_update(policy, optimizer, solved, cfg):
 
 
 # ---- checkpoints and resuming (runs.py writes them whole) ------------------------------------
-def save_checkpoint(run_dir, policy, optimizer, kl_ctl, iteration, cfg, metrics):
-    runs.save_checkpoint(run_dir, policy, {
-        "optimizer": optimizer.state_dict() if optimizer else None, "kl_beta": kl_ctl.beta, "iteration": iteration,
-        "config": asdict(cfg), "metrics": metrics, "rng": runs.rng_state()})
+def save_checkpoint(run_dir, policy, optimizer, kl_ctl, iteration, cfg, metrics, ranks=dist.ONE):
+    """Rank 0 writes; under FSDP2 every rank takes part in gathering the full tensors first."""
+    weights, opt = ranks.full_state(policy), ranks.optimizer_state(optimizer) if optimizer else None
+    if ranks.main:
+        runs.save_checkpoint(run_dir, policy, {
+            "optimizer": opt, "kl_beta": kl_ctl.beta, "iteration": iteration,
+            "config": asdict(cfg), "metrics": metrics, "rng": runs.rng_state()}, weights=weights)
 
 
 def given_flags(argv):
@@ -230,12 +240,29 @@ def resume_config(run_dir, given, state):
 
 
 # ---- evaluation -------------------------------------------------------------------------------
-def evaluate(policy, tasks, client, cfg, judge_fn, iteration):
+def evaluate(policy, tasks, client, cfg, judge_fn, iteration, ranks=dist.ONE):
     """Greedy rollouts on the eval tasks -> {group: {pass_rate, recall}} (eval.py's definitions); each
-    task's score and recall go to OUTPUT/eval_tasks.json (the latest evaluation: compare.py's paired CIs)."""
-    trajs = evaluation.run_policy(policy, tasks, client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
-                                  max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context)
-    labels, scored, groups = evaluation.evaluate(trajs, tasks, judge_fn, repeats=1 if all(t.answer for t in tasks) else 3)
+    task's score and recall go to OUTPUT/eval_tasks.json (the latest evaluation: compare.py's paired CIs).
+    On several ranks each rolls out and judges its block of the tasks; rank 0 scores the gathered
+    labels and returns the numbers (the others None)."""
+    lo, hi = ranks.block(len(tasks))
+    with ranks.sampling(policy):
+        trajs = evaluation.run_policy(policy, tasks[lo:hi], client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
+                                      max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context,
+                                      first_episode=lo, progress=ranks.main)
+    repeats = 1 if all(t.answer for t in tasks) else 3
+    if ranks.world == 1:
+        labels, scored, groups = evaluation.evaluate(trajs, tasks, judge_fn, repeats=repeats)
+    else:   # eval.evaluate's judging per rank, its scoring of the gathered labels on rank 0
+        labels, errors = {}, {}
+        for lab, err in ranks.gather(J.judge_trajectories(trajs, tasks[lo:hi], judge_fn, repeats)):
+            for into, part in ((labels, lab), (errors, err)):
+                for g, entries in part.items():
+                    into.setdefault(g, {}).update(entries)
+        if not ranks.main:
+            return None
+        labels = dict(sorted(labels.items()))
+        scored, groups = evaluation.score_groups(labels, errors, tasks)
     each = evaluation.per_query(labels, tasks)
     runs.write_file(os.path.join(cfg.output, "eval_tasks.json"),
                     lambda f: json.dump({"iteration": iteration, "tasks": each}, f))
@@ -259,6 +286,21 @@ def limit_per_group(tasks, n):
         return tasks
     seen = {}
     return [t for t in tasks if seen.setdefault(t.group, []).append(t) or len(seen[t.group]) <= n]
+
+
+def rollout_stats(eps, trajs, rstats, g0, g1, ranks=dist.ONE):
+    """The rollout/ and reward/ metrics of an iteration: sums and means over every rank's episodes (each
+    of reward.py's means weighted by what it is a mean over: episodes, or intermediate calls)."""
+    n = ranks.sum([len(eps), g1["prefill_tokens"] - g0["prefill_tokens"], sum(sum(e.act) for e in eps),
+                   sum(e.n_steps for e in eps), sum(len(e.ids) for e in eps), sum(t.finish == "give_answer" for t in trajs),
+                   rstats["judge_fallbacks"]])
+    calls = sum(len(reward.intermediate(t)) for t in trajs)
+    solved, succ, contrib = ranks.weighted([(rstats["is_solved"], len(trajs)), (rstats["succ_calling"], calls),
+                                            (rstats["contribution"], calls)])
+    return {"rollout/prefill_tokens": float(n[1]), "rollout/sampled_tokens": float(n[2]),
+            "rollout/steps": float(n[3] / n[0]), "rollout/tokens": float(n[4] / n[0]), "rollout/finished": float(n[5] / n[0]),
+            "reward/is_solved": float(solved), "reward/succ_calling": float(succ), "reward/contribution": float(contrib),
+            "reward/judge_errors": float(n[6])}  # episodes whose annotation failed
 
 
 def log_line(metrics_path, rec):
@@ -298,33 +340,48 @@ def plot(metrics, path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
+    ranks = dist.init(cfg.device)                        # torchrun's ranks (dist.py), or the single process
     # ---- flags and input files first (checks.py), then the run folder (runs.py): nothing loaded yet ----
     ckpt = state = inputs = None
     try:
         checks.check_flags(cfg)
+        check_ranks(cfg, ranks)
         if not cfg.resume:
             inputs = checks.check_inputs(cfg, *input_files(cfg))
     except checks.InputError as e:
-        runs.fail("steptool", e)
+        ranks.fail("steptool", e)
     try:
         if cfg.resume:   # a checkpoint first (read only): only then is the folder a run to continue
             if not os.path.isdir(cfg.resume):
                 raise runs.RunError(f"--resume {cfg.resume}: no such folder")
             ckpt = runs.find_checkpoint(cfg.resume)
-        run = (runs.claim(cfg.resume, "steptool", "--resume", resume=True, entries=ENTRIES, adopt=True) if cfg.resume else
-               runs.claim(cfg.output, "steptool", overwrite=cfg.overwrite, entries=ENTRIES, inputs=(cfg.model, *cfg.adapters)))
+        # rank 0 alone claims and locks the folder; the other ranks never write in it
+        run = ranks.first(lambda: runs.claim(cfg.resume, "steptool", "--resume", resume=True, entries=ENTRIES, adopt=True)
+                          if cfg.resume else runs.claim(cfg.output, "steptool", overwrite=cfg.overwrite, entries=ENTRIES,
+                                                        inputs=(cfg.model, *cfg.adapters)))
     except (runs.RunError, FileNotFoundError) as e:
-        runs.fail("steptool", e)
-    with run:                                            # the lock is held until the run ends, however it ends
+        ranks.fail("steptool", e)
+    with run or contextlib.nullcontext():                # the lock is held until the run ends, however it ends
         if cfg.resume:
             try:
                 state = runs.load_state(ckpt)
                 cfg = resume_config(cfg.resume, given_flags(argv), state)
                 checks.check_flags(cfg)
+                check_ranks(cfg, ranks)
                 inputs = checks.check_inputs(cfg, *input_files(cfg))
             except (runs.RunError, FileNotFoundError, checks.InputError) as e:
-                runs.fail("steptool", e)
-        return train(cfg, inputs, ckpt, state)
+                ranks.fail("steptool", e)
+        metrics = train(cfg, inputs, ckpt, state, ranks)
+    ranks.close()
+    return metrics
+
+
+def check_ranks(cfg, ranks):
+    """What several ranks do not run (dist.py, departure 3), refused before anything loads."""
+    if ranks.world > 1 and cfg.algo == "rft":
+        raise checks.InputError("--algo rft runs in one process only (its SFT steps are not sharded): run it without torchrun")
+    if ranks.world > 1 and cfg.device and torch.device(cfg.device).type != ranks.device.type:
+        raise checks.InputError(f"--device {cfg.device}: this run's ranks were started on {ranks.device.type}")
 
 
 def input_files(cfg):
@@ -333,9 +390,10 @@ def input_files(cfg):
             cfg.eval_tasks or (os.path.join(HERE, "data", "bench_test.json"),))
 
 
-def train(cfg, inputs, ckpt=None, state=None):
+def train(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE):
     """The run in cfg.output (claimed by main). inputs: (train tasks, eval tasks, offline TSV rows or
-    None), read and checked by checks.check_inputs; ckpt and state: the checkpoint resumed from, if any."""
+    None), read and checked by checks.check_inputs; ckpt and state: the checkpoint resumed from, if any;
+    ranks: torchrun's processes (dist.py), this one among them."""
     train_tasks, eval_tasks, offline_rows = inputs
     eval_tasks = limit_per_group(eval_tasks, cfg.eval_limit)
     metrics_path = os.path.join(cfg.output, "metrics.jsonl")
@@ -346,118 +404,133 @@ def train(cfg, inputs, ckpt=None, state=None):
         torch.set_num_threads(cfg.threads)
 
     srv = None
-    if not cfg.tool_server:
+    if not cfg.tool_server and ranks.local_rank == 0:   # once per node: its other ranks use this one
         srv = server.start_in_thread()
-    url = cfg.tool_server or srv.url
+    url = cfg.tool_server or ranks.from_node_leader(srv.url if srv else None)
+    device = str(ranks.device) if ranks.world > 1 else cfg.device or None   # a rank's own GPU
     try:
         client = env.ToolClient(url)
         client.check()                                   # a dead server fails here, before any training
         judge = reward.Judge(cfg.judge_url, cfg.judge_model, repeats=1) if cfg.judge_url else None
         judge_fn = evaluation.make_judge(cfg.judge_url, cfg.judge_model)
         if cfg.resume:
-            policy = P.load_policy(ckpt, device=cfg.device or None)
+            policy = P.load_policy(ckpt, device=device)
         else:
-            policy = P.load_policy(cfg.model, device=cfg.device or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+            policy = P.load_policy(cfg.model, device=device, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                    lora_dropout=cfg.lora_dropout, lora_targets=tuple(cfg.lora_targets),
                                    full_finetune=cfg.full_finetune, gradient_checkpointing=cfg.gradient_checkpointing,
                                    seed=cfg.seed, adapters=tuple(cfg.adapters))
         pcfg = ppo_config(cfg)
         kl_ctl = ppo.KLController(pcfg)
-        optimizer = ppo.make_optimizer(policy, pcfg)     # the one place to wrap in DDP/FSDP later
         start, metrics = 0, []
         if cfg.resume:
-            optimizer.load_state_dict(state["optimizer"])
             kl_ctl.beta, start, metrics = state["kl_beta"], state["iteration"], state["metrics"]
             runs.set_rng_state(state["rng"])
-            with open(metrics_path, "w") as f:               # drop lines written after the checkpoint
-                f.writelines(json.dumps(m) + "\n" for m in metrics)
-            print(f"steptool: resumed {ckpt} at iteration {start}")
+            if ranks.main:
+                with open(metrics_path, "w") as f:           # drop lines written after the checkpoint
+                    f.writelines(json.dumps(m) + "\n" for m in metrics)
+                print(f"steptool: resumed {ckpt} at iteration {start}")
         else:
-            open(metrics_path, "w").close()
-            # ---- SFT warm start ----
+            if ranks.main:
+                open(metrics_path, "w").close()
+            # ---- SFT warm start (whole on every rank: dist.py, departure 3) ----
             if cfg.sft_epochs and not cfg.data:  # offline mode trains on its TSV alone
                 experts = across_groups([t for t in train_tasks if t.expert])[:cfg.sft_episodes or None]
-                eps = [rollout.expert_episode(policy, t, client)[0] for t in tqdm(experts, desc="expert episodes", leave=False)]
+                eps = [rollout.expert_episode(policy, t, client)[0]
+                       for t in tqdm(experts, desc="expert episodes", leave=False, disable=not ranks.main)]
                 t0 = time.time()
-                losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, micro_batch_size=cfg.sft_micro_batch_size, seed=cfg.seed)
-                print(f"sft: {len(eps)} expert episodes x {cfg.sft_epochs} epochs, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
-                if policy.lora_cfg:                         # the SFT start as a small file of its own
+                losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, micro_batch_size=cfg.sft_micro_batch_size, seed=cfg.seed,
+                                 progress=ranks.main)
+                if ranks.main:
+                    print(f"sft: {len(eps)} expert episodes x {cfg.sft_epochs} epochs, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
+                if policy.lora_cfg and ranks.main:          # the SFT start as a small file of its own
                     runs.write_file(os.path.join(cfg.output, "sft_adapter.safetensors"), policy.save_adapter, binary=True)
             policy.freeze_reference()                       # pi_ref = the SFT policy
-            optimizer = ppo.make_optimizer(policy, pcfg)
-            save_checkpoint(cfg.output, policy, optimizer, kl_ctl, 0, cfg, metrics)  # a killed first eval never redoes SFT
+        ranks.wrap(policy)                                  # DDP (LoRA) or FSDP2 (full fine-tuning) on several ranks
+        optimizer = ppo.make_optimizer(policy, pcfg)        # the one place that builds it, after the wrapping
+        if cfg.resume:
+            ranks.load_optimizer_state(optimizer, state["optimizer"])
+        else:
+            save_checkpoint(cfg.output, policy, optimizer, kl_ctl, 0, cfg, metrics, ranks)  # a killed first eval never redoes SFT
         if start == 0 and cfg.eval_start and not metrics:   # the start's evaluation (also when resumed before it)
             t0 = time.time()
-            ev = evaluate(policy, eval_tasks, client, cfg, judge_fn, 0)
+            ev = evaluate(policy, eval_tasks, client, cfg, judge_fn, 0, ranks)
             metrics.append({"iteration": 0, "time/iteration_s": time.time() - t0,
-                            **{f"eval/{g}/{k}": v for g, m in ev.items() for k, v in m.items()}})
-            log_line(metrics_path, metrics[-1])
-            save_checkpoint(cfg.output, policy, optimizer, kl_ctl, 0, cfg, metrics)
+                            **{f"eval/{g}/{k}": v for g, m in (ev or {}).items() for k, v in m.items()}})
+            if ranks.main:
+                log_line(metrics_path, metrics[-1])
+            save_checkpoint(cfg.output, policy, optimizer, kl_ctl, 0, cfg, metrics, ranks)
 
         offline = None
         if cfg.data:
             offline, dropped = ppo.episodes_from_rows(policy, offline_rows, cfg.max_context)
-            print(f"offline: {len(offline)} trajectories from {cfg.data}" + (f", {dropped} cut steps" if dropped else ""))
+            if ranks.main:
+                print(f"offline: {len(offline)} trajectories from {cfg.data}" + (f", {dropped} cut steps" if dropped else ""))
         B = cfg.episodes_per_iteration
+        lo, hi = ranks.block(B)                              # this rank's episodes of each batch
         for it in range(start + 1, cfg.iterations + 1):
             t0 = time.time()
             torch.manual_seed(cfg.seed * 100003 + it)       # dropout etc.: a function of (seed, iteration)
             gen = torch.Generator().manual_seed(cfg.seed * 100003 + it)
             # ---- roll out (or take fixed trajectories) ----
             if offline is not None:
-                idx = torch.randperm(len(offline), generator=gen)[:B].tolist()
+                idx = torch.randperm(len(offline), generator=gen)[:B].tolist()[lo:hi]
                 eps = [rollout.Episode(offline[i].ids, offline[i].act, offline[i].step, offline[i].state_end,
                                        offline[i].rewards) for i in idx]
                 rec = {}
             else:
-                batch = [train_tasks[i] for i in torch.randint(len(train_tasks), (B,), generator=gen).tolist()]
+                batch = [train_tasks[i] for i in torch.randint(len(train_tasks), (B,), generator=gen).tolist()][lo:hi]
                 g0 = dict(policy.gen_stats)
-                eps, trajs = rollout.rollout(policy, batch, client, seed=cfg.seed, iteration=it, max_steps=cfg.max_steps,
-                                             max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context,
-                                             temperature=cfg.temperature, top_p=cfg.top_p, obs_chars=cfg.obs_chars)
+                with ranks.sampling(policy):
+                    eps, trajs = rollout.rollout(policy, batch, client, seed=cfg.seed, iteration=it, first_episode=lo,
+                                                 max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens,
+                                                 max_context=cfg.max_context, temperature=cfg.temperature, top_p=cfg.top_p,
+                                                 obs_chars=cfg.obs_chars)
                 # ---- step rewards (Sec. 4.1) ----
                 rewards, rstats = reward.shape_batch(batch, trajs, cfg.reward, cfg.alpha, judge)
                 for e, r in zip(eps, rewards):
                     e.rewards = r
                 g1 = policy.gen_stats
                 rec = {"time/rollout_s": time.time() - t0, "time/prefill_s": g1["prefill_s"] - g0["prefill_s"],
-                       "time/decode_s": g1["decode_s"] - g0["decode_s"],
-                       "rollout/prefill_tokens": float(g1["prefill_tokens"] - g0["prefill_tokens"]),
-                       "rollout/sampled_tokens": float(sum(sum(e.act) for e in eps)),
-                       "rollout/steps": float(np.mean([e.n_steps for e in eps])),
-                       "rollout/tokens": float(np.mean([len(e.ids) for e in eps])),
-                       "rollout/finished": float(np.mean([t.finish == "give_answer" for t in trajs])),
-                       "reward/is_solved": float(rstats["is_solved"]),
-                       "reward/succ_calling": float(rstats["succ_calling"]),
-                       "reward/contribution": float(rstats["contribution"]),
-                       "reward/judge_errors": float(rstats["judge_fallbacks"])}  # episodes whose annotation failed
+                       "time/decode_s": g1["decode_s"] - g0["decode_s"], **rollout_stats(eps, trajs, rstats, g0, g1, ranks)}
             # ---- PPO update over steps (Sec. 4.2), or RFT's SFT on the Solved rollouts ----
             if cfg.algo == "rft":
                 stats = rft_update(policy, optimizer, [e for e, s in zip(eps, rstats["solved_each"]) if s == 1.0], cfg)
             else:
-                stats = ppo.update(policy, optimizer, eps, pcfg, kl_ctl, gen)
+                stats = ppo.update(policy, optimizer, eps, pcfg, kl_ctl, gen, ranks)
             rec.update({k: float(v) for k, v in stats.items()})
             # ---- log / evaluate / save ----
             if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations:
                 t1 = time.time()
-                ev = evaluate(policy, eval_tasks, client, cfg, judge_fn, it)
-                rec.update({f"eval/{g}/{k}": v for g, m in ev.items() for k, v in m.items()})
+                ev = evaluate(policy, eval_tasks, client, cfg, judge_fn, it, ranks)
+                rec.update({f"eval/{g}/{k}": v for g, m in (ev or {}).items() for k, v in m.items()})
                 rec["time/eval_s"] = time.time() - t1
             rec.update({"iteration": it, "episodes": it * B, "time/iteration_s": time.time() - t0})
             metrics.append(rec)
-            log_line(metrics_path, rec)
+            if ranks.main:
+                log_line(metrics_path, rec)
             if it % cfg.save_every == 0 or it == cfg.iterations:
-                save_checkpoint(cfg.output, policy, optimizer, kl_ctl, it, cfg, metrics)
+                save_checkpoint(cfg.output, policy, optimizer, kl_ctl, it, cfg, metrics, ranks)
     except env.ToolServerError as e:
         if not os.path.isdir(ckpt_path):
             sys.exit(f"steptool: {e}")
         sys.exit(f"steptool: {e}\nThe last checkpoint in {cfg.output} is intact; continue with --resume {cfg.output}")
+    except (dist.Stopped, RuntimeError) as e:  # another rank died (torchrun stops the rest), or a collective timed out
+        if not dist.lost_rank(e):
+            raise
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        why = why if isinstance(e, dist.Stopped) else f"lost another rank ({why})"
+        sys.exit(f"steptool: rank {ranks.rank} of {ranks.world}: {why}. The last checkpoint in {cfg.output} is intact; "
+                 f"continue with torchrun ... steptool.py --resume {cfg.output}")
     except ValueError as e:  # a model that cannot be loaded, a malformed task or TSV file
         sys.exit(f"steptool: {e}")
     finally:
         if srv:
             srv.shutdown()
 
+    weights = ranks.full_state(policy)                    # FSDP2: every rank gathers, rank 0 writes
+    if not ranks.main:
+        return metrics
     # ---- the final table: SFT start vs after PPO ----
     first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
     groups = sorted({k.split("/")[1] for m in (first, last) for k in m if k.startswith("eval/")})
@@ -466,7 +539,7 @@ def train(cfg, inputs, ckpt=None, state=None):
         f = lambda m, k: m.get(f"eval/{g}/{k}") if m.get(f"eval/{g}/{k}") is not None else float("nan")
         print(f"{g:10s} {f(first, 'pass_rate'):18.1f} {f(last, 'pass_rate'):10.1f} {f(first, 'recall'):14.1f} {f(last, 'recall'):10.1f}")
     final = os.path.join(cfg.output, "final_model")
-    runs.write_dir(final, policy.export_merged)           # final_model.tmp, renamed: never half a model
+    runs.write_dir(final, lambda p: policy.export_merged(p, state=weights))  # final_model.tmp, renamed: never half a model
     if policy.lora_cfg:                                   # LoRA + value head on pi_ref's base, a few MB
         runs.write_file(os.path.join(cfg.output, "adapter.safetensors"), policy.save_adapter, binary=True)
     plot(metrics, os.path.join(cfg.output, "curves.png"))

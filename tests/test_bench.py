@@ -43,3 +43,23 @@ def test_the_update_benchmark_reports_the_update_against_the_raw_passes(capsys, 
         assert rec[k] > 0, k
     assert rec["raw_forward_tokens_per_s"] > rec["raw_forward_backward_tokens_per_s"]
     assert "of raw" in out
+
+
+def test_the_gpu_check_names_every_figure_on_a_small_shape_on_cpu(capsys):
+    """bench.py --gpu-check (issue 16), as it runs on a GPU, here on CPU: seconds per update, tokens/s,
+    MFU and peak memory beside the plan, for mini-batch 1 and 2 without and with gradient checkpointing;
+    sampled tokens/s of the rollouts at each batch size."""
+    import json
+    out = bench.main(["--gpu-check", "--device", "cpu", "--shape", "small", "--check-layers", "2", "--check-tokens", "128",
+                      "--check-actions", "32", "--dtype", "fp32", "--peak-tflops", "0.1", "--rollout-batches", "2", "4",
+                      "--rollout-prompt", "16", "--rollout-new", "4", "--check-reps", "1", "--threads", "1", "--tokens", "64"])
+    text = capsys.readouterr().out
+    rec = json.loads(text.strip().splitlines()[-1])
+    assert [(u["mini_batch"], u["gradient_checkpointing"]) for u in rec["update"]] == [(1, False), (2, False), (1, True), (2, True)]
+    for u in rec["update"]:
+        for k in ("update_s", "tokens_per_s", "mfu", "peak_memory_gb", "plan_gb"):
+            assert u[k] > 0, k
+    assert [r["batch"] for r in rec["rollouts"]] == [2, 4] and all(r["sampled_tokens_per_s"] > 0 for r in rec["rollouts"])
+    for words in ("s/update", "tokens/s", "MFU", "peak memory GB", "plan GB", "sampled tokens/s", "TFLOP/s"):
+        assert words in text, words
+    assert out == rec
