@@ -1,6 +1,10 @@
 """Shared test setup: the repo root on sys.path, one loopback tool server, the committed tasks."""
+import json
 import os
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -78,3 +82,46 @@ def small_model(tmp_path_factory, tiny_tok):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """A fake OpenAI-compatible endpoint: POST /v1/chat/completions answered by server.behave(n, body) ->
+    (status, reply object or bytes, delay), n counting requests from 1; server.seen keeps each request's
+    path, body and Authorization header, server.bodies its body alone."""
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        self.server.bodies.append(body)
+        status, reply, delay = self.server.behave(len(self.server.seen), body)
+        time.sleep(delay)
+        data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client timed out and left
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_openai():
+    """start(behave) -> (server, its /v1 URL) on a loopback port; every server stops after the test."""
+    servers = []
+
+    def start(behave):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+        srv.daemon_threads, srv.behave, srv.seen, srv.bodies = True, behave, [], []
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(srv)
+        return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()

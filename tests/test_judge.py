@@ -19,9 +19,7 @@ import random
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -37,43 +35,10 @@ S, U, N = "AnswerStatus.Solved", "AnswerStatus.Unsure", "AnswerStatus.Unsolved"
 
 
 # ---- a fake OpenAI-compatible judge -----------------------------------------------------------
-class FakeOpenAI(BaseHTTPRequestHandler):
-    """POST /v1/chat/completions answered by server.behave(body) -> (status, reply object or bytes, delay)."""
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append(body)
-        status, reply, delay = self.server.behave(body)
-        time.sleep(delay)
-        data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:  # the client timed out and left
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def fake_judge():
-    servers = []
-
-    def start(behave):
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-        srv.daemon_threads, srv.behave, srv.seen = True, behave, []
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(srv)
-        return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
+def fake_judge(fake_openai):
+    """conftest's fake endpoint with behave(body) (the request count unused); srv.bodies: what was asked."""
+    return lambda behave: fake_openai(lambda n, body: behave(body))
 
 
 def called(args, name=None):
@@ -119,7 +84,7 @@ RNG = random.Random(0)
 def test_a_final_step_that_is_not_a_finish_call_fails_and_nothing_is_asked(fake_judge):
     srv, url = fake_judge(statuses())
     j = judge_at(url).judge(NO_FINISH, RNG)
-    assert (j["status"], j["pass_label"]) == (N, "failed") and srv.seen == []
+    assert (j["status"], j["pass_label"]) == (N, "failed") and srv.bodies == []
 
 
 @pytest.mark.parametrize("final", ["", '{"return_type": "give_up_and_restart"}'])
@@ -127,23 +92,23 @@ def test_an_empty_or_given_up_answer_is_unsolved_unasked_then_its_solvability_de
     srv, url = fake_judge(statuses(task="Unsolvable"))
     example = {**GIVE_UP, "answer": {**GIVE_UP["answer"], "final_answer": final}}
     j = judge_at(url).judge(example, RNG)
-    assert [asked(b)[0] for b in srv.seen] == ["check_task_solvable"]
+    assert [asked(b)[0] for b in srv.bodies] == ["check_task_solvable"]
     assert (j["status"], j["task_status"], j["pass_label"]) == (N, "TaskStatus.Unsolvable", "passed")
 
 
 def test_a_solved_answer_passes_without_the_solvability_question(fake_judge):
     srv, url = fake_judge(statuses(answer="Solved"))
     j = judge_at(url).judge(SOLVED, RNG)
-    assert [asked(b)[0] for b in srv.seen] == ["check_answer_status"]
+    assert [asked(b)[0] for b in srv.bodies] == ["check_answer_status"]
     assert (j["status"], j["pass_label"], j["coin"]) == (S, "passed", "")
-    assert "In Velmora it is sunny" in asked(srv.seen[0])[1]              # the final answer is what it reads
+    assert "In Velmora it is sunny" in asked(srv.bodies[0])[1]              # the final answer is what it reads
 
 
 def test_an_unsure_answer_is_judged_again_on_the_whole_process(fake_judge):
     srv, url = fake_judge(statuses(answer="Unsure", process="Unsolved", task="Solvable"))
     j = judge_at(url).judge(UNSURE, RNG)
-    assert [asked(b)[0] for b in srv.seen] == ["check_answer_status", "parse_answer_status", "check_task_solvable"]
-    process = asked(srv.seen[1])[1]
+    assert [asked(b)[0] for b in srv.bodies] == ["check_answer_status", "parse_answer_status", "check_task_solvable"]
+    process = asked(srv.bodies[1])[1]
     assert "answer_details" in process and "forecast_for_skycast" in process and "sunny" in process
     assert (j["status"], j["pass_label"]) == (N, "failed")
     assert "parse_answer_status says Unsolved" in j["reason"] and "check_task_solvable" in j["reason"]
@@ -184,7 +149,7 @@ def test_across_repeats_a_query_passes_if_it_failed_no_more_often_than_it_passed
 def test_each_question_is_a_forced_function_call_at_temperature_zero_with_a_reason(fake_judge):
     srv, url = fake_judge(statuses())
     judge_at(url).judge(SOLVED, RNG)
-    body = srv.seen[0]
+    body = srv.bodies[0]
     fn = body["tools"][0]["function"]
     assert body["model"] == "judge-model" and body["temperature"] == 0.0
     assert body["tool_choice"] == {"type": "function", "function": {"name": "check_answer_status"}}
@@ -208,7 +173,7 @@ def test_a_failing_judge_is_retried_then_its_query_is_a_judge_error_never_a_scor
     srv, url = fake_judge(lambda body: MALFORMED[kind])
     labels, errors = J.judge_answers([("G1_instruction", "201", SOLVED)], judge_at(url, retries=2), repeats=3)
     assert labels == {} and list(errors["G1_instruction"]) == ["201"]
-    assert len(srv.seen) == 3                                           # 1 try + 2 retries, then no other repeat
+    assert len(srv.bodies) == 3                                           # 1 try + 2 retries, then no other repeat
     assert f"judge at {url}/chat/completions failed 3 times" in errors["G1_instruction"]["201"]
 
 
@@ -217,12 +182,12 @@ def test_a_judge_that_times_out_fails_within_its_time_limit(fake_judge):
     t0 = time.perf_counter()
     with pytest.raises(J.JudgeError, match="Timeout"):
         judge_at(url, timeout=0.2, retries=1).judge(SOLVED, RNG)
-    assert time.perf_counter() - t0 < 1.5 and len(srv.seen) == 2
+    assert time.perf_counter() - t0 < 1.5 and len(srv.bodies) == 2
 
 
 def test_a_query_that_fails_at_a_later_repeat_is_a_judge_error_as_a_whole(fake_judge):
     srv, url = fake_judge(lambda body: (200, called({"answer_status": "Solved"}, "check_answer_status"), 0)
-                          if len(srv.seen) <= 1 else MALFORMED["http 500"])
+                          if len(srv.bodies) <= 1 else MALFORMED["http 500"])
     labels, errors = J.judge_answers([("G1_instruction", "201", SOLVED)], judge_at(url, retries=0), repeats=3)
     assert labels == {} and "HTTP 500" in errors["G1_instruction"]["201"]
 
@@ -290,10 +255,10 @@ def test_stb_dir_prompts_and_function_schemas_are_read_at_run_time(fake_judge, t
     srv, url = fake_judge(statuses(answer="Unsure", process="Solved"))
     judge = judge_at(url, stb_dir=stb_checkout(tmp_path))
     judge.judge(UNSURE, RNG)
-    text = asked(srv.seen[0])[1]
+    text = asked(srv.bodies[0])[1]
     assert text.startswith("\nTEST TEMPLATE answer. Q=What is the weather") and "maybe sunny" in text
-    assert asked(srv.seen[1])[1].startswith("TEST TEMPLATE process.")
-    assert srv.seen[0]["tools"][0]["function"]["description"] == "CONFIG check_answer_status"
+    assert asked(srv.bodies[1])[1].startswith("TEST TEMPLATE process.")
+    assert srv.bodies[0]["tools"][0]["function"]["description"] == "CONFIG check_answer_status"
     assert judge.describe()["comparable_with_stabletoolbench"] is True
 
 
@@ -331,7 +296,7 @@ def test_cli_answers_judges_converted_answers_as_computed_by_hand(fake_judge, tm
     assert d["judge_errors"] == 0 and d["pass_rate_ci"][0] <= 50.0 <= d["pass_rate_ci"][1]
     assert res["judge"]["model"] == "judge-model" and res["judge"]["url"] == url + "/chat/completions"
     assert res["judge"]["prompts"] == J.NOT_COMPARABLE and J.NOT_COMPARABLE in r.stdout
-    assert len(srv.seen) == 2 * (1 + 1 + 0 + 2)                          # 201, 202, 203, 204 per repeat
+    assert len(srv.bodies) == 2 * (1 + 1 + 0 + 2)                          # 201, 202, 203, 204 per repeat
     labels = json.loads((out / "G1_instruction.json").read_text())
     assert labels["204"]["is_solved"] == {"0": S, "1": S} and labels["202"]["task_status"]["0"] == "TaskStatus.Solvable"
     assert (labels["203"]["passed"], labels["203"]["failed"]) == (0, 2) and "reasons" in labels["201"]
@@ -377,7 +342,7 @@ def test_model_path_with_a_judge_url_judges_stabletoolbench_tasks_with_the_chain
                     "--repeats", "2", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert code == 0 and res["judge"]["kind"] == "stabletoolbench" and res["judge"]["seed"] == 0
-    assert res["files"]["stb_queries.json"]["pass_rate"] == 100.0 and len(srv.seen) == 2 * len(tasks)
+    assert res["files"]["stb_queries.json"]["pass_rate"] == 100.0 and len(srv.bodies) == 2 * len(tasks)
     labels = json.loads((out / "stb_queries.json").read_text())
     assert labels[str(tasks[0].query_id)]["final_step"].startswith("Final step: {'name': 'Finish'")
     assert (out / "trajectories.jsonl").exists()

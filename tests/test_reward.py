@@ -6,9 +6,7 @@ import random
 import re
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -204,45 +202,6 @@ def test_the_released_annotation_example_gets_the_rewards_in_the_note():
 
 
 # ---- the LLM judge ----------------------------------------------------------------------------
-class FakeOpenAI(BaseHTTPRequestHandler):
-    """POST /v1/chat/completions answered by server.behave(n, body) -> (status, reply object or bytes, delay)."""
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-        status, reply, delay = self.server.behave(len(self.server.seen), body)
-        time.sleep(delay)
-        data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:  # the client timed out and left
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def fake_openai():
-    servers = []
-
-    def start(behave):
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-        srv.daemon_threads, srv.behave, srv.seen = True, behave, []
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(srv)
-        return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
-
-
 def chat(content=None, tool_args=None):
     msg = {"role": "assistant", "content": content}
     if tool_args is not None:
