@@ -5,7 +5,6 @@ the command exits with status 2 and no traceback.
     check_flags(cfg)       ranges and choices of every numeric or named flag
     check_inputs(cfg, ..)  the task files, the offline TSV and the reward function, read once
 """
-import math
 import os
 
 import env
@@ -18,29 +17,25 @@ class InputError(ValueError):
     """A flag or input file that would make a run fail late or train nothing."""
 
 
-def _finite(v):
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _rule(lo=None, hi=None, lo_open=False, hi_open=False):
+def rule(lo=None, hi=None, lo_open=False, hi_open=False):
     """v must be finite and within [lo, hi] (open ends where said) -> (test, words)."""
     def ok(v):
-        return _finite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+        return formats.finite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
     words = " and ".join(w for w in ((f"{'>' if lo_open else '>='} {lo}" if lo is not None else ""),
                                      (f"{'<' if hi_open else '<='} {hi}" if hi is not None else "")) if w)
     return ok, f"a finite number {words}".strip()
 
 
-NONNEG, POSITIVE, ONE_UP = _rule(0), _rule(0, lo_open=True), _rule(1)
+NONNEG, POSITIVE, ONE_UP = rule(0), rule(0, lo_open=True), rule(1)
 RULES = {  # flag: (test, what it must be)
     "iterations": NONNEG, "episodes_per_iteration": ONE_UP, "ppo_epochs": ONE_UP, "mini_batch_size": ONE_UP,
     "grad_accum": ONE_UP, "save_every": ONE_UP, "eval_every": NONNEG, "eval_limit": NONNEG,
     "sft_epochs": NONNEG, "sft_episodes": NONNEG, "sft_micro_batch_size": ONE_UP, "sft_lr": POSITIVE, "lr": POSITIVE,
-    "init_kl_coef": NONNEG, "target_kl": POSITIVE, "horizon": POSITIVE, "gamma": _rule(0, 1), "lam": _rule(0, 1),
+    "init_kl_coef": NONNEG, "target_kl": POSITIVE, "horizon": POSITIVE, "gamma": rule(0, 1), "lam": rule(0, 1),
     "cliprange": POSITIVE, "cliprange_value": POSITIVE, "vf_coef": NONNEG, "ent_coef": NONNEG, "max_grad_norm": NONNEG,
-    "alpha": NONNEG, "temperature": NONNEG, "top_p": _rule(0, 1, lo_open=True), "max_steps": ONE_UP,
+    "alpha": NONNEG, "temperature": NONNEG, "top_p": rule(0, 1, lo_open=True), "max_steps": ONE_UP,
     "max_new_tokens": ONE_UP, "max_context": ONE_UP, "obs_chars": ONE_UP, "lora_r": ONE_UP, "lora_alpha": POSITIVE,
-    "lora_dropout": _rule(0, 1, hi_open=True), "threads": NONNEG,
+    "lora_dropout": rule(0, 1, hi_open=True), "threads": NONNEG,
 }
 CHOICES = {"algo": ("ppo", "rft"), "advantage": ("step", "token")}
 

@@ -427,7 +427,7 @@ def main(argv=None):
         checks.check_ranges(a, {**{k: checks.RULES[k] for k in ("temperature", "max_steps", "max_new_tokens")},
                                 "judge_temperature": checks.NONNEG, "judge_retries": checks.NONNEG,
                                 "judge_timeout": checks.POSITIVE, "judge_workers": checks.ONE_UP,
-                                "repeats": checks._rule(1, MAX_REPEATS - 1)})
+                                "repeats": checks.rule(1, MAX_REPEATS - 1)})
         if a.judge not in ("auto", "facts", "stabletoolbench"):
             raise checks.InputError(f"--judge {a.judge}: use one of auto, facts, stabletoolbench")
         if a.answers and (a.judge == "facts" or not a.judge_url):
