@@ -64,17 +64,18 @@ def mean_over_seeds(runs_):
     return {k: statistics.fmean(r[k] for r in runs_) for k in runs_[0]}
 
 
-def run_once(run, argv):
+def run_once(run, argv, threads=()):
     """One steptool.py run in `run`: skipped when finished, resumed when a checkpoint exists, started
-    again (--overwrite: only what it wrote) when a run of ours was killed before its first checkpoint."""
+    again (--overwrite: only what it wrote) when a run of ours was killed before its first checkpoint.
+    threads: ["--threads", N] or nothing, given to a resumed run too."""
     if os.path.isdir(os.path.join(run, "final_model")) or os.path.isfile(os.path.join(run, "adapter.safetensors")):
         return read_metrics(run)   # finished (adapter.safetensors is a LoRA run's last file: committed results)
     try:
         runs.find_checkpoint(run)
     except FileNotFoundError:
         again = ["--overwrite"] if os.path.isfile(os.path.join(run, runs.MARKER)) else []
-        return steptool.main(argv + again + ["--output", run])
-    return steptool.main(["--resume", run])
+        return steptool.main(argv + [*threads] + again + ["--output", run])
+    return steptool.main(["--resume", run, *threads])
 
 
 def table(summary, methods):
@@ -151,20 +152,29 @@ def main(argv=None):
         return compare(args, base, extra, argv)
 
 
+def shared_threads(jobs, parallel, cores=None):
+    """["--threads", cores / processes] for processes sharing the CPU, or nothing: one process, or --threads given."""
+    n = min(parallel, len(jobs))
+    if n <= 1 or any(a.startswith("--threads") for a in jobs[0][1]):
+        return ()
+    return ("--threads", str(max(1, (cores or os.cpu_count() or 1) // n)))
+
+
 def run_all(jobs, parallel):
     """[(run, argv)] -> [metrics], each by run_once: here one after another, or in `parallel` processes
-    (spawned: each with its own tool server, model and lock on its run folder)."""
-    if parallel <= 1 or len(jobs) <= 1:
+    (spawned: each with its own tool server, model and lock on its run folder). Unless --threads is given,
+    the processes share the CPU cores: cores / processes threads each (2 runs x 1 thread did 1.4x the
+    work of 1 run x 2 threads here: SmolLM2's batch-16 decode and prefill, 2 cores)."""
+    n, threads = min(parallel, len(jobs)), shared_threads(jobs, parallel)
+    if n <= 1:
         return [run_once(*j) for j in jobs]
-    with ProcessPoolExecutor(min(parallel, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(run_once, *zip(*jobs)))   # a run that fails (SystemExit too) fails compare
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(run_once, *zip(*jobs), [threads] * len(jobs)))   # a run that fails (SystemExit too) fails compare
 
 
 def compare(args, base, extra, argv):
     """Every (seed, method) run in the claimed args.output, then the table, summary and curves."""
     t0 = time.time()
-    if args.parallel > 1 and not any(a.startswith("--threads") for a in extra):   # share the CPU cores
-        extra = extra + ["--threads", str(max(1, (os.cpu_count() or 1) // args.parallel))]
     roots = {seed: os.path.join(args.output, f"seed{seed}") for seed in args.seeds}
     given = dict(zip(args.seeds, map(os.path.abspath, args.sft_adapters)))   # SFT starts trained before
     # first every seed's SFT start (trained, or given and evaluated), then every method from its seed's start

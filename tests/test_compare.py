@@ -119,3 +119,18 @@ def test_rft_update_trains_on_the_solved_episodes_only(make_policy, tool_server,
     stats = steptool.rft_update(pol, opt, [ep], cfg)
     assert stats["rft/solved"] == 1.0 and stats["ppo/skipped_updates"] == 0.0
     assert nll() < start - 0.1
+
+
+def test_parallel_processes_share_the_cores_and_a_resumed_run_keeps_its_share(monkeypatch, tmp_path):
+    import compare as C
+    jobs = [("a", ["--seed", "0"]), ("b", ["--seed", "1"]), ("c", ["--seed", "2"])]
+    assert C.shared_threads(jobs, 2, cores=2) == ("--threads", "1")
+    assert C.shared_threads(jobs, 8, cores=16) == ("--threads", "5")       # 3 processes, not 8
+    assert C.shared_threads(jobs, 1, cores=2) == ()                       # one process: its own threads
+    assert C.shared_threads(jobs[:1], 4, cores=2) == ()
+    assert C.shared_threads([("a", ["--threads", "2"])] * 2, 2, cores=2) == ()   # given: kept
+    calls = []
+    monkeypatch.setattr(C.steptool, "main", lambda argv: calls.append(argv) or [])
+    monkeypatch.setattr(C.runs, "find_checkpoint", lambda run: run)        # a checkpoint: resumed
+    C.run_once(str(tmp_path), ["--seed", "0"], ("--threads", "1"))
+    assert calls[-1] == ["--resume", str(tmp_path), "--threads", "1"]
