@@ -136,9 +136,10 @@ PAPER = dict(sft_epochs=0, sft_lr=1e-4, sft_episodes=0, iterations=200, episodes
 TINY = dict(sft_epochs=7, sft_lr=3e-3, sft_episodes=0, iterations=20, episodes_per_iteration=16, eval_every=0, eval_limit=40,
             lr=2e-5, grad_accum=8, init_kl_coef=0.2, max_new_tokens=96, full_finetune=True)
 # SmolLM2-135M-Instruct with LoRA on this project's 2-core CPU (README, "A real LM"): SFT on 960 expert
-# episodes, one epoch at 1e-3; then 12 iterations of 16 episodes, 2 PPO epochs each (the paper: 4) at 1e-4
+# episodes, one epoch at 1e-3; then 12 iterations of 16 episodes, 2 PPO epochs each (the paper: 4) at 1e-4,
+# a checkpoint after every iteration (~7 min of work here; a LoRA checkpoint is 30 MB)
 SMOL = dict(PAPER, sft_epochs=1, sft_lr=1e-3, sft_episodes=960, iterations=12, episodes_per_iteration=16, eval_every=0,
-            lr=1e-4, max_new_tokens=160, ppo_epochs=2)
+            lr=1e-4, max_new_tokens=160, ppo_epochs=2, save_every=1)
 QUICK = dict(sft_epochs=1, sft_episodes=32, iterations=2, episodes_per_iteration=4, eval_every=0, eval_limit=2, ppo_epochs=1,
              max_steps=4, max_new_tokens=48, grad_accum=2, save_every=1)
 
