@@ -153,11 +153,14 @@ def main(argv=None):
 
 
 def shared_threads(jobs, parallel, cores=None):
-    """["--threads", cores / processes] for processes sharing the CPU, or nothing: one process, or --threads given."""
+    """The --threads of every run (resumed ones too): the one given, else cores / processes for processes
+    sharing the CPU, else nothing (one process: torch's default)."""
+    argv = jobs[0][1] if jobs else []
+    given = [a for i, a in enumerate(argv) if a.startswith("--threads=") or (i and argv[i - 1] == "--threads")]
+    if given:
+        return ("--threads", given[-1].split("=")[-1])
     n = min(parallel, len(jobs))
-    if n <= 1 or any(a.startswith("--threads") for a in jobs[0][1]):
-        return ()
-    return ("--threads", str(max(1, (cores or os.cpu_count() or 1) // n)))
+    return ("--threads", str(max(1, (cores or os.cpu_count() or 1) // n))) if n > 1 else ()
 
 
 def run_all(jobs, parallel):
@@ -167,7 +170,7 @@ def run_all(jobs, parallel):
     work of 1 run x 2 threads here: SmolLM2's batch-16 decode and prefill, 2 cores)."""
     n, threads = min(parallel, len(jobs)), shared_threads(jobs, parallel)
     if n <= 1:
-        return [run_once(*j) for j in jobs]
+        return [run_once(*j, threads) for j in jobs]
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(run_once, *zip(*jobs), [threads] * len(jobs)))   # a run that fails (SystemExit too) fails compare
 

@@ -128,7 +128,8 @@ def test_parallel_processes_share_the_cores_and_a_resumed_run_keeps_its_share(mo
     assert C.shared_threads(jobs, 8, cores=16) == ("--threads", "5")       # 3 processes, not 8
     assert C.shared_threads(jobs, 1, cores=2) == ()                       # one process: its own threads
     assert C.shared_threads(jobs[:1], 4, cores=2) == ()
-    assert C.shared_threads([("a", ["--threads", "2"])] * 2, 2, cores=2) == ()   # given: kept
+    assert C.shared_threads([("a", ["--threads", "2"])] * 2, 2, cores=2) == ("--threads", "2")   # given: kept,
+    assert C.shared_threads([("a", ["--threads=2"])], 1) == ("--threads", "2")                  # resumed runs too
     calls = []
     monkeypatch.setattr(C.steptool, "main", lambda argv: calls.append(argv) or [])
     monkeypatch.setattr(C.runs, "find_checkpoint", lambda run: run)        # a checkpoint: resumed
