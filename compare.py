@@ -64,12 +64,23 @@ def mean_over_seeds(runs_):
     return {k: statistics.fmean(r[k] for r in runs_) for k in runs_[0]}
 
 
+def finished(run, argv):
+    """Whether the steptool.py run in `run` wrote its last file: final_model, or adapter.safetensors (a LoRA run's,
+    what committed results keep), or, for a run of --iterations 0 (an SFT start: its weights are the start's own
+    file), the start's evaluation in metrics.jsonl and eval_tasks.json."""
+    if os.path.isdir(os.path.join(run, "final_model")) or os.path.isfile(os.path.join(run, "adapter.safetensors")):
+        return True
+    if steptool.given_flags(argv).get("iterations") != 0 or not os.path.isfile(os.path.join(run, "eval_tasks.json")):
+        return False
+    return any(r.get("iteration") == 0 and "eval/overall/pass_rate" in r for r in read_metrics(run))
+
+
 def run_once(run, argv, threads=()):
     """One steptool.py run in `run`: skipped when finished, resumed when a checkpoint exists, started
     again (--overwrite: only what it wrote) when a run of ours was killed before its first checkpoint.
     threads: ["--threads", N] or nothing, given to a resumed run too."""
-    if os.path.isdir(os.path.join(run, "final_model")) or os.path.isfile(os.path.join(run, "adapter.safetensors")):
-        return read_metrics(run)   # finished (adapter.safetensors is a LoRA run's last file: committed results)
+    if finished(run, argv):
+        return read_metrics(run)
     try:
         runs.find_checkpoint(run)
     except FileNotFoundError:

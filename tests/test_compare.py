@@ -1,6 +1,7 @@
 """compare.py on a minute's budget, and the RFT update it compares against."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -77,6 +78,14 @@ def test_lora_methods_start_from_the_sft_runs_adapter_file_and_the_summary_has_p
     assert tasks(again, "sft") == tasks(out, "sft")
     cfg = torch.load(os.path.join(again, "seed0", "steptool", "checkpoint", "state.pt"), weights_only=False)["config"]
     assert cfg["adapters"] == [adapter]
+    # an SFT start's run is finished with its evaluation: its weights (a no-op LoRA on the merged start) need not be kept
+    sft = os.path.join(again, "seed0", "sft")
+    shutil.rmtree(os.path.join(sft, "final_model")); os.remove(os.path.join(sft, "adapter.safetensors"))
+    stamp = os.path.getmtime(os.path.join(sft, "metrics.jsonl"))
+    r = compare("--seeds", "0", "--output", again, "--methods", "sft", "steptool", "--model", small_model,
+                "--no-full-finetune", "--sft-adapters", adapter, *BUDGET)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.getmtime(os.path.join(sft, "metrics.jsonl")) == stamp and not os.path.exists(os.path.join(sft, "final_model"))
     r = compare("--seeds", "0", "--output", str(tmp_path / "bad"), "--sft-adapters", adapter, adapter, *BUDGET)
     assert r.returncode == 2 and "--sft-adapters" in r.stderr
 
