@@ -61,7 +61,8 @@ def check_model(model, adapters=()):
             raise InputError(f"--adapters {a}: no such file")
 
 
-def check_flags(cfg):
+def check_flags(cfg, resumed=False):
+    """resumed: the model is the checkpoint's (its base holds --model and --adapters merged), so not checked."""
     check_ranges(cfg)
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
@@ -69,7 +70,8 @@ def check_flags(cfg):
     if cfg.max_context <= cfg.max_new_tokens:
         raise InputError(f"--max-context {cfg.max_context}: must exceed --max-new-tokens {cfg.max_new_tokens} "
                          "(a turn must fit after the prompt)")
-    check_model(cfg.model, cfg.adapters)
+    if not resumed:
+        check_model(cfg.model, cfg.adapters)
 
 
 def check_inputs(cfg, train_files, eval_files):

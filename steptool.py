@@ -367,7 +367,7 @@ def main(argv=None):
             try:
                 state = runs.load_state(ckpt)
                 cfg = resume_config(cfg.resume, given_flags(argv), state)
-                checks.check_flags(cfg)
+                checks.check_flags(cfg, resumed=True)
                 check_ranks(cfg, ranks)
                 inputs = checks.check_inputs(cfg, *input_files(cfg))
             except (runs.RunError, FileNotFoundError, checks.InputError) as e:

@@ -86,6 +86,14 @@ def test_lora_methods_start_from_the_sft_runs_adapter_file_and_the_summary_has_p
                 "--no-full-finetune", "--sft-adapters", adapter, *BUDGET)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.getmtime(os.path.join(sft, "metrics.jsonl")) == stamp and not os.path.exists(os.path.join(sft, "final_model"))
+    # a resumed run needs none of its start's files: the checkpoint's base holds the SFT start merged
+    os.rename(adapter, adapter + ".moved")
+    run = os.path.join(again, "seed0", "steptool")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "steptool.py"), "--resume", run, "--iterations", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(line)["iteration"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1, 2]
+    os.rename(adapter + ".moved", adapter)
     r = compare("--seeds", "0", "--output", str(tmp_path / "bad"), "--sft-adapters", adapter, adapter, *BUDGET)
     assert r.returncode == 2 and "--sft-adapters" in r.stderr
 
