@@ -41,7 +41,9 @@ METHODS = {"rft": ["--algo", "rft", "--reward", "final"],
 NAMES = {"sft": "SFT", "rft": "RFT", "ppo_final": "PPO (final reward)", "steptool": "StepTool",
          "steptool_token_adv": "StepTool w/o step-grained optimization (token GAE)"}
 GROUPS = ("G1", "G2", "G3", "overall")
-CI_PAIRS = (("steptool", "sft"), ("steptool", "ppo_final"), ("ppo_final", "sft"))  # the paper's claims
+# the paper's claims: StepTool over SFT, PPO (final reward) and RFT (Table 2) and over its ablation (Table 4)
+CI_PAIRS = (("steptool", "sft"), ("steptool", "ppo_final"), ("ppo_final", "sft"), ("steptool", "rft"),
+            ("steptool", "steptool_token_adv"))
 
 
 def std(xs):  # the sample standard deviation over seeds (0 for one seed)

@@ -28,7 +28,7 @@ def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_re
     r = compare(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert set(summary) == {"sft", "rft", "steptool", "ci"} and set(summary["ci"]) == {"steptool-sft"}
+    assert set(summary) == {"sft", "rft", "steptool", "ci"} and set(summary["ci"]) == {"steptool-sft", "steptool-rft"}
     ci = summary.pop("ci")["steptool-sft"]
     assert set(ci) == {"G1", "G2", "G3", "overall"} and all(lo <= hi for lo, hi in ci.values())
     for m in summary.values():
