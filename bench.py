@@ -11,7 +11,7 @@
 Figures are printed (one JSON object last); the README quotes them with the machine named. Speed
 is never asserted in tests, only that each figure is produced.
 
-The GPU check (`--gpu-check`, issue 16) builds the shape from its config with random weights (no
+The GPU check (`--gpu-check`) builds the shape from its config with random weights (no
 download), in bf16 with LoRA r 8 on every projection, and reports for 4,096-token episodes (1,000
 action tokens each), mini-batch 1 and 2, with and without gradient checkpointing: seconds per PPO
 update (4 episodes, one epoch, one optimizer step: pi_old and pi_ref passes, then forward and backward
@@ -358,7 +358,7 @@ def gpu_check(args):
           f"peak {peak if peak else float('nan'):.1f} TFLOP/s ({peak_from})")
     print(f"memory plan (README's method; its per-token figures measured here): {mem['saved_bytes_per_token_per_layer'] / 1e3:.1f} KB "
           f"saved per token per layer, {mem['saved_bytes_per_action_token'] / 1e6:.2f} MB per action token (README, on CPU "
-          f"for qwen2-7b: 320.9 KB, 0.61 MB); plan = bf16 weights + LoRA x 16 B + mini-batch x one episode's activations")
+          f"for qwen2-7b: 320.9 KB, 0.01 MB); plan = bf16 weights + LoRA x 16 B + mini-batch x one episode's activations")
     print(f"update: {E} episodes x {T} tokens ({A} action tokens each), {args.check_epochs} PPO epoch(s), "
           f"one optimizer step per epoch; median of {args.check_reps} after a warm-up")
     print(f"{'mini-batch':>10s} {'checkpointing':>13s} {'s/update':>9s} {'tokens/s':>9s} {'MFU':>6s} "
@@ -403,6 +403,7 @@ def gpu_check(args):
             del opt
     pol.model.activation_checkpointing_disable()
     rolls = bench_generate(pol, args, device)
+    agree = sampler_agreement(pol, args, device)
     out = {"check": "gpu", "shape": args.shape, "layers": L, "dtype": args.dtype, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "peak_tflops": peak, "peak_from": peak_from,
@@ -410,7 +411,8 @@ def gpu_check(args):
            "episode_tokens": T, "episode_action_tokens": A, "episodes": E, "ppo_epochs": args.check_epochs,
            "plan_bytes_per_token_per_layer": mem["saved_bytes_per_token_per_layer"],
            "plan_bytes_per_action_token": mem["saved_bytes_per_action_token"],
-           "weights_gb": frozen / 1e9, "trainable_params": trainable, "update": runs_out, "rollouts": rolls}
+           "weights_gb": frozen / 1e9, "trainable_params": trainable, "update": runs_out, "rollouts": rolls,
+           "agreement": agree}
     print(json.dumps(out))
     return out
 
@@ -436,6 +438,41 @@ def bench_generate(pol, args, device):
         out.append(rec)
         print(f"rollout batch {b:3d}: {n} sampled tokens in {dt:.2f} s = {n / dt:.0f} sampled tokens/s "
               f"(prefill {rec['prefill_s']:.2f} s of {b} x {args.rollout_prompt}-token prompts, decode {rec['decode_s']:.2f} s)")
+    return out
+
+
+def sampler_agreement(pol, args, device, rows=4, prompt=256, new=64, lora_std=1e-3):
+    """One policy, whatever the dtype: with a LoRA as after training (B of std `lora_std`), the
+    log-probability the sampler gives each token it samples against the one PPO's forward gives it (the
+    same token, the whole sequence at once); then pi_ref after freeze_reference against the policy it
+    froze. Printed, and returned for the JSON line."""
+    V = SHAPES[args.shape]["vocab_size"]
+    g = torch.Generator().manual_seed(2)
+    for m in pol.lora_modules():
+        m.B.data = (torch.randn(m.B.shape, generator=g) * lora_std).to(m.B.device)
+    prompts = [torch.randint(3, V, (prompt,), generator=g).tolist() for _ in range(rows)]
+    outs, lps = pol.generate(prompts, new, 1.0, 1.0, [rollout.episode_generator(0, 0, k) for k in range(rows)], logprobs=True)
+    eps = []
+    for p, o in zip(prompts, outs):
+        e = rollout.Episode(); e.add_context(p); e.add_action(o); eps.append(e)
+    c = ppo.collate(eps, "step", pol.device)
+    fwd = lambda: pol(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])[0].float().cpu()
+    with torch.no_grad():
+        logp = fwd()
+        with pol.reference():
+            ref = fwd()
+        pol.freeze_reference()                  # the current policy becomes pi_ref (an SFT start's way)
+        with pol.reference():
+            frozen = fwd()
+    sampled = torch.tensor([x for row in lps for x in row])
+    gap, lora = (sampled - logp).abs(), (logp - ref).abs()
+    out = {"tokens": len(sampled), "lora_std": lora_std, "sampler_vs_forward_max": gap.max().item(),
+           "sampler_vs_forward_mean": gap.mean().item(), "lora_effect_mean": lora.mean().item(),
+           "pi_ref_vs_frozen_policy_max": (frozen - logp).abs().max().item()}
+    print(f"sampler vs PPO forward ({args.dtype}, LoRA B std {lora_std:g}): |log p difference| max "
+          f"{out['sampler_vs_forward_max']:.4f}, mean {out['sampler_vs_forward_mean']:.5f} nats over {len(sampled)} sampled "
+          f"tokens (the LoRA's own effect: mean {out['lora_effect_mean']:.4f}); pi_ref after freeze_reference vs "
+          f"the policy it froze: max {out['pi_ref_vs_frozen_policy_max']:.2g}")
     return out
 
 

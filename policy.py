@@ -4,11 +4,18 @@
 
 - LoRA (Hu et al. 2021): W x + (alpha / r) * B A x on the attention and MLP projections; B starts
   at 0, so a fresh adapter is an exact no-op. Only LoRA and value-head weights train by default.
-- The reference policy pi_ref of the KL penalty is the same weights with LoRA switched off (no
-  second copy of the model); with --full-finetune it is a frozen copy.
+- The reference policy pi_ref of the KL penalty is the same weights with the trainable LoRA switched
+  off (no second copy of the model; frozen adapters stay on); with --full-finetune it is a frozen copy.
 - The value head V(s) is one linear layer on the last hidden state (as trl's ValueHead).
 - Logits are computed only where a log-prob is needed (the action tokens), never over the whole
-  sequence: the LM head of a 150k-vocabulary model costs more memory than the rest of a step.
+  sequence, and as the model's own forward computes them (soft-capping, logit scaling: `logits`,
+  checked against the model at load); the log-softmax over the vocabulary runs over chunks of action
+  tokens, each recomputed in backward, so memory does not grow by a [tokens, vocabulary] tensor.
+- One policy whatever the dtype: sampling computes what PPO's forward computes. fp32 weights sample
+  through W + B A merged once per batch of rollouts; bf16/fp16 weights are never merged (most of a
+  small B A would round away in bf16) and sample through the same two-path sum as the update.
+  Likewise freeze_reference (the SFT start becoming pi_ref) keeps a bf16 model's adapter exactly, as a
+  frozen adapter under the trainable one.
 - `generate` samples a batch of next turns with the KV cache (left padding), temperature / top-p,
   one uniform draw per token from each episode's own generator, so an episode's randomness
   depends on (seed, iteration, episode) only, not on what else is in the batch. Given each
@@ -36,42 +43,66 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 import chat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the log-softmax over the vocabulary runs over chunks of action tokens of at most this many logits
+# (2^26 fp32 = 256 MB per [n, V] tensor: 441 tokens of a 152k vocabulary)
+LOGIT_CHUNK_ELEMENTS = 1 << 26
 TINY = dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=512, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
 # ---- LoRA -----------------------------------------------------------------------------------
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A dropout(x); W frozen, A ~ Kaiming, B = 0 (an exact no-op at start).
+    """y = W x + (alpha / r) (B A dropout(x) + B0 A0 x); W frozen, A ~ Kaiming, B = 0 (an exact no-op at start).
 
-    A and B are fp32 whatever W's dtype: Adam updates of bf16 weights lose most of their bits."""
+    A and B are fp32 whatever W's dtype: Adam updates of bf16 weights lose most of their bits.
+    A0, B0 (fp32 buffers, rank 0 unless set): adapters frozen under the trainable one, the SFT start
+    that became pi_ref on a low-precision base (Policy.freeze_reference): added to W in bf16, most of a
+    small B A would round away, so pi_ref would not be the SFT policy."""
 
     def __init__(self, base, r, alpha, dropout):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / r, True
-        self.A = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.float32, device=base.weight.device))
-        self.B = nn.Parameter(torch.zeros(base.out_features, r, dtype=torch.float32, device=base.weight.device))
+        dev = base.weight.device
+        self.A = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.float32, device=dev))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, dtype=torch.float32, device=dev))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.register_buffer("A0", torch.zeros(0, base.in_features, dtype=torch.float32, device=dev))
+        self.register_buffer("B0", torch.zeros(base.out_features, 0, dtype=torch.float32, device=dev))
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
-    merged = None   # W + (alpha / r) B A while sampling (Policy.merged_lora): one matmul per projection
+    merged = None   # W + (alpha / r) (B A + B0 A0) while an fp32 policy samples (Policy.merged_lora)
 
     def forward(self, x):
         if self.merged is not None:
             return F.linear(x, self.merged, self.base.bias)
         y = self.base(x)
-        if not self.enabled:
-            return y
-        return y + ((self.drop(x).to(self.A.dtype) @ self.A.T @ self.B.T) * self.scale).to(y.dtype)
+        if not self.A0.numel():                                               # no frozen adapter
+            if not self.enabled:
+                return y
+            return y + ((self.drop(x).to(self.A.dtype) @ self.A.T @ self.B.T) * self.scale).to(y.dtype)
+        d = x.to(self.A0.dtype) @ self.A0.T @ self.B0.T                       # pi_ref's part, never dropped out
+        if self.enabled:
+            d = d + self.drop(x).to(self.A.dtype) @ self.A.T @ self.B.T
+        return y + (d * self.scale).to(y.dtype)
 
-    def merged_weight(self):
-        return self.base.weight + (self.scale * (self.B @ self.A)).to(self.base.weight.dtype)
+    def delta(self):
+        """(alpha / r) (B A + B0 A0): what the adapters add to W, in fp32."""
+        ba = self.B @ self.A
+        return self.scale * (ba + self.B0 @ self.A0 if self.A0.numel() else ba)
+
+    def freeze(self):
+        """The trainable adapter joins the frozen ones (exactly: B0 A0 + B A is the rank-stacked product)
+        and restarts at B = 0."""
+        if bool(self.B.any()):
+            self.A0, self.B0 = torch.cat([self.A0, self.A.detach()]), torch.cat([self.B0, self.B.detach()], 1)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5)); self.B.zero_()
 
 
 def inject_lora(model, r=8, alpha=16, dropout=0.0, targets=LORA_TARGETS):
@@ -255,19 +286,65 @@ class Policy(nn.Module):
         b, t = act_idx
         with self.autocast():
             h = self.model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
-            logits = self.model.get_output_embeddings()(h[b, t - 1]).float()   # [N, V]: token t is predicted at t-1
-        logp_all = F.log_softmax(logits, -1)
-        logp = logp_all.gather(-1, act_tok[:, None]).squeeze(-1)              # [N]
+            h_act = h[b, t - 1]                                                # [N, H]: token t is predicted at t-1
+            # the vocabulary-wide part in chunks of action tokens; while training, each chunk is recomputed
+            # in backward (checkpoint), so memory holds one chunk's [n, V] logits, not all N's
+            n = max(1, LOGIT_CHUNK_ELEMENTS // self.model.get_output_embeddings().weight.shape[0])
+            grad = torch.is_grad_enabled()
+            parts = [checkpoint(self._token_logp, h_act[i:i + n], act_tok[i:i + n], entropy, use_reentrant=False)
+                     if grad else self._token_logp(h_act[i:i + n], act_tok[i:i + n], entropy)
+                     for i in range(0, len(act_tok), n)]
+        logp = torch.cat([p[0] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)   # [N]
+        ent = (torch.cat([p[1] for p in parts]) if parts else logp.clone()) if entropy else None     # [N]
         values = self.v_head(h[v_idx].float()).squeeze(-1)                    # [M]
-        ent = -(logp_all.exp() * logp_all).sum(-1) if entropy else None       # [N]
         return logp, values, ent
+
+    def logits(self, h):
+        """[n, H] last hidden states -> [n, V] fp32 logits, as the model's own forward makes them after its
+        last hidden state: the LM head, then Cohere's logit_scale, Granite's (and MiniCPM3's) logits_scaling,
+        Gemma 2/3's final soft-capping, in the model's dtype as it computes them. load_policy checks this
+        against the model's own forward (check_logits): a model doing anything else is refused."""
+        z = self.model.get_output_embeddings()(h)
+        cfg = self.model.config.get_text_config()
+        if getattr(self.model, "logit_scale", None) is not None:             # Cohere: logits * logit_scale
+            z = z * self.model.logit_scale
+        if getattr(cfg, "logits_scaling", None):                              # Granite: logits / logits_scaling
+            z = z / cfg.logits_scaling
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap:                                                               # Gemma 2/3: cap tanh(logits / cap)
+            z = torch.tanh(z / cap) * cap
+        return z.float()
+
+    def _token_logp(self, h, tok, entropy):
+        """One chunk: h [n, H], tok [n] -> (log pi(tok) [n], entropy [n] or None)."""
+        logp_all = F.log_softmax(self.logits(h), -1)                         # [n, V]
+        logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)                  # [n]
+        return logp, (-(logp_all.exp() * logp_all).sum(-1) if entropy else None)
+
+    @torch.no_grad()
+    def check_logits(self, n=8):
+        """Policy.logits must give the model's own logits: compared on n token ids, a clear error if not
+        (a model whose forward does something after its last hidden state that logits() does not know
+        would make PPO's log-probs differ from the sampler's)."""
+        ids = (torch.arange(n, device=self.device) * 7919 % self.model.config.get_text_config().vocab_size)[None]
+        with self.autocast():
+            own = self.model(input_ids=ids).logits[0].float()
+            ours = self.logits(self.model.base_model(input_ids=ids).last_hidden_state[0])
+        gap = (F.log_softmax(own, -1) - F.log_softmax(ours, -1)).abs().max().item()
+        tol = 1e-4 if self.compute_dtype == torch.float32 else 5e-2
+        if not gap <= tol:
+            raise ValueError(f"{type(self.model).__name__}: policy.Policy.logits differs from the model's own logits "
+                             f"by up to {gap:.3g} in log-probability (tolerance {tol:g}): its forward does something after "
+                             f"the last hidden state that policy.py does not apply; add it to Policy.logits")
 
     def freeze_reference(self):
         """Make the current policy pi_ref (after the SFT warm start), so the KL keeps PPO near it.
 
-        LoRA: merge B A into W and restart the adapter at B = 0 (then "LoRA off" is this policy);
-        full fine-tuning: a new frozen copy. Only a base that changed (a
-        non-zero adapter merged, weights that moved) must be written again by the next save."""
+        LoRA on fp32 weights: merge B A into W (rounding ~1e-7 relative) and restart the adapter at B = 0,
+        so "LoRA off" is this policy. On bf16/fp16 weights the merge would round most of B A away, so
+        the adapter is frozen under a new one instead (LoRALinear.freeze): exact, and no base to write
+        again. Full fine-tuning: a new frozen copy. Only a base that changed (a non-zero adapter merged,
+        weights that moved) must be written again by the next save."""
         if self.ref_model is not None:
             moved = any(not torch.equal(r, p) for r, p in zip(self.ref_model.parameters(), self.model.parameters()))
             if moved:
@@ -276,14 +353,18 @@ class Policy(nn.Module):
             return
         with torch.no_grad():
             for m in self.lora_modules():
+                if m.base.weight.dtype != torch.float32:
+                    m.freeze()
+                    continue
                 if bool(m.B.any()):
-                    m.base.weight.copy_(m.merged_weight())
+                    m.base.weight.add_(m.delta())
                     self.base_path = None  # the base changed: the next save writes it
                 nn.init.kaiming_uniform_(m.A, a=math.sqrt(5)); m.B.zero_()
 
     # ---- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, generators=None, caches=None):
+    def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, generators=None, caches=None,
+                 logprobs=False):
         """Next turn of each prompt (lists of token ids), batched with the KV cache and left padding.
 
         Returns the sampled ids of each row, ending with a stop token unless max_new_tokens hit.
@@ -291,29 +372,34 @@ class Policy(nn.Module):
         caches: optional list, one entry per row, None or (n, [(k, v)] per layer) holding the keys and
         values of the row's first n prompt tokens (its earlier turns); on return each entry holds the
         row's prompt and sampled turn (all but the last token), ready for the row's next turn.
+        logprobs: also return each sampled token's log-probability under the policy (temperature 1,
+        no top-p), as PPO computes it: (ids, logps), the check that sampler and update agree.
         """
         with self.autocast(), self.merged_lora():
-            return self._generate(prompts, max_new_tokens, temperature, top_p, generators, caches)
+            return self._generate(prompts, max_new_tokens, temperature, top_p, generators, caches, logprobs)
 
     @contextlib.contextmanager
     def merged_lora(self):
-        """Sampling without gradient: each LoRA projection as one matrix W + (alpha / r) B A (a copy; W is
-        untouched), not W x plus the adapter's three small matmuls: decoding a token at a time, those took
-        as long as W x itself (SmolLM2, 2 CPU threads). The merged product differs from the two-path sum by
-        float rounding only (~1e-7 relative in fp32), so rollouts sample from pi_theta up to that rounding;
-        PPO's log-probs (prepare, update) use the two paths. An adapter with B = 0 adds exactly nothing:
-        W itself, no copy (the first rollouts after freeze_reference)."""
-        mods = [m for m in self.lora_modules() if m.enabled]
+        """Sampling without gradient, fp32 weights: each LoRA projection as one matrix W + (alpha / r) B A,
+        not W x plus the adapter's three small matmuls: decoding a token at a time, those took as long as
+        W x itself (SmolLM2, 2 CPU threads). In fp32 the merged product differs from the two-path sum by
+        rounding only (~1e-7 relative). Made once for everything sampled inside the context (rollout.py
+        enters it around a whole batch of episodes; a nested entry reuses it), freed on exit. An adapter
+        with B = 0 adds exactly nothing: W itself, no copy.
+        bf16/fp16 weights are never merged: W + B A in bf16 keeps a few % of a small update (the policy
+        would sample pi_ref plus rounding noise while PPO trains pi_theta), so they sample through the
+        same two-path sum as PPO's forward, with no copy of any weight."""
+        mods = [m for m in self.lora_modules() if m.enabled and m.merged is None and m.base.weight.dtype == torch.float32]
         try:
             with torch.no_grad():
                 for m in mods:
-                    m.merged = m.merged_weight() if bool(m.B.any()) else m.base.weight.detach()
+                    m.merged = m.base.weight + m.delta() if bool(m.B.any()) or m.A0.numel() else m.base.weight.detach()
             yield
         finally:
             for m in mods:
                 m.merged = None
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_p, generators, caches):
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, generators, caches, logprobs=False):
         dev, B = self.device, len(prompts)
         caches = caches if caches is not None else [None] * B
         # prefill one row at a time: without padding, attention takes its causal kernel; a cached row
@@ -341,7 +427,7 @@ class Policy(nn.Module):
         cache = Cache(layers=layers)
         mask = torch.tensor([[0] * (L - n) + [1] * n for n in lens], device=dev)   # [B, L]
         logits, pos = torch.stack(logits), torch.tensor(lens, device=dev)[:, None] - 1  # [B, V], [B, 1]
-        rows, outs = list(range(B)), [[] for _ in range(B)]
+        rows, outs, lps = list(range(B)), [[] for _ in range(B)], [[] for _ in range(B)]
         stop = torch.tensor(self.stop_ids, device=dev)
         t1 = time.perf_counter()
         self.gen_stats["prefill_s"] += t1 - t0
@@ -357,6 +443,9 @@ class Policy(nn.Module):
             done = torch.isin(nxt, stop).tolist()
             for r, tok_id in zip(rows, nxt.tolist()):
                 outs[r].append(tok_id)
+            if logprobs:
+                for r, lp in zip(rows, F.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1).tolist()):
+                    lps[r].append(lp)
             if step == max_new_tokens - 1:
                 done = [True] * len(rows)
             for j, d in enumerate(done):
@@ -376,7 +465,7 @@ class Policy(nn.Module):
             logits = out.logits[:, -1].float()
         self.gen_stats["decode_s"] += time.perf_counter() - t1
         self.gen_stats["decode_tokens"] += sum(map(len, outs))
-        return outs
+        return (outs, lps) if logprobs else outs
 
     # ---- tokenization of dialogues ----------------------------------------------------------
     def encode_prompt(self, messages):
@@ -416,7 +505,20 @@ class Policy(nn.Module):
         once; pi_ref is the base, on disk once. state: the state dict to take it from (dist.py's full
         tensors of a policy sharded by FSDP2), else the policy's own."""
         return {k: v for k, v in (self.state_dict() if state is None else state).items()
-                if (self.full_finetune and k.startswith("model.")) or k.startswith("v_head.") or k.endswith((".A", ".B"))}
+                if (self.full_finetune and k.startswith("model.")) or k.startswith("v_head.")
+                or k.endswith((".A", ".B", ".A0", ".B0"))}
+
+    def load_trainable(self, state, what):
+        """A trainable_state (a checkpoint's, or an adapter file's) into this policy; the frozen adapters
+        (A0, B0) take the shapes the state has: their rank grows with each freeze_reference."""
+        for k, v in state.items():
+            if k.endswith((".A0", ".B0")) and k.startswith("model."):
+                mod = self.get_submodule(k.rsplit(".", 1)[0])
+                setattr(mod, k.rsplit(".", 1)[1], torch.zeros(v.shape, dtype=torch.float32, device=self.device))
+        res = self.load_state_dict(state, strict=False)
+        missing = [k for k in res.missing_keys if k in self.trainable_state() and not k.endswith((".A0", ".B0"))]
+        if res.unexpected_keys or missing:
+            raise ValueError(f"{what}: unexpected weights {res.unexpected_keys[:3]}, missing {missing[:3]}")
 
     def save_adapter(self, path):
         """The LoRA weights and the value head as one safetensors file (a few MB; not the base), which
@@ -424,8 +526,9 @@ class Policy(nn.Module):
         from safetensors.torch import save_file
         if not self.lora_cfg:
             raise ValueError("an adapter file holds LoRA weights: this policy is fully fine-tuned")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable_state().items()}, path,
-                  metadata={"lora": json.dumps(self.lora_cfg)})
+        # the trainable adapter only: its frozen ones (A0, B0) are the adapter files loaded before it
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable_state().items()
+                   if not k.endswith((".A0", ".B0"))}, path, metadata={"lora": json.dumps(self.lora_cfg)})
 
     def load_adapter(self, path, merge=False):
         """An adapter file of save_adapter onto this policy; merge=True folds it into the base weights
@@ -434,10 +537,7 @@ class Policy(nn.Module):
         lora = adapter_lora(path)
         if lora is None or {k: lora[k] for k in ("r", "alpha", "targets")} != {k: self.lora_cfg[k] for k in ("r", "alpha", "targets")}:
             raise ValueError(f"{path}: LoRA {lora} does not match the policy's {self.lora_cfg}")
-        res = self.load_state_dict(load_file(path, device=str(self.device)), strict=False)
-        missing = [k for k in res.missing_keys if k in self.trainable_state()]
-        if res.unexpected_keys or missing:
-            raise ValueError(f"{path}: unexpected {res.unexpected_keys[:3]}, missing {missing[:3]}")
+        self.load_trainable(load_file(path, device=str(self.device)), path)
         if merge:
             self.freeze_reference()
 
@@ -479,24 +579,44 @@ class Policy(nn.Module):
                        else lambda tmp: self._merged_model_save(tmp, merge=False))
 
     def export_merged(self, path, state=None):
-        """A plain HF checkpoint (LoRA merged into W) that transformers and vLLM load as is. state: the
+        """A plain HF checkpoint (LoRA merged into W) that transformers and vLLM load as is, and merge.json
+        saying how: W + (alpha / r) B A is computed in fp32 and stored in the model's dtype, so in bf16 the
+        stored weights keep only part of a small adapter's change (merge.json gives how much of its norm
+        was rounded away; the exact policy is the base + the run's adapter.safetensors). state: the
         policy's full tensors when its own are sharded (dist.py)."""
-        self._merged_model_save(path, merge=True, state=state)
+        err = self._merged_model_save(path, merge=True, state=state)
         self.tok.save_pretrained(path)
+        if self.lora_cfg:
+            dtype = str(self.compute_dtype).removeprefix("torch.")
+            with open(os.path.join(path, "merge.json"), "w") as f:
+                json.dump({"lora": self.lora_cfg, "merged_in": "float32", "stored_as": dtype,
+                           "adapter_change_rounded_away": err,
+                           "about": "W + (alpha / r) (B A + frozen adapters) computed in float32, stored as "
+                                    f"{dtype}; adapter_change_rounded_away = |stored - W - delta| / |delta| "
+                                    "(Frobenius norms over all adapted weights; 0 if no adapter)"}, f, indent=1)
 
     def _merged_model_save(self, path, merge, state=None):
-        sd = {}
+        """save_pretrained of the base (merge=False) or of base + adapters (merge=True); returns the
+        share of the adapters' change that storing in the model's dtype rounded away (merge=True)."""
+        sd, lost, total = {}, 0.0, 0.0
         for name, mod in self.model.named_modules():
             if isinstance(mod, LoRALinear):
-                sd[name + ".weight"] = (mod.merged_weight() if merge else mod.base.weight).detach().contiguous()
+                w = mod.base.weight.detach()
+                if merge:
+                    d = mod.delta().detach()
+                    merged = (w.float() + d).to(w.dtype)
+                    lost += float(((merged.float() - w.float()) - d).square().sum()); total += float(d.square().sum())
+                    w = merged
+                sd[name + ".weight"] = w.contiguous()
                 if mod.base.bias is not None:
                     sd[name + ".bias"] = mod.base.bias.detach()
         own = self.model.state_dict() if state is None else {k.removeprefix("model."): v for k, v in state.items()
                                                               if k.startswith("model.")}
         for k, v in own.items():
-            if ".base." not in k and not k.endswith((".A", ".B")):
+            if ".base." not in k and not k.endswith((".A", ".B", ".A0", ".B0")):
                 sd.setdefault(k, v)
         self.model.save_pretrained(path, state_dict=sd)
+        return math.sqrt(lost / total) if total else 0.0
 
 
 def adapter_lora(path):
@@ -624,12 +744,11 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
     policy = Policy(model, tok, base, lora, full_finetune, compute_dtype=dtype).to(device)
     if ckpt:
         policy.base_owned = relative  # a run's own base/: a save into another folder writes a copy
-        state = torch.load(os.path.join(name, "policy.pt"), map_location=device, weights_only=True)
-        bad = policy.load_state_dict(state, strict=False).unexpected_keys
-        if bad:
-            raise ValueError(f"{name}/policy.pt has unexpected weights: {bad[:5]}")
+        policy.load_trainable(torch.load(os.path.join(name, "policy.pt"), map_location=device, weights_only=True),
+                              f"{name}/policy.pt")
     for i, a in enumerate(adapters):
         policy.load_adapter(a, merge=i < len(adapters) - 1)
+    policy.check_logits()
     return policy
 
 

@@ -67,29 +67,31 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
     was_training = policy.training
     policy.eval()
     try:
-        while True:
-            for i in itertools.islice(waiting, max(0, (batch_size or len(tasks)) - len(live))):
-                eps[i].add_context(policy.encode_prompt(envs[i].reset(tasks[i])))
-                live.append(i)
-            for i in live:
-                if len(eps[i].ids) + max_new_tokens > max_context:
-                    envs[i].end("max_context")  # the next turn cannot fit: unsolved, completed steps kept
-            live = _still_live(live, envs, on_done)
-            if not live:
-                if len(envs) == sum(e.done for e in envs):
-                    break
-                continue
-            kv = [caches[i] for i in live]
-            outs = policy.generate([eps[i].ids for i in live], max_new_tokens, temperature, top_p, [gens[i] for i in live], kv)
-            results = env.step_all(client, [envs[i] for i in live], [policy.decode_action(o) for o in outs])
-            for i, out, c, (_, done, _) in zip(live, outs, kv, results):
-                eps[i].add_action(out)
-                caches[i] = None if done else c
-                if not done:
-                    # a turn that stopped at max_new_tokens, or at an eos that is not the template's end of turn,
-                    # gets the template's end-of-turn token as context
-                    eps[i].add_context(policy.encode_observation(envs[i].messages, ended=out[-1] == policy.eot_id))
-            live = _still_live(live, envs, on_done)
+        # fp32 weights: one merged copy of the adapted weights for every turn of the batch (Policy.merged_lora)
+        with policy.merged_lora():
+            while True:
+                for i in itertools.islice(waiting, max(0, (batch_size or len(tasks)) - len(live))):
+                    eps[i].add_context(policy.encode_prompt(envs[i].reset(tasks[i])))
+                    live.append(i)
+                for i in live:
+                    if len(eps[i].ids) + max_new_tokens > max_context:
+                        envs[i].end("max_context")  # the next turn cannot fit: unsolved, completed steps kept
+                live = _still_live(live, envs, on_done)
+                if not live:
+                    if len(envs) == sum(e.done for e in envs):
+                        break
+                    continue
+                kv = [caches[i] for i in live]
+                outs = policy.generate([eps[i].ids for i in live], max_new_tokens, temperature, top_p, [gens[i] for i in live], kv)
+                results = env.step_all(client, [envs[i] for i in live], [policy.decode_action(o) for o in outs])
+                for i, out, c, (_, done, _) in zip(live, outs, kv, results):
+                    eps[i].add_action(out)
+                    caches[i] = None if done else c
+                    if not done:
+                        # a turn that stopped at max_new_tokens, or at an eos that is not the template's end of turn,
+                        # gets the template's end-of-turn token as context
+                        eps[i].add_context(policy.encode_observation(envs[i].messages, ended=out[-1] == policy.eot_id))
+                live = _still_live(live, envs, on_done)
     finally:
         policy.train(was_training)
     return eps, [e.traj for e in envs]

@@ -46,7 +46,7 @@ def test_the_update_benchmark_reports_the_update_against_the_raw_passes(capsys, 
 
 
 def test_the_gpu_check_names_every_figure_on_a_small_shape_on_cpu(capsys):
-    """bench.py --gpu-check (issue 16), as it runs on a GPU, here on CPU: seconds per update, tokens/s,
+    """bench.py --gpu-check, as it runs on a GPU, here on CPU: seconds per update, tokens/s,
     MFU and peak memory beside the plan, for mini-batch 1 and 2 without and with gradient checkpointing;
     sampled tokens/s of the rollouts at each batch size."""
     import json
@@ -60,6 +60,10 @@ def test_the_gpu_check_names_every_figure_on_a_small_shape_on_cpu(capsys):
         for k in ("update_s", "tokens_per_s", "mfu", "peak_memory_gb", "plan_gb"):
             assert u[k] > 0, k
     assert [r["batch"] for r in rec["rollouts"]] == [2, 4] and all(r["sampled_tokens_per_s"] > 0 for r in rec["rollouts"])
-    for words in ("s/update", "tokens/s", "MFU", "peak memory GB", "plan GB", "sampled tokens/s", "TFLOP/s"):
+    agree = rec["agreement"]                   # fp32 here: the sampler and the forward agree to rounding
+    assert agree["tokens"] > 0 and agree["sampler_vs_forward_max"] < 1e-4 < agree["lora_effect_mean"]
+    assert agree["pi_ref_vs_frozen_policy_max"] < 1e-4
+    for words in ("s/update", "tokens/s", "MFU", "peak memory GB", "plan GB", "sampled tokens/s", "TFLOP/s",
+                  "sampler vs PPO forward"):
         assert words in text, words
     assert out == rec
