@@ -74,9 +74,10 @@ def check_flags(cfg, resumed=False):
         check_model(cfg.model, cfg.adapters)
 
 
-def check_inputs(cfg, train_files, eval_files):
+def check_inputs(cfg, train_files, eval_files, given=()):
     """Read every input once -> (train tasks, eval tasks, offline rows or None); InputError if any is
-    unreadable, empty, or cannot train what the flags ask."""
+    unreadable, empty, or cannot train what the flags ask. given: the flags named on the command line
+    (an --sft-epochs given for tasks without expert trajectories is refused; the schedule's is skipped)."""
     def tasks_of(files, what):
         tasks = [t for p in files for t in env.load_tasks(p)]   # env.TaskFileError names file and item
         if not tasks:
@@ -97,7 +98,7 @@ def check_inputs(cfg, train_files, eval_files):
             if any(not t.answer for t in tasks):
                 raise InputError(f"{what} {' '.join(files)}: {sum(not t.answer for t in tasks)} tasks have no answer facts "
                                  "to judge IsSolved by: give --judge-url")
-    if cfg.sft_epochs and not cfg.data and not cfg.resume and not any(t.expert for t in train):
-        raise InputError(f"--tasks {' '.join(train_files)}: no task has an expert trajectory for the SFT warm start; "
-                         "give --sft-epochs 0 (or tasks with experts)")
+    if "sft_epochs" in given and cfg.sft_epochs and not cfg.data and not any(t.expert for t in train):
+        raise InputError(f"--sft-epochs {cfg.sft_epochs}: no task of {' '.join(train_files)} has an expert trajectory "
+                         "to warm up on; give --sft-epochs 0 (or tasks with experts)")
     return train, evals, rows

