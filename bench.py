@@ -6,6 +6,7 @@
     python bench.py ... --compare-trl /path/to/python  # and trl 0.11.4's PPOTrainer.step on the same data, first
     python bench.py --memory [--shape qwen2-7b]        # bytes saved for backward per token and layer
     python bench.py --gpu-check --device cuda --shape qwen2-7b   # the update and rollouts of a 7B shape, one GPU
+    python bench.py --sampling --shape smollm2 --check-layers 4  # a bf16 policy's sampling: exact vs merged
     python ppo.py --bench ...                          # the same as python bench.py ...
 
 Figures are printed (one JSON object last); the README quotes them with the machine named. Speed
@@ -196,6 +197,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHAPES = {  # model shapes built from their config with random weights (no download)
     "qwen2-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                      num_key_value_heads=4, num_hidden_layers=28, tie_word_embeddings=False),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                    num_key_value_heads=3, num_hidden_layers=30, tie_word_embeddings=True),   # its sizes, as a Qwen2
     "small": dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_attention_heads=4,
                   num_key_value_heads=2, num_hidden_layers=28, tie_word_embeddings=False),
 }
@@ -476,6 +479,69 @@ def sampler_agreement(pol, args, device, rows=4, prompt=256, new=64, lora_std=1e
     return out
 
 
+def bench_sampling(args):
+    """How a bf16 policy samples, three ways, on --shape with a LoRA as after training (B of std 1e-3):
+    the exact two-path sum (what Policy.generate does), a merged fp32 copy (W + (alpha / r) B A in fp32,
+    computed in fp32: exact adapter, another rounding of everything else, twice the weights' memory) and
+    the bf16 merge the sampler used to make (rounds most of a small B A away). For each: sampled tokens/s
+    of one turn (median of --reps after a warm-up), the largest |log p| difference from PPO's forward of
+    the bf16 policy over the sampled tokens, and the weight memory it adds."""
+    import contextlib
+    import copy
+    import policy as P
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or "cpu")
+    shape = SHAPES[args.shape]
+    pol = shaped_policy(args.shape, args.check_layers or shape["num_hidden_layers"], torch.bfloat16, device).eval()
+    g = torch.Generator().manual_seed(2)
+    for m in pol.lora_modules():
+        m.B.data = (torch.randn(m.B.shape, generator=g) * 1e-3).to(m.B.device)
+    prompts = [torch.randint(3, shape["vocab_size"], (args.rollout_prompt,), generator=g).tolist()
+               for _ in range(args.rollout_batches[0])]
+    fp32 = copy.deepcopy(pol)
+    fp32.model.float(); fp32.compute_dtype = torch.float32
+
+    @contextlib.contextmanager
+    def bf16_merge():                                   # the sampler before: W + B A rounded to bf16
+        for m in pol.lora_modules():
+            m.merged = (m.base.weight.float() + m.delta()).to(m.base.weight.dtype)
+        yield
+        for m in pol.lora_modules():
+            m.merged = None
+    adapted = sum(m.base.weight.numel() for m in pol.lora_modules())
+    weights = sum(p.numel() * p.element_size() for p in pol.model.parameters())
+    ways = [("exact two-path (the sampler)", pol, contextlib.nullcontext, 0),
+            ("merged fp32 copy", fp32, contextlib.nullcontext, weights),
+            ("bf16 merge (the old sampler)", pol, bf16_merge, adapted * 2)]
+    print(f"sampling a bf16 {args.shape} ({args.check_layers or shape['num_hidden_layers']} layers) with LoRA B std 1e-3 "
+          f"on {device}: {len(prompts)} rows x {args.rollout_prompt}-token prompts, {args.rollout_new} new tokens")
+    print(f"{'way':32s} {'sampled tokens/s':>16s} {'max |d log p| vs PPO forward':>29s} {'extra weights GB':>17s}")
+    out = []
+    for name, who, ctx, extra in ways:
+        times = []
+        for i in range(args.reps + 1):
+            gens = [rollout.episode_generator(0, 0, k) for k in range(len(prompts))]
+            with ctx():
+                _sync(device); t0 = time.perf_counter()
+                outs, lps = who.generate(prompts, args.rollout_new, 1.0, 1.0, gens, logprobs=True)
+                _sync(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        eps = []
+        for p_, o in zip(prompts, outs):
+            e = rollout.Episode(); e.add_context(p_); e.add_action(o); eps.append(e)
+        c = ppo.collate(eps, "step", device)
+        with torch.no_grad():
+            ref = pol(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])[0].float().cpu()
+        n, med = sum(map(len, outs)), sorted(times)[len(times) // 2]
+        gap = (torch.tensor([x for row in lps for x in row]) - ref).abs().max().item()
+        out.append({"way": name, "sampled_tokens_per_s": n / med, "max_logp_gap": gap, "extra_weights_gb": extra / 1e9})
+        print(f"{name:32s} {n / med:16.1f} {gap:29.4f} {extra / 1e9:17.3f}")
+    print(json.dumps({"bench": "sampling", "shape": args.shape, "ways": out}))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny")
@@ -495,6 +561,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=256, help="--memory: measured episode length (and half of it)")
     ap.add_argument("--plan-tokens", type=int, default=4096, help="--memory: episode length of the plan")
     ap.add_argument("--plan-actions", type=int, default=1000, help="--memory: action tokens of the plan")
+    ap.add_argument("--sampling", action="store_true", help="a bf16 policy's sampling three ways (--shape, "
+                    "--check-layers, --rollout-*, --reps): speed, agreement with PPO's forward, memory")
     ap.add_argument("--gpu-check", action="store_true", help="the update and rollouts of --shape with random weights")
     ap.add_argument("--peak-tflops", type=float, help="--gpu-check: the device's peak for MFU (default: by GPU name)")
     ap.add_argument("--check-layers", type=int, default=0, help="--gpu-check: layers (0 = the shape's)")
@@ -507,7 +575,7 @@ def main(argv=None):
     ap.add_argument("--rollout-prompt", type=int, default=512, help="--gpu-check: prompt tokens per rollout row")
     ap.add_argument("--rollout-new", type=int, default=128, help="--gpu-check: tokens sampled per row")
     a = ap.parse_args(argv)
-    return gpu_check(a) if a.gpu_check else bench_memory(a) if a.memory else bench(a)
+    return gpu_check(a) if a.gpu_check else bench_sampling(a) if a.sampling else bench_memory(a) if a.memory else bench(a)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,12 @@ def test_the_gpu_check_names_every_figure_on_a_small_shape_on_cpu(capsys):
                   "sampler vs PPO forward"):
         assert words in text, words
     assert out == rec
+
+
+def test_the_sampling_benchmark_prints_each_ways_speed_agreement_and_memory(capsys):
+    out = bench.main(["--sampling", "--shape", "small", "--check-layers", "2", "--rollout-batches", "2",
+                      "--rollout-prompt", "16", "--rollout-new", "4", "--reps", "1", "--threads", "1"])
+    assert [w["way"] for w in out][0].startswith("exact two-path")
+    assert all(w["sampled_tokens_per_s"] > 0 and w["max_logp_gap"] >= 0 for w in out)
+    assert out[0]["extra_weights_gb"] == 0 < out[1]["extra_weights_gb"]
+    assert "max |d log p| vs PPO forward" in capsys.readouterr().out

@@ -228,3 +228,17 @@ def test_memory_kept_for_backward_does_not_grow_with_the_vocabulary_per_action_t
         return sum(kept.values())
     per_action = (saved_bytes(400) - saved_bytes(200)) / 200     # the same sequence, 200 more action tokens
     assert per_action < V                       # unchunked: 2 x V x 4 bytes (logits and log-softmax) per token
+
+
+def test_an_fp32_rollout_merges_each_adapter_once_per_batch_not_once_per_turn(make_policy, tool_server, test_tasks,
+                                                                              monkeypatch):
+    import env
+    pol = make_policy().eval()
+    for m in pol.lora_modules():
+        m.B.data.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    merges, turns = [], []
+    real_delta, real_generate = P.LoRALinear.delta, P.Policy.generate
+    monkeypatch.setattr(P.LoRALinear, "delta", lambda self: merges.append(1) or real_delta(self))
+    monkeypatch.setattr(P.Policy, "generate", lambda self, *a, **k: turns.append(1) or real_generate(self, *a, **k))
+    rollout.rollout(pol, test_tasks[:3], env.ToolClient(tool_server.url), max_steps=3, max_new_tokens=8)
+    assert len(turns) >= 2 and len(merges) == len(pol.lora_modules())
