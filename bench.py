@@ -258,6 +258,15 @@ def measure_saved(shape, dtype, device, T):
     return res
 
 
+def action_bytes(actions, per_action, vocab, hidden, itemsize):
+    """What `actions` action tokens keep for backward: within one chunk of Policy's log-softmax, the
+    measured per-token figure (its logits and log-softmax are kept); beyond one chunk every chunk is
+    recomputed in backward, and a token keeps only its hidden state and its two indices."""
+    import policy as P
+    chunk = max(1, P.LOGIT_CHUNK_ELEMENTS // vocab)
+    return per_action * actions if actions <= chunk else actions * (hidden * itemsize + 16)
+
+
 def bench_memory(args, quiet=False):
     """Saved bytes per token per layer (2 layers minus 1) and per action token (the LM head), measured at
     two lengths; then the plan for the full shape: layers x tokens x per-layer + actions x per-action."""
@@ -275,9 +284,10 @@ def bench_memory(args, quiet=False):
     per_action = (rest - rest_half) / (N - N // 2)                                # LM head + log-softmax at actions
     H, L, V = SHAPES[args.shape]["hidden_size"], SHAPES[args.shape]["num_hidden_layers"], SHAPES[args.shape]["vocab_size"]
     ep_tokens, ep_actions = args.plan_tokens, args.plan_actions
-    plan = {"no_checkpointing_gb": (L * ep_tokens * layer_tok + ep_actions * per_action) / 1e9,
+    acts = action_bytes(ep_actions, per_action, V, H, dtype.itemsize)
+    plan = {"no_checkpointing_gb": (L * ep_tokens * layer_tok + acts) / 1e9,
             "checkpointing_gb": (L * ep_tokens * H * dtype.itemsize + ep_tokens * layer_tok
-                                 + ep_actions * per_action) / 1e9}   # layer inputs + one layer recomputed
+                                 + acts) / 1e9}   # layer inputs + one layer recomputed
     out = {"shape": args.shape, "dtype": args.dtype, "measured_tokens": [T // 2, T],
            "saved_bytes_per_token_per_layer": layer_tok, "at_half_length": layer_tok_half,
            "of_which_fp32_per_token_per_layer": fp32_layer_tok, "saved_bytes_per_action_token": per_action,
@@ -354,14 +364,15 @@ def gpu_check(args):
     frozen = sum(p.numel() * p.element_size() for p in pol.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in pol.parameters() if p.requires_grad)
     H, item = shape["hidden_size"], dtype.itemsize
-    per_episode = {False: L * T * mem["saved_bytes_per_token_per_layer"] + A * mem["saved_bytes_per_action_token"],
-                   True: L * T * H * item + T * mem["saved_bytes_per_token_per_layer"] + A * mem["saved_bytes_per_action_token"]}
+    acts = action_bytes(A, mem["saved_bytes_per_action_token"], shape["vocab_size"], H, item)
+    per_episode = {False: L * T * mem["saved_bytes_per_token_per_layer"] + acts,
+                   True: L * T * H * item + T * mem["saved_bytes_per_token_per_layer"] + acts}
     print(f"gpu check: {args.shape} ({L} layers, {sum(p.numel() for p in pol.parameters()) / 1e6:,.1f} M params), "
           f"{args.dtype}, LoRA r 8 on every projection, on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
           f"peak {peak if peak else float('nan'):.1f} TFLOP/s ({peak_from})")
     print(f"memory plan (README's method; its per-token figures measured here): {mem['saved_bytes_per_token_per_layer'] / 1e3:.1f} KB "
           f"saved per token per layer, {mem['saved_bytes_per_action_token'] / 1e6:.2f} MB per action token (README, on CPU "
-          f"for qwen2-7b: 320.9 KB, 0.01 MB); plan = bf16 weights + LoRA x 16 B + mini-batch x one episode's activations")
+          f"for qwen2-7b: 320.9 KB, 0.61 MB); plan = bf16 weights + LoRA x 16 B + mini-batch x one episode's activations")
     print(f"update: {E} episodes x {T} tokens ({A} action tokens each), {args.check_epochs} PPO epoch(s), "
           f"one optimizer step per epoch; median of {args.check_reps} after a warm-up")
     print(f"{'mini-batch':>10s} {'checkpointing':>13s} {'s/update':>9s} {'tokens/s':>9s} {'MFU':>6s} "

@@ -287,10 +287,11 @@ class Policy(nn.Module):
         with self.autocast():
             h = self.model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
             h_act = h[b, t - 1]                                                # [N, H]: token t is predicted at t-1
-            # the vocabulary-wide part in chunks of action tokens; while training, each chunk is recomputed
-            # in backward (checkpoint), so memory holds one chunk's [n, V] logits, not all N's
+            # the vocabulary-wide part in chunks of action tokens; while training with more than one chunk,
+            # each is recomputed in backward (checkpoint), so memory holds one chunk's [n, V] logits, not
+            # all N's (one chunk is kept as it is: recomputing it would save nothing)
             n = max(1, LOGIT_CHUNK_ELEMENTS // self.model.get_output_embeddings().weight.shape[0])
-            grad = torch.is_grad_enabled()
+            grad = torch.is_grad_enabled() and len(act_tok) > n
             parts = [checkpoint(self._token_logp, h_act[i:i + n], act_tok[i:i + n], entropy, use_reentrant=False)
                      if grad else self._token_logp(h_act[i:i + n], act_tok[i:i + n], entropy)
                      for i in range(0, len(act_tok), n)]
