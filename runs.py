@@ -51,6 +51,17 @@ class RunError(Exception):
     """A folder we may not write, or a checkpoint we cannot read: a one-line message for the user."""
 
 
+def plain_name(name, what):
+    """`name` if it can be a file name inside a folder (a group name, a query id taken from data): a
+    non-empty string with no path separator, no NUL, not '.' or '..', not absolute. Else a RunError
+    naming `what`: names read from files never become paths elsewhere."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "\0" in name \
+            or "/" in name or (os.sep != "/" and os.sep in name) or os.path.isabs(name) or len(name.encode()) > 200:
+        raise RunError(f"{what}: {name!r} is not a plain name (a string with no '/', no NUL, not '.' or '..', "
+                       "at most 200 bytes)")
+    return name
+
+
 def fail(prog, err):
     """The command-line end of a RunError: one line on stderr, exit status 2."""
     print(f"{prog}: {err}", file=sys.stderr)
@@ -103,11 +114,22 @@ class Run:
         self.path, self.kind, self.entries, self._fd = path, kind, list(entries), fd
 
     def register(self, *names):
-        """Add top-level names to the marker before they are written (the manifest stays a superset)."""
+        """Add top-level names to the marker before they are written (the manifest stays a superset).
+        Each must be a plain name (plain_name): a name that would reach outside the folder is refused."""
+        for n in names:
+            plain_name(n, f"{self.path}: a file name")
         new = [n for n in dict.fromkeys(names) if n not in self.entries]
         if new:
             self.entries += new
             _write_marker(self.path, self.kind, self.entries)
+
+    def path_of(self, name):
+        """The path of a top-level entry, registered first; refused unless it stays inside the folder."""
+        self.register(name)
+        p = os.path.join(self.path, name)
+        if os.path.dirname(os.path.realpath(p)) != os.path.realpath(self.path):
+            raise RunError(f"{self.path}: {name!r} resolves outside the folder ({os.path.realpath(p)}); not written")
+        return p
 
     def release(self):
         if self._fd is not None:
