@@ -239,4 +239,4 @@ def compare(args, base, extra, argv):
 
 
 if __name__ == "__main__":
-    main()
+    runs.interruptible("compare", main, "finished runs are kept; the same command continues the others")

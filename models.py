@@ -49,9 +49,19 @@ def resolve(name):
         return fetch(name)
     if name.endswith(".gguf"):
         return from_gguf(name)
-    if looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
-        raise ValueError(f"--model {name}: no such file or folder (a path, not a Hub id)")
+    if looks_like_path(name) and unreadable(os.path.expanduser(name)):
+        raise ValueError(f"--model {name}: {unreadable(os.path.expanduser(name))} (a path, not a Hub id)")
     return os.path.expanduser(name)
+
+
+def unreadable(path):
+    """Why `path` cannot be opened, in the errno's words ('No such file or directory', 'Too many levels
+    of symbolic links', 'Permission denied'), or None."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return os.strerror(e.errno) if e.errno else str(e)
+    return None
 
 
 def looks_like_path(name):

@@ -51,6 +51,21 @@ class RunError(Exception):
     """A folder we may not write, or a checkpoint we cannot read: a one-line message for the user."""
 
 
+def interruptible(prog, main, after=""):
+    """Run a command line's main(): Ctrl-C or SIGTERM ends it in one line on stderr (what was kept:
+    `after`), exit status 130, no traceback; the folders it claimed are released by their `with`."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted" + (f"; {after}" if after else ""), file=sys.stderr)
+        sys.exit(130)
+
+
 def plain_name(name, what):
     """`name` if it can be a file name inside a folder (a group name, a query id taken from data): a
     non-empty string with no path separator, no NUL, not '.' or '..', not absolute. Else a RunError
@@ -180,7 +195,42 @@ def claim(path, kind, flag="--output", overwrite=False, resume=False, entries=()
     if overwrite and inside:
         raise RunError(f"{where} --overwrite: it holds {inside[0]}, which this run reads; nothing was deleted; "
                        "write the new run to another folder")
-    os.makedirs(path, exist_ok=True)
+    made = _make_dirs(path, where)
+    try:
+        return _claim(path, kind, where, overwrite, resume, entries, adopt)
+    except OSError as e:        # a read-only folder, a full disk: one line; the folders made for it go again
+        _remove_made(made)
+        raise RunError(f"{where}: cannot write {e.filename or path}: {os.strerror(e.errno) if e.errno else e}") from None
+    except RunError:
+        _remove_made(made)
+        raise
+
+
+def _make_dirs(path, where):
+    """os.makedirs, listing the folders it made (deepest first); a failure (a name too long, a read-only
+    file system, no space) is one RunError naming the path and the reason, with nothing left behind."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.isdir(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    try:
+        for d in reversed(made):
+            os.mkdir(d)
+    except OSError as e:
+        _remove_made(made)
+        raise RunError(f"{where}: cannot create {e.filename or path}: {os.strerror(e.errno) if e.errno else e}") from None
+    return made
+
+
+def _remove_made(made):
+    for d in made:               # deepest first; a folder someone else filled meanwhile stays
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+def _claim(path, kind, where, overwrite, resume, entries, adopt):
     why = _foreign(path, kind, adopt, entries)
     if why:      # refused before touching anything: not even a lock file goes into someone else's folder
         raise RunError(f"{where}: {why}; nothing was written or deleted" +
@@ -197,8 +247,11 @@ def claim(path, kind, flag="--output", overwrite=False, resume=False, entries=()
         others = _contents(path, locked=True)
         if others and not resume:
             if not overwrite:
+                resumable = kind == "steptool" and any(os.path.isfile(os.path.join(path, n, "state.pt"))
+                                                       for n in ("checkpoint", "checkpoint.old"))
                 raise RunError(f"{where}: holds an earlier {kind} run; " +
-                               (f"continue it with --resume {path}, or " if kind == "steptool" else "") +
+                               (f"continue it with --resume {path}, or " if resumable else
+                                "it saved no checkpoint to continue from; " if kind == "steptool" else "") +
                                "replace it with --overwrite")
             foreign = [n for n in others if n not in m["entries"]]
             if foreign:
@@ -234,22 +287,48 @@ def written_whole(*names):
 
 
 def write_dir(path, write):
-    """write(tmp) fills path.tmp; then it replaces `path` whole. Registers nothing: the caller has."""
+    """write(tmp) fills path.tmp; then it replaces `path` whole. Registers nothing: the caller has.
+    A write that fails (no space, a read-only file system) leaves no path.tmp behind and is a RunError
+    saying why; `path` is as it was."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)    # our own leftover of a crash
-    write(tmp)
-    replace_dir(tmp, path)
+    try:
+        write(tmp)
+        replace_dir(tmp, path)
+    except (OSError, RuntimeError) as e:      # torch.save reports a full disk as a RuntimeError
+        why = write_failure(e, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"writing {path} failed: {why}") from None
+
+
+def write_failure(e, path, low=64 << 20):
+    """Why a write failed, in words: the errno's meaning, or (an error without one, as torch.save's
+    'unexpected pos') a full disk when the file system holding `path` has under `low` bytes free."""
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno) + (f" ({e.filename})" if e.filename else "")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        return first
+    return f"no space left on device ({free >> 20} MB free; {first})" if free < low else first
 
 
 def write_file(path, write, binary=False):
     """A file written whole: write(f) (or, binary, write(tmp_path)) fills path.tmp, then a rename."""
     tmp = path + ".tmp"
-    if binary:
-        write(tmp)
-    else:
-        with open(tmp, "w") as f:
-            write(f)
-    os.replace(tmp, path)
+    try:
+        if binary:
+            write(tmp)
+        else:
+            with open(tmp, "w") as f:
+                write(f)
+        os.replace(tmp, path)
+    except OSError as e:                      # no space, a read-only file system: one line, no .tmp left
+        why = write_failure(e, path)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunError(f"writing {path} failed: {why}") from None
 
 
 def install(run, write, last):
@@ -281,7 +360,14 @@ def save_checkpoint(run_dir, policy, state, name="checkpoint", weights=None):
     def write(tmp):
         policy.save(tmp, base_dir=os.path.join(run_dir, "base"), state=weights)
         torch.save(state, os.path.join(tmp, "state.pt"))
-    write_dir(os.path.join(run_dir, name), write)   # the new checkpoint is complete before the old one goes
+    try:
+        write_dir(os.path.join(run_dir, name), write)   # the new checkpoint is complete before the old one goes
+    except RunError as e:
+        try:
+            last = f"the last checkpoint, {find_checkpoint(run_dir)}, is intact: free space and continue with --resume {run_dir}"
+        except FileNotFoundError:
+            last = "no checkpoint was saved before this one"
+        raise RunError(f"{e}; {last}") from None
 
 
 def find_checkpoint(run_dir):

@@ -24,6 +24,7 @@ Departures: none in the loss; batches are sorted by length inside each batch to 
 import argparse
 import math
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -177,11 +178,16 @@ def main(argv=None):
         eps = load_episodes(pol, data, a.max_tokens)
         losses = sft(pol, eps, a.epochs, a.lr, a.batch_size, a.micro_batch_size, a.seed)
         print("sft: loss per epoch " + " ".join(f"{x:.4f}" for x in losses))
+    except ValueError as e:   # a model that cannot be loaded (policy.load_policy): bad input, exit 2
+        for run in claimed:
+            run.release()
+        runs.fail("sft", e)
+    try:
         runs.install(claimed[0], pol.save, last="policy.json")       # policy.json last: no half checkpoint loads
         if a.export:
             runs.install(claimed[1], pol.export_merged, last="config.json")
-    except (runs.RunError, ValueError) as e:   # ValueError: a model that cannot be loaded (policy.load_policy)
-        runs.fail("sft", e)
+    except (runs.RunError, OSError) as e:      # a failure during the work (no space left): exit 1
+        sys.exit(f"sft: {e}")
     finally:
         for run in claimed:
             run.release()
@@ -189,4 +195,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runs.interruptible("sft", main, "nothing was saved (the checkpoint is written whole at the end)")

@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -419,9 +420,61 @@ def main(argv=None):
                 inputs = checks.check_inputs(cfg, *input_files(cfg))
             except (runs.RunError, FileNotFoundError, checks.InputError) as e:
                 ranks.fail("steptool", e)
-        metrics = train(cfg, inputs, ckpt, state, ranks, given)
+        # SIGTERM as Ctrl-C (torchrun's ranks have dist.py's Stopped); signal handlers live in the main thread only
+        term = signal.signal(signal.SIGTERM, _interrupt) if ranks.world == 1 and _main_thread() else None
+        try:
+            metrics = train(cfg, inputs, ckpt, state, ranks, given)
+        except runs.RunError as e:                       # a checkpoint or a result that could not be written
+            sys.exit(f"steptool: {e}")
+        except KeyboardInterrupt:                        # the lock goes with the folder's `with`
+            print(f"steptool: interrupted; {resume_hint(cfg.output)}", file=sys.stderr)
+            sys.exit(130)
+        finally:
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
     ranks.close()
     return metrics
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def resume_hint(out):
+    """What will work after a run in `out` stopped: --resume if it saved a checkpoint, else a new start."""
+    try:
+        return f"the last checkpoint, {runs.find_checkpoint(out)}, is intact: continue with --resume {out}"
+    except FileNotFoundError:
+        return f"it saved no checkpoint: start again, with --overwrite to reuse {out}"
+
+
+def warm_start(policy, train_tasks, client, cfg, ranks=dist.ONE):
+    """SFT on the training tasks' expert trajectories (the groups in turn, --sft-episodes of them), each
+    replayed through the tool server; a user's tasks without any (StableToolBench queries) skip it, and
+    an episode longer than --max-context is left out (a rollout would end it): each said in one line.
+    With LoRA the SFT start is also written as a small file of its own."""
+    say = print if ranks.main else (lambda *a: None)
+    experts = across_groups([t for t in train_tasks if t.expert])[:cfg.sft_episodes or None]
+    eps = [rollout.expert_episode(policy, t, client)[0]
+           for t in tqdm(experts, desc="expert episodes", leave=False, disable=not ranks.main)]
+    fit = [e for e in eps if len(e.ids) <= cfg.max_context]
+    if len(fit) < len(eps):
+        say(f"sft: {len(eps) - len(fit)} of {len(eps)} expert episodes are longer than --max-context {cfg.max_context} "
+            "tokens: left out")
+    if not fit:
+        say("sft: the training tasks carry no usable expert trajectories; no SFT warm start, PPO starts from --model as given")
+        return
+    t0 = time.time()
+    losses = SFT.sft(policy, fit, cfg.sft_epochs, cfg.sft_lr, micro_batch_size=cfg.sft_micro_batch_size, seed=cfg.seed,
+                     progress=ranks.main)
+    say(f"sft: {len(fit)} expert episodes x {cfg.sft_epochs} epochs, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
+    if policy.lora_cfg and ranks.main:
+        runs.write_file(os.path.join(cfg.output, "sft_adapter.safetensors"), policy.save_adapter, binary=True)
 
 
 def check_ranks(cfg, ranks):
@@ -485,21 +538,7 @@ def train(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE, given=()):
                 open(metrics_path, "w").close()
             # ---- SFT warm start (whole on every rank: dist.py, departure 3) ----
             if cfg.sft_epochs and not cfg.data:  # offline mode trains on its TSV alone
-                experts = across_groups([t for t in train_tasks if t.expert])[:cfg.sft_episodes or None]
-                if not experts and ranks.main:      # a user's own tasks, e.g. StableToolBench queries
-                    print("sft: the training tasks carry no expert trajectories; no SFT warm start, "
-                          "PPO starts from --model as given")
-                if experts:
-                    eps = [rollout.expert_episode(policy, t, client)[0]
-                           for t in tqdm(experts, desc="expert episodes", leave=False, disable=not ranks.main)]
-                    t0 = time.time()
-                    losses = SFT.sft(policy, eps, cfg.sft_epochs, cfg.sft_lr, micro_batch_size=cfg.sft_micro_batch_size,
-                                     seed=cfg.seed, progress=ranks.main)
-                    if ranks.main:
-                        print(f"sft: {len(eps)} expert episodes x {cfg.sft_epochs} epochs, loss {losses[-1]:.3f}, "
-                              f"{time.time() - t0:.0f}s")
-                    if policy.lora_cfg and ranks.main:      # the SFT start as a small file of its own
-                        runs.write_file(os.path.join(cfg.output, "sft_adapter.safetensors"), policy.save_adapter, binary=True)
+                warm_start(policy, train_tasks, client, cfg, ranks)
             policy.freeze_reference()                       # pi_ref = the SFT policy
         ranks.wrap(policy)                                  # DDP (LoRA) or FSDP2 (full fine-tuning) on several ranks
         optimizer = ppo.make_optimizer(policy, pcfg)        # the one place that builds it, after the wrapping
@@ -588,7 +627,7 @@ def train(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE, given=()):
         return metrics
     # ---- the final table: SFT start vs after PPO ----
     first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
-    groups = sorted({k.split("/")[1] for m in (first, last) for k in m if k.startswith("eval/")})
+    groups = sorted({k[len("eval/"):].rsplit("/", 1)[0] for m in (first, last) for k in m if k.startswith("eval/")})
     print(f"\n{'group':10s} {'pass rate: start':>18s} {'after PPO':>10s} {'recall: start':>14s} {'after PPO':>10s}")
     for g in groups:
         f = lambda m, k: m.get(f"eval/{g}/{k}") if m.get(f"eval/{g}/{k}") is not None else float("nan")

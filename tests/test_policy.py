@@ -251,7 +251,7 @@ def test_load_policy_on_an_unknown_name_fails_fast_saying_to_pass_a_local_folder
         P.load_policy("nobody-here/no-such-model-xyz", device="cpu")
     assert time.time() - t0 < 30
     t0 = time.time()
-    with pytest.raises(ValueError, match="no such file or folder"):   # a path is never probed as a Hub id
+    with pytest.raises(ValueError, match="No such file or directory"):   # a path is never probed as a Hub id
         P.load_policy("/no/such/folder", device="cpu")
     assert time.time() - t0 < 1
 

@@ -135,8 +135,9 @@ def test_a_run_killed_in_its_first_evaluation_resumes_there_without_redoing_sft(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(steptool, "evaluate", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:                 # Ctrl-C: one line, exit status 130
         steptool.main(["--model", small_model, *SMALL_RUN, "--iterations", "1", "--output", out])
+    assert stopped.value.code == 130
     state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
     assert state["iteration"] == 0 and state["metrics"] == [] and os.path.isfile(os.path.join(out, "sft_adapter.safetensors"))
     monkeypatch.setattr(steptool, "evaluate", real_eval)
@@ -189,7 +190,7 @@ def test_tasks_without_expert_trajectories_skip_the_sft_warm_start_and_say_so(tm
     assert steptool.parse_args(["--model", small_model]).sft_epochs == 1
     steptool.main(["--model", small_model, "--tasks", str(tasks), "--iterations", "0", "--no-eval-start",
                    "--threads", "1", "--output", out])
-    assert ("sft: the training tasks carry no expert trajectories; no SFT warm start, PPO starts from --model as given"
+    assert ("sft: the training tasks carry no usable expert trajectories; no SFT warm start, PPO starts from --model as given"
             in capsys.readouterr().out)
     assert not os.path.exists(os.path.join(out, "sft_adapter.safetensors"))
     assert os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
