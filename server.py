@@ -32,10 +32,24 @@ starve clients that are sending (python server_bench.py measures it).
   one line naming the file and the query; `python server.py` prints it and exits with status 2.
 - A template that cannot be filled (say a `_list_length` of "many") is the protocol's error record
   with HTTP 200: the query file is at fault, and env.ToolClient retries a 5xx as a server fault.
-- Listen backlog 128 (socketserver's 5 reset 3 % of new connections in issue 14's load test).
+- So is a cache file that cannot be used (unreadable, not UTF-8, not JSON or cut short, nested too
+  deep, not an object of records): the error names the file (under --cache) and what is wrong, and
+  stderr gets one line per version of the file. A 5xx would be retried, then stop training as if the
+  server were down; "API not found" would hide the broken file.
+- HTTP framing (RFC 7230 Sec. 3.3.3): a request whose body length is in doubt is 400 and closed, since
+  a proxy in front that reads the other length would see a different next request: Content-Length
+  together with Transfer-Encoding, Content-Length values that differ ("5, 6", or two fields), one
+  that is not plain ASCII digits ("+5", "1_0" and " 1 0" are not), a header line that is not
+  `name: value` (Sec. 3.2.4). A chunked body is not read: 411, asking for a Content-Length. A body
+  sent with GET is never read: the answer closes the connection. `Expect: 100-continue` gets
+  "100 Continue" only for a body the server will read; a too large one is 413 at once. An
+  absolute-form target (`POST http://host:8081/virtual`, Sec. 5.3.2) routes by its path.
+- Listen backlog 128 (socketserver's 5 reset 3 % of new connections in a load test).
 - --timeout s per read or write: a parked connection silent that long is closed; a request whose
-  body stops short of its Content-Length gets 408 and is closed. The limit is per read: a client
-  that trickles a byte at a time keeps its thread (--max-threads bounds how many can).
+  body stops short of its Content-Length gets 408 and is closed; one whose headers stop before their
+  blank line is closed without an answer (http.server's own handling; no deadline for the whole
+  header block). The limit is per read: a client that trickles a byte at a time keeps its thread
+  (--max-threads bounds how many can).
 - --max-threads handler threads at once; a request beyond them waits for a free thread (FIFO), and
   after --timeout s of waiting gets 503 and is closed.
 - --max-connections open connections; one more is answered 503 at once and closed.
@@ -66,6 +80,8 @@ LINGER = 0.05       # s a handler thread waits for a connection's next request b
 REQUIRED = ("category", "tool_name", "api_name", "tool_input")
 PARSE_ERROR = {"error": "Tool input parse error...\n", "response": ""}  # the protocol's own answer
 _SAFE = re.compile(r"[\w\-^]+")  # one path component (fullmatch): no separators, no dots, no newline
+_DIGITS = re.compile(r"[0-9]+")  # a Content-Length (fullmatch); int() also takes "+5", "1_0", " 5", "\u0665"
+_ABSOLUTE = re.compile(r"https?://[^/?#]+", re.IGNORECASE)  # the scheme and host of an absolute-form target
 
 
 def standard_category(category):
@@ -86,6 +102,23 @@ def _api_key(tool, api, category=""):
     return t, change_name(a)
 
 
+def _read_json(path):
+    """(value, "") for a JSON file, or (None, what is wrong with it) in a few words: every way a file
+    can fail to be JSON, so that callers answer for the file instead of failing themselves."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")  # decoded whole, so that a bad byte's offset is the file's
+        return json.loads(text), ""
+    except OSError as e:
+        return None, f"cannot read it ({e.strerror or e})"
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text ({e.reason} at byte {e.start})"
+    except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
+        return None, "not JSON that can be read (nested too deep)"
+    except json.JSONDecodeError as e:  # not JSON, empty, or cut short
+        return None, f"not JSON ({str(e)[:120]})"
+
+
 class ConfigError(ValueError):
     """A bad query file, cache folder or server setting; the message is one line naming it."""
 
@@ -95,15 +128,9 @@ def load_queries(paths):
     objects with an `api_list` of objects with string `tool_name` and `api_name`."""
     apis = {}
     for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                queries = json.load(f)
-        except OSError as e:
-            raise ConfigError(f"query file {path}: cannot read it ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"query file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except (json.JSONDecodeError, RecursionError) as e:  # truncated, not JSON, nested too deep
-            raise ConfigError(f"query file {path}: not JSON ({str(e)[:120]})") from None
+        queries, problem = _read_json(path)
+        if problem:
+            raise ConfigError(f"query file {path}: {problem}")
         if not isinstance(queries, list) or not queries:
             raise ConfigError(f"query file {path}: not a non-empty JSON list of queries")
         for i, q in enumerate(queries):
@@ -154,13 +181,15 @@ class ToolServer:
         if key in self.simulated:                                       # c. simulated from a template
             try:
                 return 200, {"error": "", "response": simulate(self.simulated[key], key, args)}
-            except Exception as e:  # departure 3: the query file's template is broken, not the server
+            except Exception as e:  # the query file's template is broken, not the server: no 5xx
                 return 200, {"error": f"simulated response failed: template_response of tool '{tool}', api "
                                       f"'{api}': {type(e).__name__}: {str(e)[:200]}", "response": ""}
         return 200, {"error": f"API not found: category '{cat}', tool '{tool}', api '{api}' "  # d.
                               "(not in the embedded benchmark, the cache or the query files)", "response": ""}
 
     def _from_cache(self, category, key, args):
+        """The cached record for args; None when the cache has none; the protocol's error record, naming
+        the file, when the API's cache file cannot be used (the file is at fault, not the server)."""
         if not self.cache:
             return None
         cat, (tool, api) = standard_category(category), key
@@ -170,17 +199,30 @@ class ToolServer:
         path = os.path.realpath(os.path.join(self.cache, *parts))
         if not path.startswith(self.cache + os.sep) or not os.path.isfile(path):
             return None
-        return _load_cache_file(path, os.path.getmtime(path)).get(str(args))
+        try:
+            records, problem = _load_cache_file(path, os.path.getmtime(path))
+        except OSError as e:  # removed between isfile and getmtime
+            records, problem = {}, f"cannot read it ({e.strerror or e})"
+        record = records.get(str(args))
+        if record is not None and not (isinstance(record, dict) and {"error", "response"} <= record.keys()):
+            problem = f"the entry for {str(args)[:100]!r} is not a record with 'error' and 'response'"
+        if problem:  # named under the cache folder: the client needs no more of the server's file system
+            return {"error": f"response cache file {os.path.relpath(path, self.cache)}: {problem}", "response": ""}
+        return record
 
 
 @lru_cache(maxsize=256)
 def _load_cache_file(path, mtime):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+    """(records keyed by str(tool_input), "") or ({}, what is wrong with the file). Keyed by mtime: a file
+    repaired (or broken) while the server runs is read again; a broken one is said once on stderr."""
+    records, problem = _read_json(path)
+    if not problem and not isinstance(records, dict):
+        top = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(records), "a number")
+        problem = f"not a JSON object of records keyed by tool input (its top level is {top})"
+    if problem:
+        print(f"tool server: response cache file {path}: {problem}", file=sys.stderr, flush=True)
+        return {}, problem
+    return records, ""
 
 
 def simulate(api, key, args):
@@ -266,32 +308,73 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, other methods, headers too long), as JSON."""
+        """An error that ends the connection, as JSON: http.server's own (bad request line, other methods,
+        headers too long) and the framing errors of parse_request."""
         self.close_connection = True
         self.request_version = "HTTP/1.1"  # an unparsed request line is taken as HTTP/0.9: no status line
         self._send(code, {"error": message or HTTPStatus(code).phrase, "response": ""})
 
+    def parse_request(self):
+        """http.server's parsing of the request line and headers, then the framing checks (the module
+        docstring), then "100 Continue" if the client asked for it and the body is one we will read."""
+        self.expect_100 = False
+        if not super().parse_request() or not self._check_framing():
+            return False
+        if self.expect_100:
+            super().handle_expect_100()  # sends "100 Continue"
+        return True
+
+    def handle_expect_100(self):
+        """Called inside http.server's parse_request, before our framing checks: only note the request."""
+        self.expect_100 = True
+        return True
+
+    def _check_framing(self):
+        """True, with self.length = a POST body's length in bytes; or False after an error answer, for a
+        request whose body length is in doubt (RFC 7230 Sec. 3.3.3) or that would not be read."""
+        h = self.headers
+        lengths = [v.strip() for field in h.get_all("Content-Length", []) for v in field.split(",")]
+        n = (lengths[0].lstrip("0") or "0") if lengths else None  # "05" and "5" are one length
+        if h.defects:  # "Content-Length : 5": http.client drops that line and every one after it
+            error = 400, "malformed header line (not `name: value`)"
+        elif "Transfer-Encoding" in h:  # any coding, any letter case
+            error = (400, "both Content-Length and Transfer-Encoding") if lengths else \
+                    (411, "Content-Length required (a Transfer-Encoding body is not read)")
+        elif not all(_DIGITS.fullmatch(v) for v in lengths):
+            error = 400, f"bad Content-Length {', '.join(map(repr, lengths))[:100]}"
+        elif len({v.lstrip("0") or "0" for v in lengths}) > 1:
+            error = 400, f"Content-Length values differ: {', '.join(lengths)[:100]}"
+        elif self.command != "POST":
+            if n not in (None, "0"):  # a body GET does not read must not be taken for the next request
+                self.close_connection = True
+            return True
+        elif n is None:
+            error = 411, "Content-Length required"
+        elif len(n) > len(str(MAX_BODY)) or int(n) > MAX_BODY:  # len first: int() refuses 4,300+ digits
+            error = 413, f"body of {n[:20]} bytes exceeds {MAX_BODY}"  # the body is never read
+        else:
+            self.length = int(n)
+            return True
+        self.send_error(*error)
+        return False
+
+    def _route(self):
+        """The target's path, without its query; an absolute-form target (`http://host:8081/virtual`, RFC 7230
+        Sec. 5.3.2, what a client sends through a proxy) routes by its path alone."""
+        m = _ABSOLUTE.match(self.path)
+        return (self.path[m.end():] if m else self.path).split("?")[0]
+
     def do_GET(self):
-        if self.path.split("?")[0] == "/health":
+        if self._route() == "/health":
             self._send(200, {"status": "ok"})
         else:
             self._send(404, {"error": f"no route {self.path}", "response": ""})
 
     def do_POST(self):
-        if self.path.split("?")[0] != "/virtual":
+        if self._route() != "/virtual":
             self.close_connection = True
             return self._send(404, {"error": f"no route {self.path}", "response": ""})
-        try:
-            n = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            return self._send(411, {"error": "Content-Length required", "response": ""})
-        if n < 0:  # rfile.read(-1) would wait for the client to close the connection
-            self.close_connection = True
-            return self._send(400, {"error": f"bad Content-Length {n}", "response": ""})
-        if n > MAX_BODY:
-            self.close_connection = True  # the unread body must not be parsed as a next request
-            return self._send(413, {"error": f"body of {n} bytes exceeds {MAX_BODY}", "response": ""})
+        n = self.length  # checked by parse_request: plain digits, one value, at most MAX_BODY
         try:
             raw = self.rfile.read(n)
         except TimeoutError:

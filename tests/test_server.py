@@ -2,6 +2,7 @@
 
 Every bad request gets its answer and the next request, on a new connection, is still served;
 the three backends (embedded world, response cache, simulated from query files) answer in order;
+a cache file that cannot be used is an error record naming it, never a 5xx or "API not found";
 names from requests never reach the file system unstandardized and are never imported; idle,
 slow, resetting and surplus clients cost a bounded time and no handler thread for long; bad query
 files and cache folders are refused before the server listens.
@@ -246,6 +247,58 @@ def test_cache_miss_falls_through_to_api_not_found(serve, cache):
     assert call(url, "Data", "Quotes Hub", "Other Api", '{"lang": "en"}')[1]["error"].startswith("API not found")
 
 
+QUOTES = os.path.join("Data", "quotes_hub_for_Data", "random_quote.json")  # the API's file under the cache
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"\xff\xfe{}", "not UTF-8 text (invalid start byte at byte 0)"),
+    (b"[" * 100_000, "nested too deep"),
+    (b'{"{\'lang\': \'en\'}": {"error": "", "response": "Measu', "not JSON (Unterminated string"),  # cut short
+    (b"", "not JSON (Expecting value"),
+    (b'[{"error": "", "response": "a list, not an object"}]', "its top level is an array"),
+    (b'"text"', "its top level is a string"),
+    (b'{"{\'lang\': \'en\'}": "text, not a record"}', "the entry for \"{'lang': 'en'}\" is not a record"),
+], ids=["bad-utf8", "nested-too-deep", "truncated", "empty", "top-level-list", "top-level-string", "entry-not-a-record"])
+def test_a_corrupt_cache_file_is_an_error_record_naming_it_never_a_5xx_or_api_not_found(serve, cache, content, says):
+    (cache / QUOTES).write_bytes(content)
+    url = serve(cache=str(cache)).url
+    status, record = call(url, "Data", "Quotes Hub", "Random Quote", '{"lang": "en"}')
+    assert status == 200 and record["response"] == ""  # a 5xx is retried by env.ToolClient as a server fault
+    assert record["error"].startswith(f"response cache file {QUOTES}: ") and says in record["error"], record
+    assert str(cache) not in record["error"]  # named under the cache folder, not by the server's full path
+    client = env.ToolClient(url, retries=0)  # a 5xx raises ToolServerError
+    assert client.call("Data", "Quotes Hub", "Random Quote", {"lang": "en"}) == record
+    hit = call(url, "Business Software", "Quill Lookup", "id", '{"is_id": 42}')[1]
+    assert hit["response"] == {"record": "the cached one"}  # other cache files still answer
+
+
+def test_an_unreadable_cache_file_is_an_error_record_naming_it(serve, cache, monkeypatch):
+    real_open = open
+
+    def denied(path, *a, **kw):  # chmod 000 would not stop root
+        if str(path).endswith("random_quote.json"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(server, "open", denied, raising=False)
+    url = serve(cache=str(cache)).url
+    status, record = call(url, "Data", "Quotes Hub", "Random Quote", '{"lang": "en"}')
+    assert status == 200 and record == {"error": f"response cache file {QUOTES}: cannot read it (Permission denied)",
+                                        "response": ""}
+
+
+def test_a_cache_file_repaired_while_serving_is_read_again_and_a_broken_one_is_said_once_on_stderr(serve, cache, capfd):
+    good = (cache / QUOTES).read_bytes()
+    (cache / QUOTES).write_bytes(b"\xff")
+    url = serve(cache=str(cache)).url
+    for _ in range(3):
+        assert "not UTF-8" in call(url, "Data", "Quotes Hub", "Random Quote", '{"lang": "en"}')[1]["error"]
+    err = capfd.readouterr().err
+    assert err.count("random_quote.json: not UTF-8") == 1, err  # the full path, for the operator
+    (cache / QUOTES).write_bytes(good)
+    os.utime(cache / QUOTES, ns=(time.time_ns() + 10**9,) * 2)  # a new mtime even on a coarse clock
+    assert call(url, "Data", "Quotes Hub", "Random Quote", '{"lang": "en"}')[1]["response"] == {"quote": "Measure twice."}
+
+
 def test_backends_answer_in_order_embedded_then_cache_then_simulated(serve, cache):
     write_cache(cache, "Weather", "skycast_for_Weather", "forecast.json",
                 {str({"city": CITY}): {"error": "", "response": "stale cache"}})
@@ -362,7 +415,7 @@ def test_eight_parallel_clients_get_every_answer_right(tool_server, test_tasks):
           f"{len(answers) / dt:.0f} requests/s")
 
 
-# ---- holding its ground: idle, slow, resetting and surplus clients (issue 14) -----------------
+# ---- holding its ground: idle, slow, resetting and surplus clients --------------------------
 def connect(url):
     u = urlsplit(url)
     return socket.create_connection((u.hostname, u.port), timeout=5)
