@@ -1,6 +1,8 @@
 """Bad input is refused before any work: steptool.py's flags and input files, checked before the tool
-server starts or a model loads. Each error is one line naming the flag or the file (and its item);
-the command exits with status 2 and no traceback.
+server starts, the run folder is claimed or a model loads. Each error is one line naming the flag or the
+file (and its item); the command exits with status 2 and no traceback. Every file is read by formats.py's
+one reader (a regular file, at most 1 GiB, JSON nested at most 200 levels, no key twice) and every item
+checked there and in env.load_tasks (field types, plain group names, integer query ids, none twice).
 
     check_flags(cfg)       ranges and choices of every numeric or named flag
     check_inputs(cfg, ..)  the task files, the offline TSV and the reward function, read once
@@ -79,7 +81,14 @@ def check_inputs(cfg, train_files, eval_files, given=()):
     unreadable, empty, or cannot train what the flags ask. given: the flags named on the command line
     (an --sft-epochs given for tasks without expert trajectories is refused; the schedule's is skipped)."""
     def tasks_of(files, what):
-        tasks = [t for p in files for t in env.load_tasks(p)]   # env.TaskFileError names file and item
+        tasks, seen = [], {}
+        for p in files:
+            for t in env.load_tasks(p):   # read whole and checked (formats.read_json); TaskFileError names file, item
+                if what == "--eval-tasks" and seen.setdefault((t.group, t.query_id), p) != p:
+                    # evaluation scores by (group, query id): one of the two would silently replace the other
+                    raise InputError(f"{what}: query_id {t.query_id} of group {t.group} is in both "
+                                     f"{seen[t.group, t.query_id]} and {p}")
+                tasks.append(t)
         if not tasks:
             raise InputError(f"{what} {' '.join(files)}: no tasks")
         return tasks

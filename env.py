@@ -74,38 +74,91 @@ class Task:
 
 
 class TaskFileError(ValueError):
-    pass
+    """A task file we cannot use, as one line: "PATH: item I (query_id Q): what is wrong"."""
 
 
 def load_tasks(path):
-    """StableToolBench query files (a JSON list) or the embedded benchmark's files -> [Task]."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
-        raise TaskFileError(f"{path}: cannot read task file: {e}") from None
+    """StableToolBench query files (a JSON list) or the embedded benchmark's files -> [Task]. The file is
+    read whole by formats.read_json (a regular file, its size, nesting, no key twice) and every item is
+    checked before any is used: each field of its type, the group a plain name (eval.py writes the file
+    <group>.json), the query_id an integer, and no query_id twice in one group (one would go unscored)."""
+    import formats  # here, not at the top: formats imports env
+    data = formats.read_json(path, "task file", TaskFileError)
     group = os.path.splitext(os.path.basename(path))[0]
     if isinstance(data, dict) and "tasks" in data:
+        if not (isinstance(data["tasks"], list) and isinstance(data.get("functions", {}), dict)):
+            raise TaskFileError(f"{path}: 'tasks' must be a list and 'functions' an object (name -> schema)")
         items, make = data["tasks"], lambda d: _bench_task(d, data.get("functions", {}))
     elif isinstance(data, list):
         items, make = data, lambda d: _stb_task(d, group)
     else:
         raise TaskFileError(f"{path}: expected a JSON list of queries or a benchmark object with 'tasks'")
-    tasks = []
+    tasks, seen = [], {}
     for i, item in enumerate(items):
+        qid = item.get("query_id", "?") if isinstance(item, dict) else "?"
+        where = f"{path}: item {i} (query_id {qid if type(qid) is int else repr(qid)[:40]})"
         try:
-            tasks.append(make(item))
+            t = make(item)
+            formats.plain_name(t.group, "group", ValueError)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            qid = item.get("query_id", "?") if isinstance(item, dict) else "?"
-            raise TaskFileError(f"{path}: item {i} (query_id {qid}): {type(e).__name__}: {e}") from None
+            raise TaskFileError(f"{where}: {e if type(e) is ValueError else f'{type(e).__name__}: {e}'}") from None
+        if seen.setdefault((t.group, t.query_id), i) != i:
+            raise TaskFileError(f"{where}: query_id {t.query_id} is already item {seen[t.group, t.query_id]} "
+                                f"of group {t.group}: one id, one task")
+        tasks.append(t)
     return tasks
 
 
+_WORDS = {str: "text", list: "a list", dict: "an object"}
+
+
+def _get(d, key, kind, default=None):
+    """d[key] (or default, when given, if it is missing), which must be a `kind`: else ValueError naming key."""
+    if key not in d and default is None:
+        raise ValueError(f"missing '{key}'")
+    v = d.get(key, default)
+    if not isinstance(v, kind):
+        raise ValueError(f"'{key}' must be {_WORDS[kind]}, got {type(v).__name__} {str(v)[:40]!r}")
+    return v
+
+
+def _texts(d, key):
+    v = _get(d, key, list)
+    if not all(isinstance(x, str) for x in v):
+        raise ValueError(f"'{key}' must be a list of text")
+    return v
+
+
+def _query_id(d):
+    """The query_id: an integer, or the decimal text of one (formats.integer_id); never 7.9 read as 7."""
+    import formats
+    qid = formats.integer_id(d["query_id"])
+    if qid is None:
+        raise ValueError(f"query_id {d['query_id']!r:.40} is not an integer")
+    return qid
+
+
 def _bench_task(d, schemas):
-    fs = [schemas[n] for n in d["functions"]]
-    return Task(int(d["query_id"]), str(d["query"]), [{k: f[k] for k in ("name", "description", "parameters")} for f in fs],
-                list(d["relevant"]), d["group"], {f["name"]: [f["category"], f["tool"], f["api"]] for f in fs},
-                [str(a) for a in d.get("answer", [])], [_expert_step(k, s) for k, s in enumerate(d.get("expert", []))])
+    names = _texts(d, "functions")
+    unknown = [n for n in names if n not in schemas]
+    if unknown:
+        raise ValueError(f"function {unknown[0][:60]!r} is not one of the file's 'functions'")
+    fs = [_schema(schemas[n]) for n in names]
+    answer = _get(d, "answer", list, [])
+    if not all(type(a) in (str, int, float) for a in answer):
+        raise ValueError("'answer' must be a list of facts (text or numbers)")
+    return Task(_query_id(d), _get(d, "query", str), [{k: f[k] for k in ("name", "description", "parameters")} for f in fs],
+                _texts(d, "relevant"), d["group"], {f["name"]: [f["category"], f["tool"], f["api"]] for f in fs},
+                [str(a) for a in answer], [_expert_step(k, s) for k, s in enumerate(_get(d, "expert", list, []))])
+
+
+def _schema(f):
+    """A function of the benchmark's 'functions': its schema, and the tool server's names for it."""
+    if not (isinstance(f, dict) and all(isinstance(f.get(k), str) for k in ("name", "description", "category", "tool", "api"))
+            and isinstance(f.get("parameters"), dict)):
+        raise ValueError(f"function {str(f)[:60]!r}: needs text 'name', 'description', 'category', 'tool', 'api' "
+                         "and an object 'parameters'")
+    return f
 
 
 def _expert_step(k, s):
@@ -121,20 +174,32 @@ _PARAM_TYPES = {"NUMBER": "integer", "STRING": "string", "BOOLEAN": "boolean"}  
 
 def _stb_task(d, group):
     functions, api = [], {}
-    for a in d["api_list"]:
-        name = function_name(a["tool_name"], a["api_name"])
+    for j, a in enumerate(_get(d, "api_list", list)):
+        if not isinstance(a, dict):
+            raise ValueError(f"api_list[{j}] must be an object")
+        tool, api_name, category = (_get(a, k, str) for k in ("tool_name", "api_name", "category_name"))
+        name = function_name(tool, api_name)
         params = {"type": "object", "properties": {}, "required": [], "optional": []}
         for kind in ("required", "optional"):
             for p in a.get(f"{kind}_parameters") or []:  # names and types as ToolBench shows them
+                if not (isinstance(p, dict) and isinstance(p.get("name"), str)
+                        and all(isinstance(p.get(k) or "", str) for k in ("type", "description"))):
+                    raise ValueError(f"api_list[{j}]: each of '{kind}_parameters' needs a text 'name' (and text "
+                                     "'type', 'description')")
                 pname = change_name(standardize(p["name"]))
                 params["properties"][pname] = {"type": _PARAM_TYPES.get(p.get("type"), "string"),
                                                "description": p.get("description") or ""}
                 params[kind].append(pname)
         desc = a.get("api_description") or ""
+        if not isinstance(desc, str):
+            raise ValueError(f"api_list[{j}]: 'api_description' must be text")
         functions.append({"name": name, "description": desc[:256], "parameters": params})
-        api[name] = [a["category_name"], a["tool_name"], a["api_name"]]
-    relevant = [function_name(t, n) for t, n in d.get("relevant APIs", [])]
-    return Task(int(d["query_id"]), str(d["query"]), functions, relevant, d.get("group", group), api)
+        api[name] = [category, tool, api_name]
+    pairs = _get(d, "relevant APIs", list, [])
+    if not all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in pairs):
+        raise ValueError("'relevant APIs' must be a list of [tool name, API name] pairs")
+    return Task(_query_id(d), _get(d, "query", str), functions, [function_name(t, n) for t, n in pairs],
+                d.get("group", group), api)
 
 
 # ---- the prompt -----------------------------------------------------------------------------

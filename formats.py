@@ -14,8 +14,14 @@
    evaluator: {query id: {query, available_tools, answer: {method, total_steps, final_answer,
    answer_details: [{role, message, next: [node]}]}}}, a tool node's message {name, arguments,
    response} (traj_to_example, answer_steps). load_answers reads these and label files alike.
-Errors: a trajectory file we cannot use is a DataFileError, "PATH:LINE: what is wrong"; a label or
-answer file, a LabelFileError, "PATH: query Q: what is wrong". Command lines print either as one line.
+Every input file (task, label, answer, trajectory, TSV; env.load_tasks too) is read whole by one reader,
+read_input / read_json, before any of it is used: a regular file only (a FIFO, a device or a folder is
+refused before open(), which could block or never end), at most MAX_INPUT_BYTES, UTF-8; JSON nested at
+most MAX_JSON_DEPTH levels, no key twice in one object, no lone surrogate. Names taken from data that
+can become file names (a group) must be plain names (plain_name); query ids and repeat indices are
+integers (integer_id), two spellings of one ("7", "07") refused. Errors: a trajectory file we cannot use
+is a DataFileError, "PATH:LINE: what is wrong"; a label or answer file, a LabelFileError, "PATH: query
+Q: what is wrong"; the reader raises the caller's own error class. Command lines print each as one line.
 
 Departures:
 1. Step texts are Python literals: parsed with ast.literal_eval, never eval; a truncated step falls
@@ -32,6 +38,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 from dataclasses import fields
 
@@ -51,6 +58,137 @@ def literal(s):
         return ast.literal_eval(s) if len(s) < 20000 else None
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
+
+
+# ---- 0. one reader for every input file ----------------------------------------------------
+MAX_INPUT_BYTES = 1 << 30  # 1 GiB: an input is held in memory whole; far above any task, label or trajectory file
+MAX_JSON_DEPTH = 200       # levels of nested objects and lists. Our files nest < 10, a StableToolBench converted
+                           # answer 2 per node of its chain (~60); Python's parser fails near 1000, copies near 500
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def read_input(path, what, error):
+    """The whole text of the input file `path`, read once (UTF-8, a leading BOM dropped). Only a regular
+    file is opened: a FIFO, device or folder is refused from os.stat, before open() could block on a FIFO
+    without a writer or read a device forever; so is a file over MAX_INPUT_BYTES. A refusal is
+    error("PATH: cannot read WHAT: why"); a byte that is not UTF-8, error("PATH:LINE: not UTF-8 ...")."""
+    def refuse(why):
+        return error(f"{path}: cannot read {what}: {why}")
+
+    def check(st):
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((w for test, w in _NOT_REGULAR if test(st.st_mode)), "something else")
+            raise refuse(f"it is {kind}, not a regular file")
+        if st.st_size > MAX_INPUT_BYTES:
+            raise refuse(f"{st.st_size:,} bytes, over the limit of {MAX_INPUT_BYTES:,} bytes for an input file")
+    try:
+        check(os.stat(path))
+        # O_NONBLOCK: a path swapped for a FIFO after the stat still opens at once, and fstat refuses it
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            check(os.fstat(f.fileno()))
+            data = f.read(MAX_INPUT_BYTES + 1)   # + 1: a file that grew since is still caught
+    except OSError as e:  # missing, unreadable
+        raise refuse(e.strerror or e) from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise refuse(f"it grew while read, over the limit of {MAX_INPUT_BYTES:,} bytes for an input file")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8") from None
+
+
+class _TwiceKey(Exception):
+    """Raised by _object: the key that one JSON object gives twice."""
+
+
+def _object(pairs):
+    """json's object_pairs_hook: the object as a dict, or _TwiceKey when a key comes twice (json.loads
+    would keep the last one silently: two labels of one query, one of them never scored)."""
+    d = dict(pairs)
+    if len(d) < len(pairs):
+        seen = set()
+        raise _TwiceKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return d
+
+
+def _too_deep(obj):
+    """Does obj nest objects and lists more than MAX_JSON_DEPTH levels? Level by level: no recursion."""
+    level, todo = 0, [obj] if isinstance(obj, (dict, list)) else []
+    while todo:
+        level += 1
+        if level > MAX_JSON_DEPTH:
+            return True
+        todo = [v for x in todo for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list))]
+    return False
+
+
+def _lone_surrogate(obj):
+    """The first text (key or value) in obj that holds half a UTF-16 pair ("\\ud800"), which JSON allows
+    but no UTF-8 file can hold: written back (a label file, a trajectory) it would fail. None if none."""
+    todo = [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return x
+        elif isinstance(x, dict):
+            todo += [*x, *x.values()]
+        elif isinstance(x, list):
+            todo += x
+    return None
+
+
+def parse_json(text, where, error):
+    """JSON text -> its value; not JSON, nested deeper than MAX_JSON_DEPTH, a key twice in one object or
+    a lone surrogate is error("WHERE: why")."""
+    deep = f"{where}: nested more than {MAX_JSON_DEPTH} levels deep"
+    try:
+        obj = json.loads(text, object_pairs_hook=_object)
+    except _TwiceKey as e:
+        raise error(f"{where}: the key {e.args[0]!r:.60} comes twice in one object (JSON would keep the last "
+                    "silently)") from None
+    except RecursionError:  # far deeper than MAX_JSON_DEPTH: the parser ran out of stack first
+        raise error(deep) from None
+    except ValueError as e:
+        raise error(f"{where}: not JSON ({e})") from None
+    if _too_deep(obj):
+        raise error(deep)
+    if ("\\ud" in text or "\\uD" in text) and (bad := _lone_surrogate(obj)) is not None:  # only an escape makes one
+        raise error(f"{where}: the text {bad!r:.60} holds a lone UTF-16 surrogate, which UTF-8 cannot store")
+    return obj
+
+
+def read_json(path, what, error):
+    """read_input + parse_json: the JSON value of the input file `path`; every refusal is one line,
+    error("PATH: cannot read WHAT: why"). error: the caller's class (env.TaskFileError, LabelFileError,
+    server.py's ConfigError ...), so each command line reports it as it reports its other input errors."""
+    return parse_json(read_input(path, what, error), f"{path}: cannot read {what}", error)
+
+
+def plain_name(name, what, error):
+    """name, if a name from data (a group) can be a file name inside a folder: runs.plain_name's rule (a
+    non-empty string with no '/' or NUL, not '.' or '..', at most 200 bytes; runs.py is not imported here,
+    it loads torch), and printable, so that it stays one line in an error or a table. Else error."""
+    if not (isinstance(name, str) and name.isprintable() and name not in ("", ".", "..") and "/" not in name
+            and os.sep not in name and not os.path.isabs(name) and len(name.encode()) <= 200):
+        raise error(f"{what} {name!r:.80} is not a plain name (a file name: no '/', no NUL, not '.' or '..', "
+                    "printable, at most 200 bytes)")
+    return name
+
+
+_INTEGER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only ("\u0663" is a digit to str.isdecimal); 18 fit in 64 bits
+
+
+def integer_id(v):
+    """A query id or repeat index as a file gives it -> int, or None if it is not one: an int (not a bool)
+    within 64 bits, or the decimal text of one. "7" and "07" give the same int: callers refuse such twins."""
+    if type(v) is int:
+        return v if -2 ** 63 <= v < 2 ** 63 else None
+    return int(v) if isinstance(v, str) and _INTEGER.fullmatch(v) else None
 
 
 # ---- 1. the original StepTool training TSV ---------------------------------------------------
@@ -85,25 +223,12 @@ def check_row(prompt, response, reward):
     return f"rewards must be finite numbers, got {bad[0]!r}" if bad else ""
 
 
-def _text(path):
-    """A UTF-8 text file as a str (a leading BOM dropped); a byte that is not UTF-8 is named by its line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:  # missing, a folder, unreadable
-        raise DataFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataFileError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8") from None
-
-
 def read_tsv(path):
     """The original's training TSV -> [{prompt, response, reward}], at least one row. Anything else (a
     malformed row, check_row, no rows, not UTF-8) is a DataFileError naming the file and line."""
     csv.field_size_limit(sys.maxsize)
-    rows, reader = [], csv.reader(io.StringIO(_text(path), newline=""), delimiter="\t")
+    text = read_input(path, "training TSV", DataFileError)
+    rows, reader = [], csv.reader(io.StringIO(text, newline=""), delimiter="\t")
     try:
         header = next(reader, None)
         if header is None:
@@ -147,13 +272,10 @@ def read_jsonl(path):
     """-> [(line number, object)] of a JSONL file: one JSON object a line (blank lines skipped), at least
     one. Anything else is a DataFileError naming the file and line."""
     out = []
-    for i, line in enumerate(io.StringIO(_text(path)), 1):
+    for i, line in enumerate(io.StringIO(read_input(path, "trajectory file", DataFileError)), 1):
         if not line.strip():
             continue
-        try:
-            d = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise DataFileError(f"{path}:{i}: not JSON ({e})") from None
+        d = parse_json(line, f"{path}:{i}", DataFileError)
         if not isinstance(d, dict):
             kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(d), "a number")
             raise DataFileError(f"{path}:{i}: {kind}, not a JSON object (one trajectory a line)")
@@ -173,8 +295,9 @@ def read_trajectories(path):
         except (TypeError, ValueError, AttributeError) as e:
             raise DataFileError(f"{path}:{i}: not a trajectory ({e})") from None
         bad = next(filter(None, map(_wrong_type, (t, *t.steps))), None)
-        if bad:
-            raise DataFileError(f"{path}:{i}: not a trajectory: {bad} is of the wrong type")
+        if bad or type(t.query_id) is not int:
+            raise DataFileError(f"{path}:{i}: not a trajectory: {bad or f'query_id {t.query_id!r}'} is of the wrong type")
+        plain_name(t.group, f"{path}:{i}: group", DataFileError)
         out.append((i, d, t))
     return out
 
@@ -280,29 +403,60 @@ class LabelFileError(ValueError):
 
 
 def _json_object(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LabelFileError(f"{path}: cannot read {what}: {e}") from None
+    """A label or answer file -> {query id: entry}: read_json, a non-empty object whose keys are query ids,
+    plain names (StableToolBench's are integers), no integer twice however written ("7", "07": one query
+    scored twice, and matched to its --queries entry once)."""
+    obj, ids = read_json(path, what, LabelFileError), {}
     if not isinstance(obj, dict) or not obj:
         raise LabelFileError(f"{path}: expected a non-empty JSON object keyed by query id")
+    for qid in obj:
+        n = integer_id(plain_name(qid, f"{path}: query", LabelFileError))
+        if n is not None and ids.setdefault(n, qid) != qid:
+            raise LabelFileError(f"{path}: query {qid}: the same query id as query {ids[n]}")
     return obj
 
 
+def _check_repeats(where, is_solved):
+    """is_solved {repeat index: "AnswerStatus.X"}: indices integers 0 .. MAX_REPEATS - 1, none twice however
+    written ("0", "00": two votes of one repeat, one of them silently dropped), statuses known."""
+    if not isinstance(is_solved, dict):
+        raise LabelFileError(f"{where}: 'is_solved' must be an object (judge repeat -> AnswerStatus)")
+    seen = {}
+    for r, s in is_solved.items():
+        n = integer_id(r) if r.isdigit() else None   # no sign: "-0" is no repeat
+        if n is None or not 0 <= n < MAX_REPEATS:
+            raise LabelFileError(f"{where}: repeat index {r!r:.40} is not an integer 0 .. {MAX_REPEATS - 1}")
+        if seen.setdefault(n, r) != r:
+            raise LabelFileError(f"{where}: 'is_solved' gives repeat {n} twice, as {seen[n]!r} and {r!r}")
+        if not (isinstance(s, str) and s in STATUS):
+            raise LabelFileError(f"{where}: unknown status {s!r:.60} (expected one of {', '.join(STATUS)})")
+
+
 def _check_label(where, e, judged=True):
+    """A label entry, each field the scorers read of its type (judged: is_solved and the pass counts too;
+    an answer file's labels are judged again, so those are ignored there)."""
     if not isinstance(e, dict):
         raise LabelFileError(f"{where}: not a JSON object (a label entry{'' if judged else ' or a converted answer'})")
-    if judged and not isinstance(e.get("is_solved"), dict):
+    if judged and "is_solved" not in e:
         raise LabelFileError(f"{where}: missing 'is_solved' (an object: judge repeat -> AnswerStatus)")
     for key in ("final_step", "answer_steps"):
         if not isinstance(e.get(key), str):
             raise LabelFileError(f"{where}: missing '{key}' (text)")
-    for r, s in (e.get("is_solved") or {}).items() if judged else ():
-        if not (str(r).isascii() and str(r).isdecimal()) or int(r) >= MAX_REPEATS:
-            raise LabelFileError(f"{where}: repeat index {r!r} is not an integer 0 .. {MAX_REPEATS - 1}")
-        if s not in STATUS:
-            raise LabelFileError(f"{where}: unknown status {s!r} (expected one of {', '.join(STATUS)})")
+    if not isinstance(e.get("query", ""), str):
+        raise LabelFileError(f"{where}: 'query' must be text")
+    if not (isinstance(e.get("tool_names", []), list) and all(isinstance(n, str) for n in e.get("tool_names", []))):
+        raise LabelFileError(f"{where}: 'tool_names' must be a list of function names (text)")
+    steps = [(f"step {k}", text) for k, text in enumerate(split_steps(e["answer_steps"]), 1)]
+    for which, text in [*steps, ("final step", e["final_step"])]:
+        d = parse_step(text) if text else None
+        if d and not isinstance(d["name"], str):   # Recall counts names in a set: a list would crash it
+            raise LabelFileError(f"{where}: {which} names {d['name']!r:.40}, not a function name (text)")
+    if judged:
+        _check_repeats(where, e["is_solved"])
+        counts = [e.get(k) for k in ("passed", "failed")]   # ToolBench's counts: the majority pass rate
+        if counts != [None, None] and not all(type(c) is int and c >= 0 for c in counts):
+            raise LabelFileError(f"{where}: 'passed' and 'failed' must both be counts (integers >= 0), got "
+                                 f"{counts[0]!r:.20} and {counts[1]!r:.20}")
 
 
 def load_labels(path):
@@ -356,7 +510,7 @@ def ends_with_answer(final_step):
         return False
     try:  # ToolBench stores the arguments as JSON text
         return json.loads(d["arguments"]).get("return_type") == "give_answer"
-    except (KeyError, TypeError, ValueError, AttributeError):  # truncated or odd: the text still says which
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError):  # truncated or odd: the text says
         return "give_answer" in final_step
 
 
@@ -453,10 +607,16 @@ def load_answers(path):
             a, tools = e["answer"], e.get("available_tools")
             if not isinstance(e.get("query"), str) or not isinstance(tools, list):
                 raise LabelFileError(f"{where}: a converted answer needs 'query' (text) and 'available_tools' (a list)")
-            if not all(isinstance(t, dict) and isinstance((t.get("function") or t).get("name"), str) for t in tools):
+            if not all(isinstance(t, dict) and isinstance(t.get("function") or t, dict)
+                       and isinstance((t.get("function") or t).get("name"), str) for t in tools):
                 raise LabelFileError(f"{where}: each of 'available_tools' needs a 'name'")
             if not isinstance(a.get("final_answer"), str) or not isinstance(a.get("answer_details"), list):
                 raise LabelFileError(f"{where}: 'answer' needs 'final_answer' (text) and 'answer_details' (a list)")
+            node, k = (a["answer_details"] or [None])[0], 0
+            while node:   # the path answer_steps walks: each node an object, its `next` a list
+                if not (isinstance(node, dict) and isinstance(node.get("next") or [], list)):
+                    raise LabelFileError(f"{where}: answer_details node {k} must be an object whose 'next' is a list")
+                node, k = (node.get("next") or [None])[0], k + 1
             out[qid] = e
         else:
             _check_label(where, e, judged=False)
@@ -469,6 +629,7 @@ def read_answers(paths, group_names=()):
     items, names = [], {}
     for i, p in enumerate(paths):
         g = label_group(p, group_names[i] if group_names else None)
+        plain_name(g, f"--answers {p}: group", LabelFileError)   # eval.py writes <group>.json
         if g in names:
             raise LabelFileError(f"--answers {names[g]} and {p} are both group {g}; give --groups, or one file a group")
         names[g] = p

@@ -173,22 +173,21 @@ def main(argv=None):
             run.release()
         runs.fail("sft", e)
     try:
-        torch.manual_seed(a.seed)
-        pol = P.load_policy(a.model, device=a.device, full_finetune=a.full_finetune, seed=a.seed)
-        eps = load_episodes(pol, data, a.max_tokens)
-        losses = sft(pol, eps, a.epochs, a.lr, a.batch_size, a.micro_batch_size, a.seed)
-        print("sft: loss per epoch " + " ".join(f"{x:.4f}" for x in losses))
-    except ValueError as e:   # a model that cannot be loaded (policy.load_policy): bad input, exit 2
-        for run in claimed:
-            run.release()
-        runs.fail("sft", e)
-    try:
-        runs.install(claimed[0], pol.save, last="policy.json")       # policy.json last: no half checkpoint loads
-        if a.export:
-            runs.install(claimed[1], pol.export_merged, last="config.json")
-    except (runs.RunError, OSError) as e:      # a failure during the work (no space left): exit 1
-        sys.exit(f"sft: {e}")
-    finally:
+        try:
+            torch.manual_seed(a.seed)
+            pol = P.load_policy(a.model, device=a.device, full_finetune=a.full_finetune, seed=a.seed)
+            eps = load_episodes(pol, data, a.max_tokens)
+            losses = sft(pol, eps, a.epochs, a.lr, a.batch_size, a.micro_batch_size, a.seed)
+            print("sft: loss per epoch " + " ".join(f"{x:.4f}" for x in losses))
+        except ValueError as e:   # a model that cannot be loaded (policy.load_policy): bad input, exit 2
+            runs.fail("sft", e)
+        try:
+            runs.install(claimed[0], pol.save, last="policy.json")   # policy.json last: no half checkpoint loads
+            if a.export:
+                runs.install(claimed[1], pol.export_merged, last="config.json")
+        except (runs.RunError, OSError) as e:  # a failure during the work (no space left): exit 1
+            sys.exit(f"sft: {e}")
+    finally:                                   # however it ends, the folders' locks go
         for run in claimed:
             run.release()
     print(f"sft: saved {a.output}" + (f", merged model {a.export}" if a.export else ""))
