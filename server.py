@@ -72,6 +72,7 @@ from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import formats
 import world
 from env import change_name, standardize
 
@@ -128,9 +129,7 @@ def load_queries(paths):
     objects with an `api_list` of objects with string `tool_name` and `api_name`."""
     apis = {}
     for path in paths:
-        queries, problem = _read_json(path)
-        if problem:
-            raise ConfigError(f"query file {path}: {problem}")
+        queries = formats.read_json(path, "query file", ConfigError)   # the shared reader: a FIFO never blocks
         if not isinstance(queries, list) or not queries:
             raise ConfigError(f"query file {path}: not a non-empty JSON list of queries")
         for i, q in enumerate(queries):

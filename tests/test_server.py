@@ -609,7 +609,7 @@ def test_a_bad_query_file_is_a_config_error_naming_the_file_and_the_item(tmp_pat
 
 
 @pytest.mark.parametrize("kw, says", [
-    (dict(queries=["{tmp}/missing.json"]), "cannot read it"),
+    (dict(queries=["{tmp}/missing.json"]), "No such file or directory"),
     (dict(cache="{tmp}/no-such-cache"), "does not exist"),
     (dict(cache="{tmp}/a-file"), "not a folder"),
     (dict(timeout=0), "timeout must be > 0"),
@@ -648,7 +648,7 @@ def test_server_command_line_serves_and_simulates_like_the_library(tmp_path):
 
 @pytest.mark.parametrize("args, names", [
     (["--queries", "{tmp}/bad.json"], "bad.json: query 0, api_list[0]"),
-    (["--queries", "{tmp}/truncated.json"], "truncated.json: not JSON"),
+    (["--queries", "{tmp}/truncated.json"], "truncated.json: cannot read query file: not JSON"),
     (["--cache", "{tmp}/no-such-cache"], "no-such-cache: does not exist"),
     (["--timeout", "0"], "timeout must be > 0"),
 ], ids=["query-missing-a-key", "query-file-truncated", "missing-cache", "timeout"])
@@ -700,3 +700,10 @@ def test_stabletoolbench_sample_queries_answer_every_relevant_api_the_same_twice
             assert first["error"] == "" and first["response"]["_simulated"] is True, (tool, api_name, first)
             n += 1
     assert n >= 12
+
+
+def test_a_fifo_given_as_a_query_file_is_refused_without_blocking(tmp_path):
+    fifo = str(tmp_path / "queries.json")
+    os.mkfifo(fifo)
+    with pytest.raises(server.ConfigError, match="FIFO"):      # open() on a FIFO would wait for a writer forever
+        server.load_queries([fifo])
