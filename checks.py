@@ -56,8 +56,8 @@ def check_ranges(cfg, rules=None):
 
 def check_model(model, adapters=()):
     """A path-like --model must exist (never a Hub id probed); each adapter file must exist."""
-    if models.looks_like_path(model) and not os.path.exists(os.path.expanduser(model)):
-        raise InputError(f"--model {model}: no such file or folder (a path, not a Hub id)")
+    if models.looks_like_path(model) and models.unreadable(os.path.expanduser(model)):   # a symlink loop: said so
+        raise InputError(f"--model {model}: {models.unreadable(os.path.expanduser(model))} (a path, not a Hub id)")
     for a in adapters:
         if not os.path.isfile(a):
             raise InputError(f"--adapters {a}: no such file")

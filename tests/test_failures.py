@@ -124,3 +124,11 @@ def test_expert_episodes_longer_than_max_context_are_left_out_of_sft_with_a_coun
                        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "expert episodes are longer than --max-context 300 tokens: left out" in r.stdout
+
+
+def test_a_model_path_that_is_a_symlink_loop_is_named_as_such(tmp_path):
+    import checks
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    with pytest.raises(checks.InputError, match="Too many levels of symbolic links"):
+        checks.check_model(str(loop))

@@ -153,7 +153,7 @@ def test_a_run_killed_in_its_first_evaluation_resumes_there_without_redoing_sft(
 def test_a_model_that_cannot_be_loaded_fails_fast(tmp_path):
     t0 = time.time()
     r = run("--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "run"), timeout=120)
-    assert r.returncode == 2 and "no such file or folder" in r.stderr and not os.path.exists(tmp_path / "run")
+    assert r.returncode == 2 and "No such file or directory" in r.stderr and not os.path.exists(tmp_path / "run")
     (tmp_path / "empty-model").mkdir()   # a folder that holds no model: a load error, one line
     r = run("--model", str(tmp_path / "empty-model"), "--output", str(tmp_path / "run2"), timeout=120)
     assert r.returncode != 0 and "cannot load model" in r.stderr and "Traceback" not in r.stderr
