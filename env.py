@@ -386,6 +386,7 @@ class ToolEnv:
 
     def __init__(self, client, max_steps=12, obs_chars=1024, observation_role="function"):
         self.client, self.max_steps, self.obs_chars, self.role = client, max_steps, obs_chars, observation_role
+        self.done = False          # not started is not over (rollout.py waits for every env to be done)
 
     def reset(self, task):
         self.task, self.done = task, False

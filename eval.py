@@ -26,6 +26,17 @@ an earlier eval.py output; --overwrite replaces only what that wrote, runs.py): 
 files, results.json (the --json object, with the judge's model, endpoint, prompts and errors),
 results.csv, and for --model trajectories.jsonl, written before judging.
 
+Exit status: 0 done; 2 bad input, refused in one line before any rollout or judge request (a flag
+out of its range or choices, flags that do not go together, a URL that is not http(s), a --tool-server
+that does not answer, an input file that cannot be read, a group name that cannot name a label file,
+a model or adapter that does not load: this one after --out is claimed); 1 a failure during the work
+(judge errors, departure 6; a tool server lost mid-run). --labels scores each file on its own: one it
+cannot read or score is named in one line and skipped, the others scored, and the status is 1.
+A group name comes from data (a task file's `group`, --groups, a file stem) and names <group>.json in
+--out, so it must be a plain name (runs.plain_name: a string, no '/', no NUL, not absolute) and not
+results or .steptool-run; every file goes into --out through the run folder (runs.Run.path_of), which
+refuses a path that resolves outside it.
+
 Decisions and departures:
 1. Missing repeats: as StableToolBench, a file has R = 1 + its largest repeat index, and a query
    that lacks repeat r counts Unsolved (0) in score_r.
@@ -35,8 +46,9 @@ Decisions and departures:
 3. A label file's group is its file stem, or the StableToolBench group the stem contains (their
    evaluator writes <group>_<model>.json); --groups overrides.
 4. Relevant APIs are de-duplicated; a query without any, or absent from --queries, has no Recall.
-5. A malformed --labels file is reported and skipped, the others still scored; a malformed --answers
-   file stops the run (status 2) before the judge is asked anything.
+5. A malformed --labels file (or one whose values trip the scoring) is reported and skipped, the others
+   still scored; every --answers file is read whole and each answer checked as the judge will read
+   it, so a malformed one stops the run (status 2) before the judge is asked anything.
 6. Judge failures are never a score: a query whose judge still fails after its retries is a judge
    error, left out of its label file, of n and of the rate, counted per group (judge_errors; the
    messages in results.json), and the command exits with status 1; a group of judge errors alone has
@@ -53,6 +65,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 import numpy as np
 from tqdm import tqdm
@@ -68,6 +81,7 @@ from formats import (MAX_REPEATS, STATUS, STATUS_OF, STB_GROUPS, LabelFileError,
                      ends_with_answer, label_group, load_labels, parse_step, step_names, to_label)
 
 PAPER_GROUPS = {"I1": STB_GROUPS[:3], "I2": STB_GROUPS[3:5], "I3": STB_GROUPS[5:]}  # Table 1's columns
+MAX_CONTEXT = 4096  # tokens per episode in run_policy (steptool.py's --max-context default)
 JSON_KEYS = ("pass_rate", "pass_rate_std", "n", "repeats", "recall")
 DETAIL_KEYS = ("pass_rate_ci", "answer_status", "majority_pass_rate", "majority_pass_rate_ci", "judge_errors",
                "missing_repeats", "overridden", "recall_n")
@@ -79,10 +93,21 @@ def pass_rate(scores):
     return sum(scores) / len(scores) * 100, statistics.pstdev(scores) * 100
 
 
+def resampled_means(v, n, rng, block=1 << 20):
+    """[n] means of v [m] resampled with replacement: the n x m draws of one rng.integers(0, m, (n, m)),
+    made a block of rows at a time (about `block` indices, 16 MB with their values) so that memory does
+    not grow with n x m: 2,000 resamples of 100,000 queries at once were 3.2 GB. The rows come from one
+    stream in the same order and each row's mean is summed alone, so the means are bit-for-bit those of
+    the single draw."""
+    rows = max(1, block // max(1, len(v)))
+    return np.concatenate([v[rng.integers(0, len(v), size=(min(rows, n - i), len(v)))].mean(axis=1)  # [rows]
+                           for i in range(0, n, rows)])
+
+
 def bootstrap_ci(values, n=2000, seed=0, level=0.95):
     """95% percentile-bootstrap CI (%) of the mean of per-query values in [0, 1], queries resampled."""
     v = np.asarray(values, dtype=float)
-    means = v[np.random.default_rng(seed).integers(0, len(v), size=(n, len(v)))].mean(axis=1) * 100  # [n]
+    means = resampled_means(v, n, np.random.default_rng(seed)) * 100                   # [n]
     return [float(x) for x in np.percentile(means, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])]
 
 
@@ -168,7 +193,7 @@ def paired_bootstrap(a, b, n=10000, seed=0, level=0.95):
     means = {}
     for g in groups:
         d = np.array([a[k] - b[k] for k in sorted(a) if k[0] == g]) * 100
-        means[g] = d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)   # [n] resampled mean differences
+        means[g] = resampled_means(d, n, rng)                        # [n] resampled mean differences
     means["overall"] = np.mean([means[g] for g in groups], axis=0)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     return {g: [float(x) for x in np.percentile(m, q)] for g, m in means.items()}
@@ -200,8 +225,8 @@ def score_paths(label_paths, query_paths=(), group_names=()):
     errors, tasks = [], []
     for p in query_paths:
         try:
-            tasks += env.load_tasks(p)
-        except env.TaskFileError as e:
+            tasks += read_tasks(p, "--queries")
+        except (env.TaskFileError, runs.RunError) as e:
             errors.append(str(e))
     relevant = relevant_index(tasks) if tasks else None
     scored = []
@@ -211,7 +236,65 @@ def score_paths(label_paths, query_paths=(), group_names=()):
             scored.append((p, g, score_labels(load_labels(p), g, relevant)))
         except LabelFileError as e:
             errors.append(str(e))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            # a value of the wrong type that load_labels let through (a `passed` that is text, a step
+            # `name` that is a list): this file's error, and the other files are still scored
+            errors.append(f"{p}: cannot be scored: {one_line(e)}")
     return scored, group_means(scored), errors
+
+
+# ---- what is read from files: group names become file names in --out ------------------------
+def one_line(e):
+    """An exception nobody meant to raise, as one line: its type and message."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def label_file(group, what):
+    """<group>.json, a group's label file in --out. A group name is read from data (a task file's
+    `group`, --groups, a file stem), so it must be a plain name (runs.plain_name: no '/', no NUL, not
+    absolute, a string) and not name a file that eval.py or runs.py writes for something else;
+    else runs.RunError naming `what`."""
+    name = runs.plain_name(runs.plain_name(group, what) + ".json", what)
+    if name in ("results.json", runs.MARKER):
+        raise runs.RunError(f"{what}: {group!r} would write its label file over {name}; rename the group")
+    return name
+
+
+def read_tasks(path, flag):
+    """env.load_tasks, each task's group checked as a label file's name (label_file) when it is read,
+    before any rollout, judge request or write."""
+    tasks = env.load_tasks(path)
+    for t in tasks:
+        label_file(t.group, f"{flag} {path}: query {t.query_id}: group")
+    return tasks
+
+
+def read_answers(paths, group_names=()):
+    """--answers files -> ([(group, query id, converted answer)], {group: file}), every file read and
+    every answer checked whole before the judge is asked anything (departure 5): formats.load_answers,
+    then what the judge will read of each answer (its steps, tool names, JSON text) read once here.
+    LabelFileError naming the file (and the query); runs.RunError for a group that is no file name."""
+    items, names = [], {}
+    for i, p in enumerate(paths):
+        g = label_group(p, group_names[i] if group_names else None)
+        label_file(g, f"--answers {p}: group")
+        if g in names:
+            raise LabelFileError(f"--answers {names[g]} and {p} are both group {g}; give --groups, or one file a group")
+        names[g] = p
+        try:
+            answers = formats.load_answers(p)
+        except LabelFileError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as e:
+            raise LabelFileError(f"{p}: not a converted-answer or label file ({one_line(e)})") from None
+        for qid, example in answers.items():
+            try:   # what judge.PassRateJudge.judge and formats.label_entry do with it, minus the requests
+                formats.label_entry(example, [])
+                json.dumps(example)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as e:
+                raise LabelFileError(f"{p}: query {qid}: an answer the judge cannot read ({one_line(e)})") from None
+            items.append((g, qid, example))
+    return items, names
 
 
 def score_groups(labels, errors, tasks, names=None):
@@ -273,16 +356,18 @@ def to_json(scored, groups, judge=None, errors=None):
 
 def write_outputs(out, labels, scored, groups, run=None, judge=None, errors=None):
     """<out>/<group>.json label files (StableToolBench's layout: indent 4), results.json, results.csv.
-    run: the claimed --out folder (runs.py), whose marker lists each file before it is written."""
+    run: the claimed --out folder (runs.py): each path comes from run.path_of, which lists the file in
+    its marker and refuses one that resolves outside the folder. Every name is checked (label_file)
+    before anything is written: a group from data never names a path elsewhere (runs.RunError)."""
     os.makedirs(out, exist_ok=True)
-    if run is not None:
-        run.register(*(f"{g}.json" for g in labels), "results.json", "results.csv")
-    for g, entries in labels.items():
-        with open(os.path.join(out, f"{g}.json"), "w") as f:
+    names = [label_file(g, "a label file's group") for g in labels] + ["results.json", "results.csv"]
+    path = {n: run.path_of(n) if run is not None else os.path.join(out, n) for n in names}
+    for n, entries in zip(names, labels.values()):
+        with open(path[n], "w") as f:
             json.dump(entries, f, ensure_ascii=False, indent=4)
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(path["results.json"], "w") as f:
         json.dump(to_json(scored, groups, judge, errors), f, indent=2)
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    with open(path["results.csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "n", "repeats", "pass_rate", "pass_rate_std", "recall"])
         for _, g, m in scored:
@@ -304,7 +389,7 @@ def evaluate(trajectories, tasks, judge_fn, repeats=3, workers=8, errors=None):
 
 
 def run_policy(model, tasks, tool_server, temperature=0.0, max_steps=12, seed=0, batch_size=32,
-               max_new_tokens=256, max_context=4096, progress=True, first_episode=0, obs_chars=1024):
+               max_new_tokens=256, max_context=MAX_CONTEXT, progress=True, first_episode=0, obs_chars=1024):
     """Roll the policy out on tasks -> [env.Trajectory], one per task, in task order.
 
     model: a policy.Policy, or what policy.load_policy accepts (hub id, folder, our checkpoint,
@@ -380,15 +465,15 @@ class Args:
     judge_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's key (never logged)")
     stb_dir: str = opt("", "a StableToolBench checkout: its pass-rate prompts, read at run time; empty: ours")
     judge_temperature: float = opt(0.0, "judge sampling temperature (StableToolBench's default config: 0.2)")
-    judge_retries: int = opt(2, "retries per judge request, with exponential backoff")
-    judge_timeout: float = opt(60.0, "seconds per judge request")
+    judge_retries: int = opt(2, "retries per judge request (0 to 20), with exponential backoff from 1 s")
+    judge_timeout: float = opt(60.0, "seconds per judge request (at most 86400)")
     judge_workers: int = opt(8, "judge requests in flight")
     repeats: int = opt(3, "judge repeats per answer (StableToolBench's evaluate_times)")
     temperature: float = opt(0.0, "sampling temperature; 0 = greedy, as the paper")
     max_steps: int = opt(12, "actions per episode")
-    max_new_tokens: int = opt(256, "tokens per assistant turn")
+    max_new_tokens: int = opt(256, "tokens per assistant turn (below the 4096-token context)")
     obs_chars: int = opt(1024, "tool responses are cut to this many characters (steptool.py's --obs-chars of the run)")
-    seed: int = opt(0, "rollout seed, and the seed of the judge's coin flips")
+    seed: int = opt(0, "rollout seed, and the seed of the judge's coin flips (>= 0)")
     out: str = opt("out/eval", "folder for label files, results.json/.csv (and trajectories.jsonl): new or empty")
     overwrite: bool = opt(False, "replace an earlier eval.py output in --out (only what it wrote)")
     answers: tuple = opt((), "judge these saved answers (StableToolBench converted answers or label files)")
@@ -401,19 +486,68 @@ class Args:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.error = lambda message: runs.fail("eval.py", f"{message} (see -h)")   # one line, status 2, as every refusal
     for f in fields(Args):
         kw = {"action": "store_true"} if f.type is bool else {"nargs": "+"} if f.type is tuple else {"type": f.type}
         ap.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
     return Args(**vars(ap.parse_args(argv)))
 
 
+def flat(e):
+    return " ".join(str(e).splitlines())
+
+
+def refuse(e):
+    """Bad input: one line on stderr, status 2 (runs.fail), before any rollout or judge request."""
+    runs.fail("eval.py", flat(e))
+
+
+def check_flags(a):
+    """The flags alone, before any file is read: one mode and the flags it takes, each number within its
+    range, URLs that are http(s) URLs, --groups names that can name label files. checks.InputError or
+    runs.RunError, one line."""
+    import checks
+    modes = [m for m, given in (("--bench", a.bench), ("--labels", a.labels), ("--answers", a.answers),
+                                ("--model/--tasks", a.model or a.tasks)) if given]
+    if len(modes) != 1:
+        raise checks.InputError("give --model and --tasks, or --answers, or --labels, or --bench (see -h)"
+                                + (f"; got {' and '.join(modes)}, one of them at a time" if modes else ""))
+    if bool(a.model) != bool(a.tasks):
+        raise checks.InputError("--model needs --tasks" if a.model else "--tasks needs --model")
+    if a.adapters and not a.model:
+        raise checks.InputError("--adapters go on --model; --answers and --labels load no model")
+    if a.queries and a.model:
+        raise checks.InputError("--queries give Recall of --labels / --answers; --model's comes from --tasks")
+    if a.groups and len(a.groups) != len(a.labels or a.answers):
+        raise checks.InputError(f"--groups gives {len(a.groups)} names for {len(a.labels or a.answers)} "
+                                "--labels / --answers files")
+    for g in a.groups:
+        label_file(g, "--groups")
+    checks.check_ranges(a, {**{k: checks.RULES[k] for k in ("temperature", "max_steps", "obs_chars")},
+                            "max_new_tokens": checks.rule(1, MAX_CONTEXT - 1),   # a turn must fit in the context
+                            "judge_temperature": checks.NONNEG, "judge_retries": checks.rule(0, 20),
+                            "judge_timeout": checks.rule(0, 86400, lo_open=True), "judge_workers": checks.ONE_UP,
+                            "repeats": checks.rule(1, MAX_REPEATS - 1), "seed": checks.NONNEG})
+    if a.judge not in ("auto", "facts", "stabletoolbench"):
+        raise checks.InputError(f"--judge {a.judge}: use one of auto, facts, stabletoolbench")
+    if a.answers and (a.judge == "facts" or not a.judge_url):
+        raise checks.InputError("--answers needs --judge-url (and --judge auto or stabletoolbench): saved answers "
+                                "have no answer facts")
+    for name, url in (("--judge-url", a.judge_url), ("--tool-server", a.tool_server)):
+        u = urlsplit(url)
+        if url and not (u.scheme in ("http", "https") and u.netloc):
+            raise checks.InputError(f"{name} {url}: not an http:// or https:// URL")
+
+
 def main(argv=None):
     a = parse_args(argv)
+    try:
+        check_flags(a)
+    except (ValueError, runs.RunError) as e:
+        refuse(e)
     if a.bench:
         return 0 if bench() < 2.0 else 1
-    if a.groups and len(a.groups) != len(a.labels or a.answers):
-        sys.exit(f"eval.py: --groups gives {len(a.groups)} names for {len(a.labels or a.answers)} files")
-    if a.labels:
+    if a.labels:  # scores what it can: a file it cannot read is named, skipped, and makes the status 1
         scored, groups, errors = score_paths(a.labels, a.queries, a.groups)
         print(format_table(scored, groups))
         for e in errors:
@@ -421,25 +555,15 @@ def main(argv=None):
         if a.json:
             print(json.dumps(to_json(scored, groups)))
         return 1 if errors else 0
-    if not (a.answers or (a.model and a.tasks)):
-        sys.exit("eval.py: give --model and --tasks, or --answers, or --labels, or --bench (see -h)")
     import checks
-    try:  # flags, input files and the judge's prompts before the --out folder, the model or the judge
-        checks.check_ranges(a, {**{k: checks.RULES[k] for k in ("temperature", "max_steps", "max_new_tokens", "obs_chars")},
-                                "judge_temperature": checks.NONNEG, "judge_retries": checks.NONNEG,
-                                "judge_timeout": checks.POSITIVE, "judge_workers": checks.ONE_UP,
-                                "repeats": checks.rule(1, MAX_REPEATS - 1)})
-        if a.judge not in ("auto", "facts", "stabletoolbench"):
-            raise checks.InputError(f"--judge {a.judge}: use one of auto, facts, stabletoolbench")
-        if a.answers and (a.judge == "facts" or not a.judge_url):
-            raise checks.InputError("--answers needs --judge-url (and --judge auto or stabletoolbench): saved answers "
-                                    "have no answer facts")
+    try:  # input files, the tool server and the judge's prompts before the --out folder, the model or the judge
         if not a.answers:
             checks.check_model(a.model, a.adapters)
-        tasks = [t for p in (a.queries if a.answers else a.tasks) for t in env.load_tasks(p)]
+        flag = "--queries" if a.answers else "--tasks"
+        tasks = [t for p in (a.queries if a.answers else a.tasks) for t in read_tasks(p, flag)]
         if not (tasks or a.answers):
             raise checks.InputError(f"--tasks {' '.join(a.tasks)}: no tasks")
-        items, names = formats.read_answers(a.answers, a.groups) if a.answers else ([], None)
+        items, names = read_answers(a.answers, a.groups) if a.answers else ([], None)   # every file, whole
         chain = a.judge == "stabletoolbench" or (a.judge == "auto" and a.judge_url and (
             a.answers or not all(t.answer for t in tasks)))
         if chain and not a.judge_url:
@@ -450,33 +574,45 @@ def main(argv=None):
         kw = dict(key_env=a.judge_key_env, timeout=a.judge_timeout, retries=a.judge_retries)
         judge = J.PassRateJudge(a.judge_url, a.judge_model, a.stb_dir, a.judge_temperature, **kw) if chain \
             else J.FactsJudge(a.judge_url, a.judge_model, **kw)
-    except ValueError as e:  # checks.InputError, env.TaskFileError, formats.LabelFileError, a bad --stb-dir
-        runs.fail("eval.py", e)
+        if a.tool_server and not a.answers:
+            env.ToolClient(a.tool_server).check()   # a --tool-server that does not answer: before the model loads
+    except (ValueError, runs.RunError, env.ToolServerError) as e:
+        # checks.InputError, env.TaskFileError, formats.LabelFileError, a bad --stb-dir, a group that is no file name
+        refuse(e)
     try:  # --out first (runs.py): never a folder of someone else's, nothing loaded before
         run = runs.claim(a.out, "eval", "--out", overwrite=a.overwrite, entries=() if a.answers else ("trajectories.jsonl",))
     except runs.RunError as e:
-        runs.fail("eval.py", e)
+        refuse(e)
     with run:
-        if not a.answers:
-            trajectories = evaluate_model(a, tasks)
-            write_trajectories(os.path.join(a.out, "trajectories.jsonl"), trajectories)  # kept if judging fails
-        if chain and not a.answers:  # the model's answers, judged as saved answers are
-            by_key = {(t.group, t.query_id): t for t in tasks}
-            items = [(t.group, t.query_id, formats.traj_to_example(by_key[(t.group, t.query_id)], t)) for t in trajectories]
-        if chain:
-            labels, errors = J.judge_answers(items, judge, a.repeats, a.seed, a.judge_workers)
-            scored, groups = score_groups(labels, errors, tasks, names)
-        else:
-            errors = {}
-            labels, scored, groups = evaluate(trajectories, tasks, judge, a.repeats, errors=errors)
-        info = {**judge.describe(), "repeats": a.repeats, "seed": a.seed}  # the seed of the coin flips
-        write_outputs(a.out, labels, scored, groups, run, info, errors)
-        print(format_table(scored, groups, info))
-        print(f"wrote {a.out}/results.json, results.csv, {'' if a.answers else 'trajectories.jsonl, '}"
-              f"{len(labels)} label files")
-        if a.json:
-            print(json.dumps(to_json(scored, groups, info, errors)))
-        return 1 if errors else 0
+        try:
+            return judge_and_write(a, run, tasks, items, names, chain, judge)
+        except (env.ToolServerError, runs.RunError) as e:   # a failure during the work: status 1, one line
+            print(f"eval.py: {flat(e)}", file=sys.stderr)
+            return 1
+
+
+def judge_and_write(a, run, tasks, items, names, chain, judge):
+    """The work, once every input is checked: rollouts (--model), the judge, the outputs in --out. -> status."""
+    if not a.answers:
+        trajectories = evaluate_model(a, tasks)
+        write_trajectories(run.path_of("trajectories.jsonl"), trajectories)  # kept if judging fails
+    if chain and not a.answers:  # the model's answers, judged as saved answers are
+        by_key = {(t.group, t.query_id): t for t in tasks}
+        items = [(t.group, t.query_id, formats.traj_to_example(by_key[(t.group, t.query_id)], t)) for t in trajectories]
+    if chain:
+        labels, errors = J.judge_answers(items, judge, a.repeats, a.seed, a.judge_workers)
+        scored, groups = score_groups(labels, errors, tasks, names)
+    else:
+        errors = {}
+        labels, scored, groups = evaluate(trajectories, tasks, judge, a.repeats, errors=errors)
+    info = {**judge.describe(), "repeats": a.repeats, "seed": a.seed}  # the seed of the coin flips
+    write_outputs(a.out, labels, scored, groups, run, info, errors)
+    print(format_table(scored, groups, info))
+    print(f"wrote {a.out}/results.json, results.csv, {'' if a.answers else 'trajectories.jsonl, '}"
+          f"{len(labels)} label files")
+    if a.json:
+        print(json.dumps(to_json(scored, groups, info, errors)))
+    return 1 if errors else 0
 
 
 def evaluate_model(a, tasks):
@@ -487,10 +623,10 @@ def evaluate_model(a, tasks):
         srv = server.start_in_thread()
     try:
         import policy as P
-        try:
-            model = P.load_policy(a.model, adapters=tuple(a.adapters)) if a.adapters else a.model
-        except (ValueError, OSError) as e:
-            sys.exit(f"eval.py: {e}")
+        try:  # a model or adapter file that does not load is bad input (status 2, as sft.py); nothing rolled out yet
+            model = P.load_policy(a.model, adapters=tuple(a.adapters))
+        except (ValueError, OSError, runs.RunError) as e:
+            refuse(e)
         return run_policy(model, tasks, a.tool_server or srv.url, a.temperature, a.max_steps, a.seed,
                           max_new_tokens=a.max_new_tokens, obs_chars=a.obs_chars)
     finally:
@@ -499,4 +635,4 @@ def evaluate_model(a, tasks):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runs.interruptible("eval.py", main, "nothing of this evaluation was written (--out is written at the end)"))

@@ -133,6 +133,8 @@ class Run:
         Each must be a plain name (plain_name): a name that would reach outside the folder is refused."""
         for n in names:
             plain_name(n, f"{self.path}: a file name")
+            if n in (MARKER, LOCK):
+                raise RunError(f"{self.path}: {n!r} is the run folder's own bookkeeping; not written")
         new = [n for n in dict.fromkeys(names) if n not in self.entries]
         if new:
             self.entries += new

@@ -176,9 +176,16 @@ def test_malformed_label_file_error_names_file_and_entry(tmp_path, content, mess
 def test_one_bad_file_is_reported_and_the_others_still_scored(tmp_path):
     bad = write(tmp_path, "G1_tool.json", {"42": entry(is_solved={"0": "Solved"})})
     bad_queries = write(tmp_path, "q.json", [{"query_id": 1}])
-    scored, _, errors = ev.score_paths([LABELS, bad], [QUERIES, bad_queries])
+    # values of the wrong type, whether the reader refuses them or the scoring trips on them:
+    # ToolBench's counts as text, and a step whose name is a list (101 has relevant APIs: Recall reads it)
+    counts = write(tmp_path, "G1_category.json", {"101": {**entry(), "passed": 1, "failed": "2"}})
+    listed = write(tmp_path, "G2_category.json", {"101": entry(
+        answer_steps="Step 1: {'name': ['current_weather_for_weather_hub'], 'arguments': '{}', 'response': ''}")})
+    scored, _, errors = ev.score_paths([LABELS, bad, counts, listed], [QUERIES, bad_queries])
     assert [g for _, g, _ in scored] == ["G1_instruction"] and scored[0][2]["recall"] == pytest.approx(60.0)
-    assert len(errors) == 2 and errors[0].startswith(bad_queries) and errors[1].startswith(bad + ": query 42")
+    assert len(errors) == 4 and errors[0].startswith(bad_queries) and errors[1].startswith(bad + ": query 42")
+    assert errors[2].startswith(counts) and errors[3].startswith(listed)
+    assert all("\n" not in e for e in errors)  # one line each
 
 
 # ---- our trajectories -> StableToolBench label files ----------------------------------------
@@ -331,6 +338,55 @@ def test_paired_bootstrap_ci_covers_the_difference_and_needs_the_same_tasks():
     assert ev.paired_bootstrap(a, b, seed=3) == ci                        # seeded
     with pytest.raises(ValueError, match="different tasks"):
         ev.paired_bootstrap(a, {k: v for k, v in b.items() if k != keys[0]})
+
+
+# the bootstrap as it was first written: all n x len(values) indices drawn at once (2,000 x 100,000
+# queries took 3.2 GB); the blocked draw must give the same numbers, bit for bit
+def one_draw_bootstrap_ci(values, n=2000, seed=0, level=0.95):
+    import numpy as np
+    v = np.asarray(values, dtype=float)
+    means = v[np.random.default_rng(seed).integers(0, len(v), size=(n, len(v)))].mean(axis=1) * 100
+    return [float(x) for x in np.percentile(means, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])]
+
+
+def one_draw_paired_bootstrap(a, b, n=10000, seed=0, level=0.95):
+    import numpy as np
+    rng, groups, means = np.random.default_rng(seed), sorted({g for g, _ in a}), {}
+    for g in groups:
+        d = np.array([a[k] - b[k] for k in sorted(a) if k[0] == g]) * 100
+        means[g] = d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
+    means["overall"] = np.mean([means[g] for g in groups], axis=0)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {g: [float(x) for x in np.percentile(m, q)] for g, m in means.items()}
+
+
+def test_bootstrap_cis_are_the_numbers_of_the_single_draw_for_the_same_seed():
+    import numpy as np
+    rng = np.random.default_rng(7)
+    for size, seed in [(1, 0), (5, 0), (163, 3), (1000, 1), (3001, 2)]:
+        values = (rng.integers(0, 3, size) / 2).tolist()          # per-query scores 0, .5, 1
+        assert ev.bootstrap_ci(values, seed=seed) == one_draw_bootstrap_ci(values, seed=seed)
+    v = rng.random(13)
+    for block in (1, 13 * 4, 1 << 20):        # 1 row a block, 4 rows (150 = 37 x 4 + 2), all in one block
+        blocked = ev.resampled_means(v, 150, np.random.default_rng(5), block=block)
+        assert np.array_equal(blocked, v[np.random.default_rng(5).integers(0, 13, size=(150, 13))].mean(axis=1))
+    keys = [(g, str(i)) for g, n in (("G1", 40), ("G2", 25)) for i in range(n)]
+    a, b = ({k: float(rng.random() < p) for k in keys} for p in (0.5, 0.3))
+    assert ev.paired_bootstrap(a, b, n=3000, seed=4) == one_draw_paired_bootstrap(a, b, n=3000, seed=4)
+
+
+def test_bootstrap_ci_of_100000_queries_stays_under_200_mb():
+    import tracemalloc
+    import numpy as np
+    values = np.random.default_rng(0).random(100_000)
+    tracemalloc.start()                      # numpy reports its array buffers to tracemalloc
+    try:
+        ci = ev.bootstrap_ci(values)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200e6, f"peak {peak / 1e6:.0f} MB"   # all 2,000 resamples at once: 3,200 MB
+    assert ci[0] < 50 < ci[1]
 
 
 def test_run_policy_cuts_tool_responses_at_the_obs_chars_it_is_given(make_policy, tool_server, test_tasks, monkeypatch):

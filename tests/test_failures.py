@@ -132,3 +132,12 @@ def test_a_model_path_that_is_a_symlink_loop_is_named_as_such(tmp_path):
     os.symlink(loop, loop)
     with pytest.raises(checks.InputError, match="Too many levels of symbolic links"):
         checks.check_model(str(loop))
+
+
+def test_a_batch_whose_every_episode_ends_before_its_first_turn_goes_on_to_the_waiting_tasks(make_policy, tool_server,
+                                                                                           test_tasks):
+    import env
+    import rollout
+    eps, trajs = rollout.rollout(make_policy(), test_tasks[:3], env.ToolClient(tool_server.url), max_new_tokens=8,
+                                 max_context=20, batch_size=1)       # no prompt fits: each ends at once
+    assert [t.end for t in trajs] == ["max_context"] * 3
