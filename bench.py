@@ -224,8 +224,9 @@ def shaped_policy(shape, layers, dtype, device="cpu", lora_r=8):
 
 def saved_for_backward(pol, tokens, actions):
     """Bytes autograd keeps for backward in one PPO forward of one episode of `tokens` tokens whose last
-    `actions` are action tokens: {dtype: bytes}, each storage once, parameters left out."""
-    params = {p.untyped_storage().data_ptr() for p in pol.parameters()}
+    `actions` are action tokens: {dtype: bytes}, each storage once, parameters and buffers left out.
+    memory.py's plan of a run measures its loaded model with it."""
+    params = {t.untyped_storage().data_ptr() for t in [*pol.parameters(), *pol.buffers()]}
     kept = {}
 
     def pack(t):
@@ -455,6 +456,17 @@ def bench_generate(pol, args, device):
     return out
 
 
+@torch.no_grad()
+def forward_logp(pol, prompts, outs):
+    """PPO's forward log-probability of each sampled token (prompt i, then its sampled turn outs[i]):
+    [sum of len(outs)] on the CPU, in the sampler's order."""
+    eps = []
+    for p, o in zip(prompts, outs):
+        e = rollout.Episode(); e.add_context(p); e.add_action(o); eps.append(e)
+    c = ppo.collate(eps, "step", pol.device)
+    return pol(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])[0].float().cpu()
+
+
 def sampler_agreement(pol, args, device, rows=4, prompt=256, new=64, lora_std=1e-3):
     """One policy, whatever the dtype: with a LoRA as after training (B of std `lora_std`), the
     log-probability the sampler gives each token it samples against the one PPO's forward gives it (the
@@ -466,18 +478,12 @@ def sampler_agreement(pol, args, device, rows=4, prompt=256, new=64, lora_std=1e
         m.B.data = (torch.randn(m.B.shape, generator=g) * lora_std).to(m.B.device)
     prompts = [torch.randint(3, V, (prompt,), generator=g).tolist() for _ in range(rows)]
     outs, lps = pol.generate(prompts, new, 1.0, 1.0, [rollout.episode_generator(0, 0, k) for k in range(rows)], logprobs=True)
-    eps = []
-    for p, o in zip(prompts, outs):
-        e = rollout.Episode(); e.add_context(p); e.add_action(o); eps.append(e)
-    c = ppo.collate(eps, "step", pol.device)
-    fwd = lambda: pol(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])[0].float().cpu()
-    with torch.no_grad():
-        logp = fwd()
-        with pol.reference():
-            ref = fwd()
-        pol.freeze_reference()                  # the current policy becomes pi_ref (an SFT start's way)
-        with pol.reference():
-            frozen = fwd()
+    logp = forward_logp(pol, prompts, outs)
+    with pol.reference():
+        ref = forward_logp(pol, prompts, outs)
+    pol.freeze_reference()                      # the current policy becomes pi_ref (an SFT start's way)
+    with pol.reference():
+        frozen = forward_logp(pol, prompts, outs)
     sampled = torch.tensor([x for row in lps for x in row])
     gap, lora = (sampled - logp).abs(), (logp - ref).abs()
     out = {"tokens": len(sampled), "lora_std": lora_std, "sampler_vs_forward_max": gap.max().item(),
@@ -539,12 +545,7 @@ def bench_sampling(args):
                 _sync(device)
             if i:
                 times.append(time.perf_counter() - t0)
-        eps = []
-        for p_, o in zip(prompts, outs):
-            e = rollout.Episode(); e.add_context(p_); e.add_action(o); eps.append(e)
-        c = ppo.collate(eps, "step", device)
-        with torch.no_grad():
-            ref = pol(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])[0].float().cpu()
+        ref = forward_logp(pol, prompts, outs)
         n, med = sum(map(len, outs)), sorted(times)[len(times) // 2]
         gap = (torch.tensor([x for row in lps for x in row]) - ref).abs().max().item()
         out.append({"way": name, "sampled_tokens_per_s": n / med, "max_logp_gap": gap, "extra_weights_gb": extra / 1e9})

@@ -170,9 +170,9 @@ def read_json(path, what, error):
 
 
 def plain_name(name, what, error):
-    """name, if a name from data (a group) can be a file name inside a folder: runs.plain_name's rule (a
-    non-empty string with no '/' or NUL, not '.' or '..', at most 200 bytes; runs.py is not imported here,
-    it loads torch), and printable, so that it stays one line in an error or a table. Else error."""
+    """name, if a name from data (a group) can be a file name inside a folder: a non-empty string with no
+    '/' (nor the OS's separator), not '.' or '..', not absolute, at most 200 bytes, and printable (no NUL,
+    and it stays one line in an error or a table). Else error(...). runs.plain_name is this rule."""
     if not (isinstance(name, str) and name.isprintable() and name not in ("", ".", "..") and "/" not in name
             and os.sep not in name and not os.path.isabs(name) and len(name.encode()) <= 200):
         raise error(f"{what} {name!r:.80} is not a plain name (a file name: no '/', no NUL, not '.' or '..', "

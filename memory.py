@@ -22,8 +22,7 @@ import os
 
 import torch
 
-import ppo
-import rollout
+import bench
 
 FIT = 0.9
 
@@ -35,31 +34,11 @@ def device_bytes(device):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def saved_bytes(policy, tokens):
-    """Bytes autograd keeps for backward in one forward of one `tokens`-token episode (a quarter of
-    them action tokens), each storage once, parameters and buffers left out."""
-    own = {t.untyped_storage().data_ptr() for t in [*policy.parameters(), *policy.buffers()]}
-    kept = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in own:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
-    ep = rollout.Episode()
-    ep.add_context([3] * (tokens - tokens // 4)); ep.add_action([3] * (tokens // 4))
-    c = ppo.collate([ep], "step", policy.device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
-        out = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
-    del out
-    return sum(kept.values())
-
-
-def episode_bytes(policy, tokens, checkpointing):
-    """What one `tokens`-token episode keeps for backward, from two measured lengths (linear in tokens:
-    attention keeps O(tokens) with the fused kernels). With checkpointing, one layer's activations are
-    recomputed at a time in backward: added on top."""
+def episode_bytes(policy, tokens):
+    """What one `tokens`-token episode keeps for backward -> {checkpointing: bytes}, from two measured
+    lengths (bench.saved_for_backward at 64 and 128 tokens, a quarter of them action tokens; linear in
+    tokens: attention keeps O(tokens) with the fused kernels), without and with gradient checkpointing.
+    With checkpointing, one layer's activations are recomputed at a time in backward: added on top."""
     model, was, mode = policy.model, bool(policy.model.is_activation_checkpointing), policy.training
     measured = {}
     try:
@@ -68,19 +47,16 @@ def episode_bytes(policy, tokens, checkpointing):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.activation_checkpointing_disable()
-            policy.train_without_dropout()
-            s64, s128 = saved_bytes(policy, 64), saved_bytes(policy, 128)
+            with torch.enable_grad():
+                s64, s128 = (sum(bench.saved_for_backward(policy, t, t // 4).values()) for t in (64, 128))
             measured[ckpt] = (s128 - s64) / 64, 2 * s64 - s128          # per token, fixed
     finally:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) if was \
             else model.activation_checkpointing_disable()
         policy.train(mode)
-    per_tok, fixed = measured[checkpointing]
-    need = fixed + per_tok * tokens
-    if checkpointing:
-        layers = model.config.get_text_config().num_hidden_layers
-        need += (measured[False][0] - per_tok) / layers * tokens          # one layer recomputed
-    return max(need, 0.0)
+    layers = model.config.get_text_config().num_hidden_layers
+    one_layer = (measured[False][0] - measured[True][0]) / layers * tokens   # recomputed in backward
+    return {ck: max(fixed + per_tok * tokens + (one_layer if ck else 0.0), 0.0) for ck, (per_tok, fixed) in measured.items()}
 
 
 def kv_bytes(policy, episodes, tokens):
@@ -102,7 +78,7 @@ def plan(policy, cfg, given=(), log=print):
     rollout_need = kv_bytes(policy, cfg.episodes_per_iteration, T)
     total = device_bytes(policy.device)
     budget = FIT * total
-    ep = {ck: episode_bytes(policy, T, ck) for ck in (False, True)}
+    ep = episode_bytes(policy, T)                                          # {checkpointing: bytes}
     sft = cfg.sft_epochs and not cfg.data
     mb0, smb0 = cfg.mini_batch_size, cfg.sft_micro_batch_size
 

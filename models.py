@@ -80,19 +80,21 @@ def alias_of(name):
     name = str(name)
     if name in ALIASES:
         return name
-
-    def read(file):
-        try:
-            with open(os.path.join(name, file)) as f:
-                d = json.load(f)
-        except (OSError, ValueError):
-            return {}
-        return d if isinstance(d, dict) else {}
-    source, config = read("source.json"), read("config.json")
+    source, config = json_of(os.path.join(name, "source.json")), json_of(os.path.join(name, "config.json"))
     for alias, a in ALIASES.items():
         if source.get("sha256") == a["sha256"] or all(config.get(k) == v for k, v in a["config"].items()):
             return alias
     return None
+
+
+def json_of(path):
+    """A small JSON file's object, or {} where there is none (no file, not JSON, not an object)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def sha256(path):

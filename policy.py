@@ -10,7 +10,8 @@
 - Logits are computed only where a log-prob is needed (the action tokens), never over the whole
   sequence, and as the model's own forward computes them (soft-capping, logit scaling: `logits`,
   checked against the model at load); the log-softmax over the vocabulary runs over chunks of action
-  tokens, each recomputed in backward, so memory does not grow by a [tokens, vocabulary] tensor.
+  tokens, recomputed in backward when there are several, so memory does not grow by a [tokens,
+  vocabulary] tensor.
 - One policy whatever the dtype: sampling computes what PPO's forward computes. fp32 weights sample
   through W + B A merged once per batch of rollouts; bf16/fp16 weights are never merged (most of a
   small B A would round away in bf16) and sample through the same two-path sum as the update.
@@ -516,8 +517,8 @@ class Policy(nn.Module):
             if k.endswith((".A0", ".B0")) and k.startswith("model."):
                 mod = self.get_submodule(k.rsplit(".", 1)[0])
                 setattr(mod, k.rsplit(".", 1)[1], torch.zeros(v.shape, dtype=torch.float32, device=self.device))
-        res = self.load_state_dict(state, strict=False)
-        missing = [k for k in res.missing_keys if k in self.trainable_state() and not k.endswith((".A0", ".B0"))]
+        res, trainable = self.load_state_dict(state, strict=False), self.trainable_state()
+        missing = [k for k in res.missing_keys if k in trainable and not k.endswith((".A0", ".B0"))]
         if res.unexpected_keys or missing:
             raise ValueError(f"{what}: unexpected weights {res.unexpected_keys[:3]}, missing {missing[:3]}")
 
@@ -620,6 +621,14 @@ class Policy(nn.Module):
         return math.sqrt(lost / total) if total else 0.0
 
 
+def checkpoint_base(ckpt, meta):
+    """Where the base of our checkpoint `ckpt` (its policy.json `meta`) is -> (base, relative): a hub id or
+    absolute folder as written, or "base" (inside) / "../base" (the run's) relative to the checkpoint;
+    realpath: "../base" of a checkpoint reached through a symlink is beside the real folder."""
+    relative = meta.get("base_relative", meta["base"] == "base")
+    return (os.path.normpath(os.path.join(os.path.realpath(ckpt), meta["base"])) if relative else meta["base"]), relative
+
+
 def adapter_lora(path):
     """The LoRA settings an adapter file (Policy.save_adapter) was written with, or None."""
     from safetensors import SafetensorError, safe_open
@@ -703,9 +712,7 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
     if ckpt:
         with open(os.path.join(name, "policy.json")) as f:
             meta = json.load(f)
-        relative = meta.get("base_relative", meta["base"] == "base")   # "base" (inside) or "../base" (the run's)
-        # realpath: "../base" of a checkpoint reached through a symlink is beside the real folder
-        base = os.path.normpath(os.path.join(os.path.realpath(name), meta["base"])) if relative else meta["base"]
+        base, relative = checkpoint_base(name, meta)
         lora, full_finetune = meta["lora"], meta["full_finetune"]
         dtype = dtype or DTYPES.get(meta.get("dtype"))
         if gradient_checkpointing is None:

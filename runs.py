@@ -67,14 +67,10 @@ def interruptible(prog, main, after=""):
 
 
 def plain_name(name, what):
-    """`name` if it can be a file name inside a folder (a group name, a query id taken from data): a
-    non-empty string with no path separator, no NUL, not '.' or '..', not absolute. Else a RunError
-    naming `what`: names read from files never become paths elsewhere."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "\0" in name \
-            or "/" in name or (os.sep != "/" and os.sep in name) or os.path.isabs(name) or len(name.encode()) > 200:
-        raise RunError(f"{what}: {name!r} is not a plain name (a string with no '/', no NUL, not '.' or '..', "
-                       "at most 200 bytes)")
-    return name
+    """`name` if it can be a file name inside a folder (formats.plain_name's rule: a printable string with
+    no '/', not '.' or '..', at most 200 bytes); else a RunError naming `what`."""
+    import formats
+    return formats.plain_name(name, f"{what}:", RunError)
 
 
 def fail(prog, err):

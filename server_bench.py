@@ -170,7 +170,7 @@ def load_round(a, port, pid, before, log):
           f"{before['server_rss_mib']:.1f} MiB); server stderr lines so far: {out['server_stderr_lines']}", flush=True)
     errors = out["new_connection"]["errors"] + out["keep_alive"]["errors"]
     worst = max(out["new_connection"]["max_ms"], out["keep_alive"]["max_ms"])
-    print(f"target (issue 14: 0 errors, max latency < 250 ms, threads and RSS back to before): {errors} errors, "
+    print(f"target (0 errors, max latency < 250 ms, threads and RSS back to before): {errors} errors, "
           f"max {worst} ms, threads {t} vs {before['server_threads']}, RSS {r - before['server_rss_mib']:+.1f} MiB",
           flush=True)
     return out

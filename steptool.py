@@ -190,12 +190,10 @@ def defaults(model):
     SMOL or the paper's. Our checkpoint gets its base's schedule without a second SFT warm start: the
     run that wrote it had its own (or chose none)."""
     name = str(model)
-    meta = json_of(os.path.join(name, "policy.json"))
+    meta = models.json_of(os.path.join(name, "policy.json"))
     if not isinstance(meta.get("base"), str):
         return SCHEDULES.get(model_kind(name), PAPER)
-    base = meta["base"]   # our checkpoint: its base, found as policy.load_policy finds it
-    if meta.get("base_relative", base == "base"):
-        base = os.path.normpath(os.path.join(os.path.realpath(name), base))
+    base, _ = P.checkpoint_base(name, meta)   # our checkpoint: its base, found as load_policy finds it
     return dict(SCHEDULES.get(model_kind(base), PAPER), sft_epochs=0)
 
 
@@ -203,27 +201,20 @@ def model_kind(name):
     """'tiny' (or a saved model of policy.TINY's sizes, such as a tiny run's base/), an alias of models.py
     (`smollm2`, its converted folder or a copy), or None for any other model. Small JSON files only: no
     weights, no network, and a Hub id or a missing path is just another model (checks.py reports the latter)."""
-    config = json_of(os.path.join(str(name), "config.json"))
+    config = models.json_of(os.path.join(str(name), "config.json"))
     sizes = ("hidden_size", "num_hidden_layers", "intermediate_size")
     if name == "tiny" or (config.get("model_type") == "qwen2" and all(config.get(k) == P.TINY[k] for k in sizes)):
         return "tiny"
     return models.alias_of(name)
 
 
-def json_of(path):
-    """A small JSON file's object, or {} where there is none."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
 def parse_args(argv=None):
-    """The run's Config. Each flag's value, lowest first: Config's default < the model's schedule
-    (defaults) < QUICK with --quick < the flag given on the command line, whatever its value."""
-    given = given_flags(argv)
+    return config(given_flags(argv))
+
+
+def config(given):
+    """The run's Config from the flags given. Each flag's value, lowest first: Config's default < the
+    model's schedule (defaults) < QUICK with --quick < the flag given on the command line, whatever its value."""
     schedule = defaults(given.get("model", Config.model))
     return Config(**{**schedule, **(QUICK if given.get("quick") else {}), **given})
 
@@ -388,7 +379,8 @@ def plot(metrics, path):
 # ---- the run ----------------------------------------------------------------------------------
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg, given = parse_args(argv), given_flags(argv)
+    given = given_flags(argv)                            # the flags named on the command line, parsed once
+    cfg = config(given)
     ranks = dist.init(cfg.device)                        # torchrun's ranks (dist.py), or the single process
     # ---- flags and input files first (checks.py), then the run folder (runs.py): nothing loaded yet ----
     ckpt = state = inputs = None
@@ -414,7 +406,7 @@ def main(argv=None):
         if cfg.resume:
             try:
                 state = runs.load_state(ckpt)
-                cfg = resume_config(cfg.resume, given_flags(argv), state)
+                cfg = resume_config(cfg.resume, dict(given), state)   # a copy: it takes --output out
                 checks.check_flags(cfg, resumed=True)
                 check_ranks(cfg, ranks)
                 inputs = checks.check_inputs(cfg, *input_files(cfg))

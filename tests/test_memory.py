@@ -17,8 +17,7 @@ def config(**kw):
 
 def test_what_an_episode_keeps_for_backward_grows_with_its_length_and_checkpointing_keeps_less(make_policy):
     pol = make_policy()
-    off = [memory.episode_bytes(pol, t, False) for t in (256, 512)]
-    on = [memory.episode_bytes(pol, t, True) for t in (256, 512)]
+    off, on = zip(*((e[False], e[True]) for e in (memory.episode_bytes(pol, t) for t in (256, 512))))
     assert off[1] > off[0] > 0 and on[1] > on[0] > 0
     assert on[1] < off[1]
     assert not pol.model.is_activation_checkpointing and pol.training      # left as it was
@@ -35,7 +34,7 @@ def test_what_an_episode_keeps_for_backward_grows_with_its_length_and_checkpoint
 def test_the_plan_turns_checkpointing_on_or_shrinks_micro_batches_only_as_far_as_needed(make_policy, monkeypatch,
                                                                                        device_gb, want):
     pol = make_policy()
-    monkeypatch.setattr(memory, "episode_bytes", lambda p, T, ck: (2e9 if ck else 18e9))
+    monkeypatch.setattr(memory, "episode_bytes", lambda p, T: {True: 2e9, False: 18e9})
     monkeypatch.setattr(memory, "device_bytes", lambda dev: device_gb * 1e9)
     monkeypatch.setattr(memory, "kv_bytes", lambda p, n, T: 1e9)
     cfg, lines = config(), []
@@ -48,7 +47,7 @@ def test_the_plan_turns_checkpointing_on_or_shrinks_micro_batches_only_as_far_as
 
 def test_flags_given_on_the_command_line_are_kept_and_a_plan_that_cannot_fit_says_so(make_policy, monkeypatch):
     pol = make_policy()
-    monkeypatch.setattr(memory, "episode_bytes", lambda p, T, ck: (2e9 if ck else 18e9))
+    monkeypatch.setattr(memory, "episode_bytes", lambda p, T: {True: 2e9, False: 18e9})
     monkeypatch.setattr(memory, "device_bytes", lambda dev: 30e9)
     monkeypatch.setattr(memory, "kv_bytes", lambda p, n, T: 1e9)
     cfg, lines = config(gradient_checkpointing=False, mini_batch_size=2), []
@@ -61,7 +60,7 @@ def test_qwen2_7b_at_the_papers_batch_and_4096_tokens_fits_one_80_gb_gpu_by_defa
     """The README's measured figures for Qwen2-7B in bf16 with LoRA r 8 (bench.py --memory): 15.2 GB of
     weights, 36.8 GB per 4,096-token episode without checkpointing, 2.1 GB with it; an 80 GB GPU."""
     pol = make_policy()
-    monkeypatch.setattr(memory, "episode_bytes", lambda p, T, ck: (2.1e9 if ck else 36.8e9))
+    monkeypatch.setattr(memory, "episode_bytes", lambda p, T: {True: 2.1e9, False: 36.8e9})
     monkeypatch.setattr(memory, "device_bytes", lambda dev: 80e9)
     monkeypatch.setattr(memory, "kv_bytes", lambda p, n, T: 1.9e9)
     monkeypatch.setattr(P.Policy, "parameters", lambda self, recurse=True: iter([_Weights()]))
