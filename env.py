@@ -82,7 +82,7 @@ def load_tasks(path):
     read whole by formats.read_json (a regular file, its size, nesting, no key twice) and every item is
     checked before any is used: each field of its type, the group a plain name (eval.py writes the file
     <group>.json), the query_id an integer, and no query_id twice in one group (one would go unscored)."""
-    import formats  # here, not at the top: formats imports env
+    from harness import formats  # here, not at the top: formats imports env
     data = formats.read_json(path, "task file", TaskFileError)
     group = os.path.splitext(os.path.basename(path))[0]
     if isinstance(data, dict) and "tasks" in data:
@@ -131,7 +131,7 @@ def _texts(d, key):
 
 def _query_id(d):
     """The query_id: an integer, or the decimal text of one (formats.integer_id); never 7.9 read as 7."""
-    import formats
+    from harness import formats
     qid = formats.integer_id(d["query_id"])
     if qid is None:
         raise ValueError(f"query_id {d['query_id']!r:.40} is not an integer")

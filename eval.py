@@ -71,13 +71,13 @@ import numpy as np
 from tqdm import tqdm
 
 import env
-import formats
-import judge as J
-import runs
-from formats import write_trajectories
-from judge import FactsJudge as make_judge  # noqa: F401  (steptool.py's name)
+from harness import formats
+from harness import judge as J
+from harness import runs
+from harness.formats import write_trajectories
+from harness.judge import FactsJudge as make_judge  # noqa: F401  (steptool.py's name)
 # the label-file format moved to formats.py; these names stay importable from here
-from formats import (MAX_REPEATS, STATUS, STATUS_OF, STB_GROUPS, LabelFileError, called_steps,  # noqa: F401
+from harness.formats import (MAX_REPEATS, STATUS, STATUS_OF, STB_GROUPS, LabelFileError, called_steps,  # noqa: F401
                      ends_with_answer, label_group, load_labels, parse_step, step_names, to_label)
 
 PAPER_GROUPS = {"I1": STB_GROUPS[:3], "I2": STB_GROUPS[3:5], "I3": STB_GROUPS[5:]}  # Table 1's columns
@@ -506,7 +506,7 @@ def check_flags(a):
     """The flags alone, before any file is read: one mode and the flags it takes, each number within its
     range, URLs that are http(s) URLs, --groups names that can name label files. checks.InputError or
     runs.RunError, one line."""
-    import checks
+    from harness import checks
     modes = [m for m, given in (("--bench", a.bench), ("--labels", a.labels), ("--answers", a.answers),
                                 ("--model/--tasks", a.model or a.tasks)) if given]
     if len(modes) != 1:
@@ -555,7 +555,7 @@ def main(argv=None):
         if a.json:
             print(json.dumps(to_json(scored, groups)))
         return 1 if errors else 0
-    import checks
+    from harness import checks
     try:  # input files, the tool server and the judge's prompts before the --out folder, the model or the judge
         if not a.answers:
             checks.check_model(a.model, a.adapters)
@@ -619,7 +619,7 @@ def evaluate_model(a, tasks):
     """--model's rollouts on --tasks (the embedded tool server unless --tool-server) -> [env.Trajectory]."""
     srv = None
     if not a.tool_server:
-        import server
+        from harness import server
         srv = server.start_in_thread()
     try:
         import policy as P

@@ -572,7 +572,7 @@ class Policy(nn.Module):
     def _save_base(self, path, state=None):
         """The base weights as a save_pretrained folder, written whole (runs.write_dir: a temporary
         name, then a rename)."""
-        import runs
+        from harness import runs
         if self.ref_model is not None and state is not None:   # pi_ref's full tensors (FSDP2)
             ref = {k.removeprefix("ref_model."): v for k, v in state.items() if k.startswith("ref_model.")}
             runs.write_dir(path, lambda tmp: self.ref_model.save_pretrained(tmp, state_dict=ref))
@@ -727,7 +727,7 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
     if base == "tiny":
         model, tok = build_tiny(seed, **(tiny or {}))  # tiny: size overrides of TINY
     else:
-        import models
+        from harness import models
         path = models.resolve(base)  # `smollm2` or a .gguf file: a plain folder in the cache, converted once
         # a name that is no folder is a Hub id: without network only the local cache is tried, so we
         # fail in seconds instead of after huggingface_hub's retries (~50 s)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-import dist
+from harness import dist
 import rollout
 
 
@@ -359,5 +359,5 @@ def truncate_left(ep, n):
 if __name__ == "__main__":  # the benchmarks are bench.py's; `python ppo.py --bench ...` is the same command
     import sys
 
-    import bench
+    from harness import bench
     bench.main([a for a in sys.argv[1:] if a != "--bench"])

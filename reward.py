@@ -56,11 +56,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import env
-from formats import TASK_FILES, finite, load_task_index, read_trajectories, convert
-from formats import literal as _literal
+from harness.formats import TASK_FILES, finite, load_task_index, read_trajectories, convert
+from harness.formats import literal as _literal
 # moved to formats.py and judge.py; these names stay importable from here for their old callers
-from formats import DataFileError, read_tsv, write_tsv, read_jsonl, tsv_row_to_traj, traj_to_tsv_row  # noqa: F401
-from judge import Judge, JudgeError, judge_messages, parse_judge_reply  # noqa: F401
+from harness.formats import DataFileError, read_tsv, write_tsv, read_jsonl, tsv_row_to_traj, traj_to_tsv_row  # noqa: F401
+from harness.judge import Judge, JudgeError, judge_messages, parse_judge_reply  # noqa: F401
 
 STATUS = {"solved": 1.0, "unsure": 0.5, "unsolved": 0.0}  # AnswerStatus -> IsSolved
 
@@ -315,7 +315,7 @@ def bench(n=1000, runs=3, seed=0):
     """Time shape_batch on n embedded-benchmark episodes (expert replays, 60% perturbed), and the LCS of
     a 1,024 x 2,000-character pair: the original notebook's O(n*m) table against lcs_length."""
     import random
-    import server
+    from harness import server
     rng, tasks, srv, episodes = random.Random(seed), env.load_tasks(TASK_FILES[0]), server.start_in_thread(), []
     kinds = ["expert"] * 4 + ["bad argument", "unknown function", "unparseable", "fact dropped", "gives up",
                               "no Finish"]

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import ppo
-import runs
+from harness import runs
 
 
 def sft(policy, episodes, epochs=1, lr=1e-4, batch_size=16, micro_batch_size=8, seed=0, warmup=0.05,
@@ -97,7 +97,7 @@ def read_data(path):
     with an expert trajectory). A file we cannot use is a ValueError of one line naming it (and its
     line or item): formats.DataFileError for a TSV, env.TaskFileError for a task file (expert steps too)."""
     import env
-    import formats
+    from harness import formats
     if path.lower().endswith(".tsv"):
         return "tsv", formats.read_tsv(path)
     tasks = [t for t in env.load_tasks(path) if t.expert]
@@ -117,7 +117,7 @@ def load_episodes(policy, data, max_tokens=None):
         return eps
     import env
     import rollout
-    import server
+    from harness import server
     srv = server.start_in_thread()
     try:
         client = env.ToolClient(srv.url)
@@ -155,7 +155,7 @@ def main(argv=None):
         data = read_data(a.data)
     except ValueError as e:       # formats.DataFileError, env.TaskFileError: they name the file
         runs.fail("sft", f"--data {e}")
-    import checks
+    from harness import checks
     try:
         checks.check_model(a.model)  # a path-like --model that is not there: never probed as a Hub id
     except checks.InputError as e:

@@ -47,19 +47,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checks
-import dist
+from harness import checks
+from harness import dist
 import env
 import eval as evaluation
-import judge as J
-import memory
-import models
+from harness import judge as J
+from harness import memory
+from harness import models
 import policy as P
 import ppo
 import reward
 import rollout
-import runs
-import server
+from harness import runs
+from harness import server
 import sft as SFT
 
 HERE = os.path.dirname(os.path.abspath(__file__))

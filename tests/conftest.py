@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import env  # noqa: E402
-import server  # noqa: E402
+from harness import server  # noqa: E402
 
 # The test models are tiny: one thread is ~100x faster than OpenMP threads spin-waiting on a busy
 # 2-core machine, and never slower.

@@ -2,7 +2,7 @@
 memory plan scales these figures to Qwen2-7B). No timing is asserted here."""
 import torch
 
-import bench
+from harness import bench
 
 
 def test_saved_for_backward_holds_the_fp32_copies_of_every_lora_input_in_a_bf16_model():

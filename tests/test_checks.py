@@ -82,7 +82,7 @@ def test_a_bad_input_file_is_one_line_naming_it(tmp_path, capsys, make, says):
 
 
 def test_hub_ids_and_aliases_are_not_paths_but_path_like_names_are(tmp_path, monkeypatch):
-    import models
+    from harness import models
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     for name in ("Qwen/Qwen2-7B", "tiny", "smollm2", "gpt2"):

@@ -15,7 +15,7 @@ BUDGET = ["--threads", "1", "--iterations", "1", "--episodes-per-iteration", "2"
 
 
 def compare(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "harness.compare", *args], capture_output=True, text=True,
                           cwd=ROOT, env=ENV, timeout=600)
 
 
@@ -139,7 +139,7 @@ def test_rft_update_trains_on_the_solved_episodes_only(make_policy, tool_server,
 
 
 def test_parallel_processes_share_the_cores_and_a_resumed_run_keeps_its_share(monkeypatch, tmp_path):
-    import compare as C
+    from harness import compare as C
     jobs = [("a", ["--seed", "0"]), ("b", ["--seed", "1"]), ("c", ["--seed", "2"])]
     assert C.shared_threads(jobs, 2, cores=2) == ("--threads", "1")
     assert C.shared_threads(jobs, 8, cores=16) == ("--threads", "5")       # 3 processes, not 8

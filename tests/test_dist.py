@@ -101,7 +101,7 @@ def batch(n=5, nan=False):
 def run_update(ranks, full_finetune, nan=False):
     """One PPO update (2 epochs, 3 optimizer steps each) of this rank's block of the batch, SGD so that
     the weights move by the gradient itself -> (stats, the policy's full state dict on rank 0)."""
-    import dist
+    from harness import dist
     import ppo
     ranks = dist.Ranks(ranks.rank, ranks.world, ranks.local_rank, ranks.device)   # one per policy, as one per run
     pol = tiny_policy(full_finetune)
@@ -119,7 +119,7 @@ def run_update(ranks, full_finetune, nan=False):
 def run_roundtrip(ranks):
     """FSDP2's Adam moments through a checkpoint: gathered whole (rank 0 writes them), read back into a
     new optimizer on the sharded weights (every rank reads the file), gathered again."""
-    import dist
+    from harness import dist
     import ppo
     ranks = dist.Ranks(ranks.rank, ranks.world, ranks.local_rank, ranks.device)
     pol = tiny_policy(True)
@@ -162,7 +162,7 @@ def run_evaluate(ranks, url, out):
 def _worker(rank, port, url, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    import dist
+    from harness import dist
     ranks = dist.init("cpu")
     import eval as evaluation
     evaluation.run_policy = replay           # this process only
@@ -194,7 +194,7 @@ def assert_same_update(one, two):
 
 
 def test_two_ranks_with_ddp_make_the_single_process_lora_update(two_ranks):
-    one = run_update(__import__("dist").ONE, False)
+    one = run_update(__import__("harness.dist").dist.ONE, False)
     assert_same_update(one, two_ranks[0]["lora"])
     start = tiny_policy(False)
     start.freeze_reference()
@@ -202,13 +202,13 @@ def test_two_ranks_with_ddp_make_the_single_process_lora_update(two_ranks):
 
 
 def test_two_ranks_with_fsdp2_make_the_single_process_full_finetuning_update(two_ranks):
-    one = run_update(__import__("dist").ONE, True)
+    one = run_update(__import__("harness.dist").dist.ONE, True)
     assert_same_update(one, two_ranks[0]["full"])
     assert one[0]["ppo/skipped_updates"] == 0 and one[0]["ppo/episodes"] == 5
 
 
 def test_a_non_finite_loss_skips_the_step_on_every_rank_as_in_one_process(two_ranks):
-    one = run_update(__import__("dist").ONE, False, nan=True)
+    one = run_update(__import__("harness.dist").dist.ONE, False, nan=True)
     two = two_ranks[0]["nan"]
     assert one[0]["ppo/skipped_updates"] == two[0]["ppo/skipped_updates"] == 6   # 2 epochs x 3 steps, no hang
     start = tiny_policy(False)
@@ -224,7 +224,7 @@ def test_fsdp2_adam_moments_read_back_from_a_checkpoint_are_the_ones_written(two
 
 
 def test_evaluation_sharded_over_two_ranks_scores_as_one_process(two_ranks, tool_server, tmp_path, monkeypatch):
-    import dist
+    from harness import dist
     import eval as evaluation
     monkeypatch.setattr(evaluation, "run_policy", replay)
     one = run_evaluate(dist.ONE, tool_server.url, str(tmp_path))
@@ -317,8 +317,8 @@ def test_the_killed_run_resumed_on_two_ranks_ends_with_the_metrics_and_checkpoin
 
 
 def test_what_several_ranks_do_not_run_is_refused_before_anything_loads():
-    import checks
-    import dist
+    from harness import checks
+    from harness import dist
     import steptool
     two = dist.Ranks(0, 2, 0, torch.device("cpu"))
     with pytest.raises(checks.InputError, match="--algo rft runs in one process only"):

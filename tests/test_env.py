@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, SHARED, STB_QUERIES
 import env
-import world
+from harness import world
 
 
 # ---- the embedded benchmark ------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_no_test_query_mentions_a_train_entity_name_even_inside_another_name(tes
 
 def test_regenerating_the_benchmark_gives_the_committed_files_byte_for_byte(tmp_path):
     # A subprocess with another hash seed: nothing may depend on Python's str hashing.
-    subprocess.run([sys.executable, "world.py", "--out", str(tmp_path)], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "harness.world", "--out", str(tmp_path)], cwd=ROOT, check=True,
                    capture_output=True, env={**os.environ, "PYTHONHASHSEED": "4321"})
     for split in ("train", "test"):
         with open(os.path.join(ROOT, "data", f"bench_{split}.json"), "rb") as a, open(tmp_path / f"bench_{split}.json", "rb") as b:

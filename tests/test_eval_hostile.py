@@ -15,7 +15,7 @@ import pytest
 
 import env
 import eval as ev
-import runs
+from harness import runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import runs
+from harness import runs
 from conftest import ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -127,7 +127,7 @@ def test_expert_episodes_longer_than_max_context_are_left_out_of_sft_with_a_coun
 
 
 def test_a_model_path_that_is_a_symlink_loop_is_named_as_such(tmp_path):
-    import checks
+    from harness import checks
     loop = tmp_path / "loop"
     os.symlink(loop, loop)
     with pytest.raises(checks.InputError, match="Too many levels of symbolic links"):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import models
+from harness import models
 import policy as P
 import steptool
 

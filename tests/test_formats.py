@@ -7,7 +7,7 @@ import os
 import pytest
 
 import env
-import formats
+from harness import formats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ANSWERS = os.path.join(HERE, "fixtures", "stb_converted_G1_instruction.json")

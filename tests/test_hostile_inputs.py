@@ -14,7 +14,7 @@ import pytest
 
 import env
 import eval as ev
-import formats
+from harness import formats
 from conftest import ROOT, STB_QUERIES
 
 S = "AnswerStatus.Solved"

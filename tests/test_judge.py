@@ -25,8 +25,8 @@ import pytest
 
 import env
 import eval as ev
-import formats
-import judge as J
+from harness import formats
+from harness import judge as J
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

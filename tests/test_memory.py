@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-import memory
+from harness import memory
 import policy as P
 from conftest import SMALL
 

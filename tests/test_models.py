@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import models
+from harness import models
 import policy as P
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

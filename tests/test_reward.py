@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import env  # noqa: E402
 import reward  # noqa: E402
-import server  # noqa: E402
+from harness import server  # noqa: E402
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
 SHARED = os.path.join(ROOT, "..", "shared", "data", "steptool")

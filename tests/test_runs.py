@@ -72,7 +72,7 @@ def copy_of(run, tmp_path, name="copy"):
 
 # ---- claim and lock -----------------------------------------------------------------------------
 def test_overwrite_deletes_only_what_the_marker_lists_and_refuses_a_folder_holding_anything_else(tmp_path):
-    import runs
+    from harness import runs
     d = str(tmp_path / "run")
     with runs.claim(d, "eval", entries=("results.json",)):
         open(os.path.join(d, "results.json"), "w").write("{}")
@@ -90,7 +90,7 @@ def test_overwrite_deletes_only_what_the_marker_lists_and_refuses_a_folder_holdi
 
 
 def test_a_second_claim_of_a_folder_in_use_is_refused_naming_the_pid_until_the_first_is_released(tmp_path):
-    import runs
+    from harness import runs
     d = str(tmp_path / "run")
     first = runs.claim(d, "steptool")
     with pytest.raises(runs.RunError, match=f"another run \\(pid {os.getpid()}\\) is writing"):
@@ -100,7 +100,7 @@ def test_a_second_claim_of_a_folder_in_use_is_refused_naming_the_pid_until_the_f
 
 
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
-    import runs
+    from harness import runs
     d = str(tmp_path / "run")
     code = f"import sys, time; sys.path.insert(0, {ROOT!r}); import runs; runs.claim({d!r}, 'steptool'); print('held', flush=True); time.sleep(60)"
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
@@ -136,7 +136,7 @@ def test_sft_output_dot_in_a_non_empty_folder_is_refused(tmp_path, small_model):
 
 def test_sft_writes_a_checkpoint_that_loads_and_replaces_it_only_with_overwrite(tmp_path, small_model, capsys):
     import policy as P
-    import runs
+    from harness import runs
     import sft
     d = str(tmp_path / "sft")
     argv = ["--model", small_model, "--data", TSV, "--epochs", "1", "--output", d]
@@ -239,7 +239,7 @@ def test_eval_out_into_a_folder_of_the_users_is_refused(tmp_path, small_model, c
 
 
 def test_compare_into_a_folder_of_the_users_is_refused(tmp_path, capsys):
-    import compare
+    from harness import compare
     d = str(tmp_path / "mine")
     before = foreign_folder(d)
     msg = refused(capsys, compare.main, ["--seeds", "0", "--methods", "sft", "--output", d, "--iterations", "0",
@@ -248,13 +248,13 @@ def test_compare_into_a_folder_of_the_users_is_refused(tmp_path, capsys):
 
 
 def test_the_committed_results_folder_is_a_compare_folder_of_ours():
-    import runs
+    from harness import runs
     m = runs.read_marker(os.path.join(ROOT, "results"))
     assert m["kind"] == "compare" and {"table.md", "summary.json", "curves.png"} <= set(m["entries"])
 
 
 def test_no_folder_without_a_marker_is_taken_over_but_a_readable_run_to_resume(tmp_path, capsys):
-    import compare
+    from harness import compare
     import steptool
     d = str(tmp_path / "mine")
     os.makedirs(os.path.join(d, "base")); open(os.path.join(d, "base", "weights.bin"), "w").write("mine")
@@ -277,7 +277,7 @@ def test_overwrite_refuses_a_folder_that_holds_the_model_the_run_reads(tmp_path,
 
 
 def test_a_lock_file_of_someone_elses_is_not_ours_to_take(tmp_path):
-    import runs
+    from harness import runs
     d = tmp_path / "mine"
     d.mkdir(); (d / ".lock").write_text("my own lock file")
     with pytest.raises(runs.RunError, match="not a run folder of ours"):

@@ -24,8 +24,8 @@ import pytest
 
 from conftest import ROOT, SHARED, STB_QUERIES
 import env
-import server
-import world
+from harness import server
+from harness import world
 
 W = world.World()
 CITY = W.split["city"]["test"][0]  # an entity every test can use
@@ -628,7 +628,7 @@ def test_a_missing_file_or_folder_or_a_bad_limit_is_a_config_error_before_listen
 
 # ---- the command line ------------------------------------------------------------------------
 def test_server_command_line_serves_and_simulates_like_the_library(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-u", "server.py", "--port", "0", "--queries", STB_QUERIES],
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "harness.server", "--port", "0", "--queries", STB_QUERIES],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONHASHSEED": "12345"})
     try:
@@ -655,14 +655,14 @@ def test_server_command_line_serves_and_simulates_like_the_library(tmp_path):
 def test_server_command_line_refuses_bad_input_in_one_line_with_exit_status_2(tmp_path, args, names):
     (tmp_path / "bad.json").write_text('[{"api_list": [{"tool_name": "t"}]}]')
     (tmp_path / "truncated.json").write_bytes(open(STB_QUERIES, "rb").read()[:500])
-    proc = subprocess.run([sys.executable, "server.py", "--port", "0", *[a.format(tmp=tmp_path) for a in args]],
+    proc = subprocess.run([sys.executable, "-m", "harness.server", "--port", "0", *[a.format(tmp=tmp_path) for a in args]],
                           cwd=ROOT, capture_output=True, text=True, timeout=20)
     assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout)
     assert len(proc.stderr.strip().splitlines()) == 1 and names in proc.stderr, proc.stderr
 
 
 def test_load_script_with_a_tiny_budget_prints_every_figure_and_the_server_gets_back_to_its_threads():
-    proc = subprocess.run([sys.executable, "server_bench.py", "--clients", "4", "--requests", "5",
+    proc = subprocess.run([sys.executable, "-m", "harness.server_bench", "--clients", "4", "--requests", "5",
                            "--keepalive-clients", "2", "--keepalive-requests", "10", "--idle", "5",
                            "--server-timeout", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

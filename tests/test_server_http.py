@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import server
+from harness import server
 from test_server import CITY, FORECAST, assert_still_serves, connect, direct, raw_exchange
 
 BODY = json.dumps(FORECAST).encode().ljust(159)  # 159 bytes (JSON allows trailing spaces): "+159" is int 159

@@ -94,7 +94,7 @@ def bench(args):
     out["update_gflop"] = update_flops(pol.model.config, sum(toks) / len(toks), sum(acts) / len(acts),
                                        sum(len(e.ids) ** 2 for b in batches[1:] for e in b) / len(times), cfg) / 1e9
     try:
-        from bench_trl import matmul_peak_gflops
+        from harness.bench_trl import matmul_peak_gflops
         peak = matmul_peak_gflops(threads=args.threads)
         out.update(matmul_peak_gflops=peak, peak_fraction=out["update_gflop"] * len(times) / sum(times) / peak)
     except ImportError:
@@ -166,11 +166,11 @@ def bench_rollouts(pol, args):
     """16 episodes batched vs one at a time, on the embedded server (tiny random model: long, wrong turns).
     The two modes alternate, --reps times each after a warm-up; medians and the ratio of medians."""
     import env
-    import server
+    from harness import server
     srv = server.start_in_thread()
     try:
         client = env.ToolClient(srv.url)
-        tasks = env.load_tasks(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bench_test.json"))[:16]
+        tasks = env.load_tasks(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "bench_test.json"))[:16]
         kw = dict(max_steps=3, max_new_tokens=64, temperature=1.0)
         rates = {"batched": [], "sequential": []}
         for rep in range(args.reps + 1):
@@ -321,7 +321,7 @@ def peak_tflops(args, device, dtype):
             if k in name:
                 return v, f"{name}: dense bf16 peak of its data sheet"
         return None, f"{name}: not in bench.PEAK_TFLOPS; give --peak-tflops for MFU"
-    from bench_trl import matmul_peak_gflops
+    from harness.bench_trl import matmul_peak_gflops
     return matmul_peak_gflops(dtype=dtype, threads=args.threads, n=1024, reps=5) / 1e3, "a measured CPU matmul"
 
 

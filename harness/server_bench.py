@@ -33,9 +33,9 @@ import tempfile
 import threading
 import time
 
-import world
+from harness import world
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W = world.World()
 CITY = W.split["city"]["test"][0]
 BODY = json.dumps({"category": "Weather", "tool_name": "SkyCast", "api_name": "forecast",
@@ -178,8 +178,8 @@ def load_round(a, port, pid, before, log):
 
 def main(a):
     log = tempfile.TemporaryFile("w+")  # the server's stderr: a pipe nobody reads could fill and block it
-    proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "server.py"), "--port", "0",
-                             "--timeout", str(a.server_timeout)], stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "harness.server", "--port", "0",
+                             "--timeout", str(a.server_timeout)], stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
     try:
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/virtual", line)

@@ -161,7 +161,7 @@ class Ranks:
         if err is not None:
             raise err
         if msg[0] is not None:
-            import runs
+            from harness import runs
             raise runs.RunError(msg[0])
         return out
 

@@ -69,7 +69,7 @@ def interruptible(prog, main, after=""):
 def plain_name(name, what):
     """`name` if it can be a file name inside a folder (formats.plain_name's rule: a printable string with
     no '/', not '.' or '..', at most 200 bytes); else a RunError naming `what`."""
-    import formats
+    from harness import formats
     return formats.plain_name(name, f"{what}:", RunError)
 
 

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-import bench
+from harness import bench
 
 FIT = 0.9
 

@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import eval as evaluation
-import runs
+from harness import runs
 import steptool
 
 METHODS = {"rft": ["--algo", "rft", "--reward", "final"],

@@ -51,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 from tqdm import tqdm
 
-import formats
+from harness import formats
 
 STB_EVALUATOR = os.path.join("toolbench", "tooleval", "evaluators", "tooleval_gpt-3.5-turbo_default")
 NOT_COMPARABLE = "our prompts: not comparable with StableToolBench"

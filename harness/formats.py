@@ -44,7 +44,7 @@ from dataclasses import fields
 
 import env
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TASK_FILES = [os.path.join(HERE, "data", f"bench_{s}.json") for s in ("train", "test")]
 
 

@@ -72,8 +72,8 @@ from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-import formats
-import world
+from harness import formats
+from harness import world
 from env import change_name, standardize
 
 MAX_BODY = 1 << 20  # bytes; larger requests get HTTP 413

@@ -10,8 +10,8 @@ checked there and in env.load_tasks (field types, plain group names, integer que
 import os
 
 import env
-import formats
-import models
+from harness import formats
+from harness import models
 import reward
 
 
