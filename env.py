@@ -5,11 +5,12 @@
     action a_t  one assistant turn in ReAct form                         -> parse_action
                     Thought: ...\\nAction: <function>\\nAction Input: <JSON>
                 the last action calls Finish with give_answer / give_up_and_restart
-    transition  the tool server's answer {"error": ..., "response": ...} -> ToolClient, ToolEnv.step
+    transition  the tool server's answer {"error": ..., "response": ...} -> ToolEnv.step, through a
+                client (harness/toolclient.py: HTTP, retries, calls of many episodes at once)
 
 A finished episode is a `Trajectory`; reward.py scores its steps and eval.py its answer.
 
-    python env.py --tasks data/bench_test.json --show 1    # render one task's prompt
+    python -m harness.formats --tasks data/bench_test.json --show 1    # render one task's prompt
 
 Departures from ToolBench / the original code:
 1. The system prompt is short: one line per function (name, parameters, description) instead of
@@ -18,21 +19,13 @@ Departures from ToolBench / the original code:
    the parameter names and types of StableToolBench APIs (`change_name(standardize(name))`).
 2. An action that cannot be parsed, or names a function that is not offered, becomes an error
    observation and the episode goes on (ToolBench does the same for unknown names).
-3. ToolBench's `standardize` keeps the character '^' (a quirk of its regex); we keep it too so
-   that names match the real server's.
+3. ToolBench's `standardize` keeps the character '^' (a quirk of its regex); so do we: names match its server's.
 """
-import argparse
 import ast
 import json
-import os
 import re
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
 
-import requests
 
 FINISH = {"name": "Finish", "description": "End: return_type give_answer with final_answer, or give_up_and_restart.",
           "parameters": {"type": "object", "properties": {"return_type": {"type": "string"},
@@ -60,9 +53,8 @@ def function_name(tool, api):
     return f"{change_name(standardize(api))}_for_{standardize(tool)}"[-64:]
 
 
-# ---- tasks ----------------------------------------------------------------------------------
 @dataclass
-class Task:
+class Task:  # one query; task files are read by harness.formats.load_tasks
     query_id: int
     query: str
     functions: list  # OpenAI-style schemas {name, description, parameters}, Finish not included
@@ -73,135 +65,6 @@ class Task:
     expert: list = field(default_factory=list)  # [{thought, name, arguments}], last one Finish
 
 
-class TaskFileError(ValueError):
-    """A task file we cannot use, as one line: "PATH: item I (query_id Q): what is wrong"."""
-
-
-def load_tasks(path):
-    """StableToolBench query files (a JSON list) or the embedded benchmark's files -> [Task]. The file is
-    read whole by formats.read_json (a regular file, its size, nesting, no key twice) and every item is
-    checked before any is used: each field of its type, the group a plain name (eval.py writes the file
-    <group>.json), the query_id an integer, and no query_id twice in one group (one would go unscored)."""
-    from harness import formats  # here, not at the top: formats imports env
-    data = formats.read_json(path, "task file", TaskFileError)
-    group = os.path.splitext(os.path.basename(path))[0]
-    if isinstance(data, dict) and "tasks" in data:
-        if not (isinstance(data["tasks"], list) and isinstance(data.get("functions", {}), dict)):
-            raise TaskFileError(f"{path}: 'tasks' must be a list and 'functions' an object (name -> schema)")
-        items, make = data["tasks"], lambda d: _bench_task(d, data.get("functions", {}))
-    elif isinstance(data, list):
-        items, make = data, lambda d: _stb_task(d, group)
-    else:
-        raise TaskFileError(f"{path}: expected a JSON list of queries or a benchmark object with 'tasks'")
-    tasks, seen = [], {}
-    for i, item in enumerate(items):
-        qid = item.get("query_id", "?") if isinstance(item, dict) else "?"
-        where = f"{path}: item {i} (query_id {qid if type(qid) is int else repr(qid)[:40]})"
-        try:
-            t = make(item)
-            formats.plain_name(t.group, "group", ValueError)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise TaskFileError(f"{where}: {e if type(e) is ValueError else f'{type(e).__name__}: {e}'}") from None
-        if seen.setdefault((t.group, t.query_id), i) != i:
-            raise TaskFileError(f"{where}: query_id {t.query_id} is already item {seen[t.group, t.query_id]} "
-                                f"of group {t.group}: one id, one task")
-        tasks.append(t)
-    return tasks
-
-
-_WORDS = {str: "text", list: "a list", dict: "an object"}
-
-
-def _get(d, key, kind, default=None):
-    """d[key] (or default, when given, if it is missing), which must be a `kind`: else ValueError naming key."""
-    if key not in d and default is None:
-        raise ValueError(f"missing '{key}'")
-    v = d.get(key, default)
-    if not isinstance(v, kind):
-        raise ValueError(f"'{key}' must be {_WORDS[kind]}, got {type(v).__name__} {str(v)[:40]!r}")
-    return v
-
-
-def _texts(d, key):
-    v = _get(d, key, list)
-    if not all(isinstance(x, str) for x in v):
-        raise ValueError(f"'{key}' must be a list of text")
-    return v
-
-
-def _query_id(d):
-    """The query_id: an integer, or the decimal text of one (formats.integer_id); never 7.9 read as 7."""
-    from harness import formats
-    qid = formats.integer_id(d["query_id"])
-    if qid is None:
-        raise ValueError(f"query_id {d['query_id']!r:.40} is not an integer")
-    return qid
-
-
-def _bench_task(d, schemas):
-    names = _texts(d, "functions")
-    unknown = [n for n in names if n not in schemas]
-    if unknown:
-        raise ValueError(f"function {unknown[0][:60]!r} is not one of the file's 'functions'")
-    fs = [_schema(schemas[n]) for n in names]
-    answer = _get(d, "answer", list, [])
-    if not all(type(a) in (str, int, float) for a in answer):
-        raise ValueError("'answer' must be a list of facts (text or numbers)")
-    return Task(_query_id(d), _get(d, "query", str), [{k: f[k] for k in ("name", "description", "parameters")} for f in fs],
-                _texts(d, "relevant"), d["group"], {f["name"]: [f["category"], f["tool"], f["api"]] for f in fs},
-                [str(a) for a in answer], [_expert_step(k, s) for k, s in enumerate(_get(d, "expert", list, []))])
-
-
-def _schema(f):
-    """A function of the benchmark's 'functions': its schema, and the tool server's names for it."""
-    if not (isinstance(f, dict) and all(isinstance(f.get(k), str) for k in ("name", "description", "category", "tool", "api"))
-            and isinstance(f.get("parameters"), dict)):
-        raise ValueError(f"function {str(f)[:60]!r}: needs text 'name', 'description', 'category', 'tool', 'api' "
-                         "and an object 'parameters'")
-    return f
-
-
-def _expert_step(k, s):
-    """An expert step {thought, name, arguments}: what SFT formats into an action."""
-    if not (isinstance(s, dict) and isinstance(s.get("thought"), str) and isinstance(s.get("name"), str)
-            and isinstance(s.get("arguments"), dict)):
-        raise ValueError(f"expert step {k}: needs a string 'thought' and 'name' and an object 'arguments', got {str(s)[:80]}")
-    return s
-
-
-_PARAM_TYPES = {"NUMBER": "integer", "STRING": "string", "BOOLEAN": "boolean"}  # ToolBench's map; else string
-
-
-def _stb_task(d, group):
-    functions, api = [], {}
-    for j, a in enumerate(_get(d, "api_list", list)):
-        if not isinstance(a, dict):
-            raise ValueError(f"api_list[{j}] must be an object")
-        tool, api_name, category = (_get(a, k, str) for k in ("tool_name", "api_name", "category_name"))
-        name = function_name(tool, api_name)
-        params = {"type": "object", "properties": {}, "required": [], "optional": []}
-        for kind in ("required", "optional"):
-            for p in a.get(f"{kind}_parameters") or []:  # names and types as ToolBench shows them
-                if not (isinstance(p, dict) and isinstance(p.get("name"), str)
-                        and all(isinstance(p.get(k) or "", str) for k in ("type", "description"))):
-                    raise ValueError(f"api_list[{j}]: each of '{kind}_parameters' needs a text 'name' (and text "
-                                     "'type', 'description')")
-                pname = change_name(standardize(p["name"]))
-                params["properties"][pname] = {"type": _PARAM_TYPES.get(p.get("type"), "string"),
-                                               "description": p.get("description") or ""}
-                params[kind].append(pname)
-        desc = a.get("api_description") or ""
-        if not isinstance(desc, str):
-            raise ValueError(f"api_list[{j}]: 'api_description' must be text")
-        functions.append({"name": name, "description": desc[:256], "parameters": params})
-        api[name] = [category, tool, api_name]
-    pairs = _get(d, "relevant APIs", list, [])
-    if not all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in pairs):
-        raise ValueError("'relevant APIs' must be a list of [tool name, API name] pairs")
-    return Task(_query_id(d), _get(d, "query", str), functions, [function_name(t, n) for t, n in pairs],
-                d.get("group", group), api)
-
-
 # ---- the prompt -----------------------------------------------------------------------------
 SYSTEM = ("Answer the query with function calls. Each turn write Thought: ..., Action: <function>, "
           "Action Input: <JSON>. End with Action: Finish.\nFunctions:\n{functions}")
@@ -210,16 +73,14 @@ SYSTEM = ("Answer the query with function calls. Each turn write Thought: ..., A
 def render_function(f):
     p = f.get("parameters", {})
     req = set(p.get("required", []))
-    args = ", ".join(f"{k}{'' if k in req else '?'}: {v.get('type', 'string')}"
-                     for k, v in p.get("properties", {}).items())
+    args = ", ".join(f"{k}{'' if k in req else '?'}: {v.get('type', 'string')}" for k, v in p.get("properties", {}).items())
     return f"{f['name']}({args}) - {' '.join(str(f.get('description', '')).split())}"  # one line per function
 
 
 def initial_messages(task):
     """s_0: system prompt with the offered functions (+ Finish) and the user query."""
     functions = "\n".join(render_function(f) for f in task.functions + [FINISH])
-    return [{"role": "system", "content": SYSTEM.format(functions=functions)},
-            {"role": "user", "content": task.query}]
+    return [{"role": "system", "content": SYSTEM.format(functions=functions)}, {"role": "user", "content": task.query}]
 
 
 def format_action(thought, name, arguments):
@@ -255,9 +116,7 @@ def parse_action(text):
     if not name:
         return Action(thought=thought, error="Parse error: 'Action:' names no function.")
     raw = text[i.end():].strip() if i else ""
-    if not raw:
-        return Action(name, {}, thought)
-    args, error = _arguments(raw)
+    args, error = _arguments(raw) if raw else ({}, "")  # no Action Input: no arguments
     return Action(name, args, thought, error) if error else Action(name, args, thought)
 
 
@@ -295,63 +154,6 @@ def _arguments(raw):
     return {}, error
 
 
-# ---- the tool server client -----------------------------------------------------------------
-class ToolServerError(RuntimeError):
-    pass
-
-
-class ToolClient:
-    """POSTs calls to a StableToolBench-compatible server; retries connection errors and 5xx."""
-
-    def __init__(self, url, timeout=30.0, retries=3, backoff=0.5, workers=16):
-        self.url, self.timeout, self.retries, self.backoff = url.rstrip("/"), timeout, retries, backoff
-        self.pool = ThreadPoolExecutor(workers)
-        self.local = threading.local()  # one requests.Session per thread
-
-    def _session(self):
-        if not hasattr(self.local, "s"):
-            self.local.s = requests.Session()
-            # A loopback server is never behind a proxy: ignore HTTP(S)_PROXY for it (requests would not).
-            self.local.s.trust_env = urlsplit(self.url).hostname not in ("127.0.0.1", "localhost", "::1")
-        return self.local.s
-
-    def check(self):
-        """Fail fast, with the URL, when no server answers /health."""
-        try:
-            r = self._session().get(self.url + "/health", timeout=min(self.timeout, 5))
-            r.raise_for_status()
-        except requests.RequestException as e:
-            raise ToolServerError(f"tool server at {self.url} is not reachable ({e}); start one with "
-                                  f"`python server.py` or pass --tool-server URL") from None
-
-    def call(self, category, tool_name, api_name, arguments):
-        payload = {"category": category, "tool_name": tool_name, "api_name": api_name,
-                   "tool_input": json.dumps(arguments), "strip": "", "toolbench_key": ""}
-        last = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                r = self._session().post(self.url + "/virtual", json=payload, timeout=self.timeout)
-            except requests.RequestException as e:
-                last = e
-                continue
-            if r.status_code >= 500:
-                last = f"HTTP {r.status_code}"
-                continue
-            if r.status_code != 200:
-                return {"error": f"tool server answered HTTP {r.status_code}: {r.text[:200]}", "response": ""}
-            try:
-                return r.json()
-            except ValueError:
-                return {"error": "tool server answered invalid JSON", "response": r.text[:200]}
-        raise ToolServerError(f"tool server at {self.url} unreachable after {self.retries + 1} tries: {last}")
-
-    def map(self, fn, items):
-        """Run fn over items concurrently (the calls of many episodes at once)."""
-        return list(self.pool.map(fn, items))
-
-
 # ---- the environment ------------------------------------------------------------------------
 @dataclass
 class Step:
@@ -372,13 +174,6 @@ class Trajectory:
     finish: str = ""          # "give_answer", "give_up", or "" (never finished)
     final_answer: str = ""
     end: str = ""             # "finish", "max_steps", "max_context", "server_error"
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{**d, "steps": [Step(**s) for s in d.get("steps", [])]})
 
 
 class ToolEnv:
@@ -436,12 +231,3 @@ def step_all(client, envs, texts):
     """Step many episodes at once; their tool calls run concurrently."""
     return client.map(lambda et: et[0].step(et[1]), list(zip(envs, texts)))
 
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Render the prompt of tasks")
-    ap.add_argument("--tasks", required=True)
-    ap.add_argument("--show", type=int, default=1, help="how many tasks to render")
-    a = ap.parse_args()
-    for t in load_tasks(a.tasks)[:a.show]:
-        for m in initial_messages(t):
-            print(f"<{m['role']}>\n{m['content']}\n")

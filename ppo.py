@@ -20,9 +20,8 @@ log pi_old, reference log-probs log pi_ref and values V(s_t) read at the last to
 Every forward pass (prepare and update) runs without dropout, so rho is 1 until the first optimizer
 step: bit for bit when an optimizer step takes the whole batch (the defaults), else up to rounding.
 
-Its benchmark (update time, tokens/s, memory) is bench.py. On several ranks (torchrun; dist.py) the
-same update runs on each rank's share of the batch, with the batch statistics and gradients reduced
-over ranks: `ranks` (a dist.Ranks) is passed in, never global; one process passes none.
+One process; benchmarks (update time, tokens/s, memory): `python -m harness.bench`. On several ranks
+(torchrun) harness/dist.py's `Ranks.update` runs this update on each rank's share of the batch.
 
 Departures from the original code (StepTool's subclass of trl's PPOTrainer, 0.10 / 0.11):
 1. GAE runs over steps, not tokens: the original runs it per token through tool-response tokens
@@ -45,9 +44,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from harness import dist
-import rollout
 
 
 @dataclass
@@ -90,8 +86,7 @@ def units(ep, mode):
 
     step:  one unit per step; V(s_t) at the state's last token; all tokens of a_t share unit t.
     token: one unit per action token (the original's per-token GAE); V at the token before it.
-    Computed once per episode and cached on it.
-    """
+    Computed once per episode and cached on it."""
     key = "_units_" + mode
     if key not in ep.__dict__:
         pos = torch.tensor(ep.act).nonzero().squeeze(-1)                      # [N] action token positions
@@ -109,8 +104,7 @@ def collate(eps, mode, device):
     """Right-pad a list of episodes into one forward batch, with flat index tensors.
 
     ids, mask [B, T]; act_idx ([N], [N]) (row, position) and act_tok [N]; v_idx ([U], [U]);
-    unit [N]: index of each action token's unit in the flat [U] order of the batch.
-    """
+    unit [N]: index of each action token's unit in the flat [U] order of the batch."""
     T = max(len(e.ids) for e in eps)
     ids = torch.zeros(len(eps), T, dtype=torch.long)
     mask = torch.zeros(len(eps), T, dtype=torch.long)
@@ -133,26 +127,16 @@ def _chunks(eps, size):
     return [[eps[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
 
 
-# a 2-token episode (one context, one action token) that a rank runs, with weight 0, when it has fewer
-# mini-batches than another: under FSDP2 every forward is a collective (dist.py)
-STANDIN = rollout.Episode([0, 0], [False, True], [-1, 0], [0], [0.0])
-STANDIN.old_logp = STANDIN.old_values = STANDIN.A = STANDIN.R = torch.zeros(1)
-
-
 @torch.no_grad()
-def prepare(policy, eps, cfg, ranks=dist.ONE):
+def prepare(policy, eps, cfg):
     """Old log-probs, reference log-probs and old values of each episode (no gradient)."""
     was = policy.training
     policy.eval()
-    chunks = _chunks(eps, cfg.mini_batch_size)
-    for k in range(ranks.max(len(chunks)) if ranks.lockstep else len(chunks)):
-        mb = chunks[k] if k < len(chunks) else None                      # None: a stand-in (lockstep only)
-        c = collate(mb or [STANDIN], cfg.advantage, policy.device)
+    for mb in _chunks(eps, cfg.mini_batch_size):
+        c = collate(mb, cfg.advantage, policy.device)
         logp, V, _ = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
         with policy.reference():
             ref_logp, _, _ = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
-        if mb is None:
-            continue
         n = [len(units(e, cfg.advantage)[0]) for e in mb]
         u = [len(units(e, cfg.advantage)[1]) for e in mb]
         for e, lp, rl, v in zip(mb, logp.split(n), ref_logp.split(n), V.split(u)):
@@ -161,11 +145,8 @@ def prepare(policy, eps, cfg, ranks=dist.ONE):
 
 
 def gae(r, V, mask, gamma, lam):
-    """Generalized advantage estimation over units, as an explicit reversed loop (Sec. 4.2).
-
-    r, V, mask: [B, U], units padded at the end (mask 0). V after the last unit is 0.
-    -> A, R: [B, U]
-    """
+    """Generalized advantage estimation over units, an explicit reversed loop (Sec. 4.2): r, V, mask
+    [B, U], units padded at the end (mask 0), V after the last unit 0 -> A, R [B, U]."""
     B, U = r.shape
     A = torch.zeros_like(r)
     last = torch.zeros(B)
@@ -178,38 +159,34 @@ def gae(r, V, mask, gamma, lam):
     return A, (A + V) * mask
 
 
-def advantages(eps, beta, cfg, ranks=dist.ONE):
-    """Step rewards - KL penalty -> GAE -> whitened advantages; stored on each episode. On several
-    ranks GAE runs per episode here and the whitening mean and std are over every rank's units."""
-    r_list, V_list, kls = [], [], []
-    for e in eps:
-        kl_tok = e.old_logp - e.ref_logp                                    # [N] k1 estimate of KL per token
-        kls.append(kl_tok.sum().item())
-        _, vpos, unit_of, last_tok = units(e, cfg.advantage)
-        r = torch.zeros(len(vpos))
-        r.index_add_(0, unit_of, -beta * kl_tok)                            # KL penalty, summed over each unit's tokens
-        step_r = torch.tensor(e.rewards, dtype=torch.float)                # [S]
-        if cfg.advantage == "step":
-            r += step_r                                                     # r_t on step t
-        else:
-            r[last_tok] += step_r                             # r_t on the last action token of step t
-        r_list.append(r); V_list.append(e.old_values)
-    U = max((len(r) for r in r_list), default=1)                      # (a rank may hold no episode)
-    pad = lambda xs: torch.stack([torch.cat([x, x.new_zeros(U - len(x))]) for x in xs]) if xs else torch.zeros(0, U)  # [B, U]
+def unit_rewards(e, beta, mode):
+    """r_t - beta * KL of each unit of an episode -> (r [U], the episode's summed KL)."""
+    kl_tok = e.old_logp - e.ref_logp                                    # [N] k1 estimate of KL per token
+    _, vpos, unit_of, last_tok = units(e, mode)
+    r = torch.zeros(len(vpos))
+    r.index_add_(0, unit_of, -beta * kl_tok)                            # KL penalty, summed over each unit's tokens
+    step_r = torch.tensor(e.rewards, dtype=torch.float)                # [S]
+    if mode == "step":
+        r += step_r                                                     # r_t on step t
+    else:
+        r[last_tok] += step_r                                           # r_t on the last action token of step t
+    return r, kl_tok.sum().item()
+
+
+def advantages(eps, beta, cfg):
+    """Step rewards - KL penalty -> GAE -> whitened advantages; stored on each episode."""
+    r_list, kls = zip(*[unit_rewards(e, beta, cfg.advantage) for e in eps])
+    U = max(len(r) for r in r_list)
+    pad = lambda xs: torch.stack([torch.cat([x, x.new_zeros(U - len(x))]) for x in xs])  # [B, U]
     mask = pad([torch.ones(len(r)) for r in r_list])
-    A, R = gae(pad(r_list), pad(V_list), mask, cfg.gamma, cfg.lam)
-    if cfg.whiten:
+    A, R = gae(pad(r_list), pad([e.old_values for e in eps]), mask, cfg.gamma, cfg.lam)
+    if cfg.whiten:                                                      # departure 3
         a = A[mask.bool()]
-        if ranks.world == 1:
-            A = (A - a.mean()) / (a.std(unbiased=False) + 1e-8) * mask
-        else:                                                           # departure 3, over every rank's units
-            mean, std = ranks.mean_std(a)
-            A = (A - mean) / (std + 1e-8) * mask
-    for b, e in enumerate(eps):
-        n = len(r_list[b])
-        e.A, e.R = A[b, :n], R[b, :n]
-    step_r = torch.cat([torch.tensor(e.rewards, dtype=torch.float) for e in eps] or [torch.zeros(0)])
-    return {"reward/step_mean": ranks.mean(step_r), "ppo/kl": ranks.mean(kls), "ppo/returns": ranks.mean(R[mask.bool()])}
+        A = (A - a.mean()) / (a.std(unbiased=False) + 1e-8) * mask
+    for b, (e, r) in enumerate(zip(eps, r_list)):
+        e.A, e.R = A[b, :len(r)], R[b, :len(r)]
+    step_r = torch.cat([torch.tensor(e.rewards, dtype=torch.float) for e in eps])
+    return {"reward/step_mean": step_r.mean().item(), "ppo/kl": sum(kls) / len(kls), "ppo/returns": R[mask.bool()].mean().item()}
 
 
 def policy_loss(logp, old_logp, A, eps):
@@ -224,140 +201,70 @@ def value_loss(V, old_V, R, eps_v):
     return 0.5 * torch.max((V - R) ** 2, (V_clip - R) ** 2)
 
 
-def update(policy, optimizer, eps, cfg, kl_ctl, gen=None, ranks=dist.ONE):
+def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
     """One PPO update on a batch of episodes that carry `rewards`. Returns logged statistics.
 
-    Each optimizer step takes one group of episodes (mini_batch_size x grad_accum of them, cut into
-    mini-batches of similar length). Its loss is one mean over the whole group: the policy loss (and
-    the entropy) over all its action tokens, each token weighing the same whatever mini-batch it
-    fell in; the value loss over all its units. Logged losses are the same means over the update.
-    On several ranks `eps` are this rank's episodes of the batch; the groups are drawn over the
-    global batch (every rank's episodes in rank order: the batch's order) from the same `gen`, each
-    rank computes the group's episodes it holds, and the counts N, U are the group's (dist.py)."""
+    Each optimizer step takes one group of episodes (mini_batch_size x grad_accum of them, drawn by a
+    permutation from `gen`, cut into mini-batches of similar length). Its loss is one mean over the group:
+    the policy loss (and entropy) over all its action tokens, each weighing the same whatever mini-batch
+    it fell in; the value loss over all its units. Logged losses are the same means over the update."""
     eps = [e for e in eps if e.n_steps > 0]
-    # (action tokens, units, tokens) of every rank's episodes; the global episode j is held by where[j]
-    sizes = ranks.gather([(len(units(e, cfg.advantage)[0]), len(units(e, cfg.advantage)[1]), len(e.ids)) for e in eps])
-    where = [(r, i) for r, s in enumerate(sizes) for i in range(len(s))]                 # j -> (rank, local index)
-    size = [x for s in sizes for x in s]                                                 # j -> (N_j, U_j, T_j)
-    if not where:  # e.g. every prompt too long for max_context: nothing to learn from
+    if not eps:  # e.g. every prompt too long for max_context: nothing to learn from
         return {"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": 0, "ppo/episodes": 0, "ppo/tokens": 0}
     t0 = time.perf_counter()
-    prepare(policy, eps, cfg, ranks)
+    prepare(policy, eps, cfg)
     t_prepare = time.perf_counter() - t0
-    stats = advantages(eps, kl_ctl.beta, cfg, ranks)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    model = ranks.module(policy)                                      # the DDP wrapper, or the policy itself
+    stats = advantages(eps, kl_ctl.beta, cfg)
+    params, dev = [p for p in policy.parameters() if p.requires_grad], policy.device
     agg, skipped, n_tok, n_unit = {}, 0, 0, 0
     policy.train_without_dropout()  # no dropout: pi_theta = pi_old exactly until the first step
     group = cfg.mini_batch_size * cfg.grad_accum
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(len(where), generator=gen).tolist()
-        for g in range(0, len(where), group):                          # one optimizer step per group
-            grp = perm[g:g + group]
-            N = sum(size[j][0] for j in grp)                               # action tokens of the step (every rank's)
-            U = sum(size[j][1] for j in grp)                               # units (steps) of the step
-            chunks = _chunks([eps[where[j][1]] for j in grp if where[j][0] == ranks.rank], cfg.mini_batch_size)
-            held = [sum(where[j][0] == r for j in grp) for r in range(ranks.world)]
-            M = max(-(-h // cfg.mini_batch_size) for h in held)           # the most mini-batches a rank has
+        perm = torch.randperm(len(eps), generator=gen).tolist()
+        for g in range(0, len(eps), group):                            # one optimizer step per group
+            b_eps = [eps[j] for j in perm[g:g + group]]
+            N = sum(len(units(e, cfg.advantage)[0]) for e in b_eps)        # action tokens of the step
+            U = sum(len(units(e, cfg.advantage)[1]) for e in b_eps)        # units (steps) of the step
             optimizer.zero_grad(set_to_none=True)
             ok, sums = True, {}
-            for k in range(M):
-                mb = chunks[k] if k < len(chunks) else None                 # None: a stand-in of weight 0 (dist.py)
-                run = mb or [STANDIN]
-                with ranks.sync(last=k == M - 1):
-                    c = collate(run, cfg.advantage, policy.device)
-                    dev = policy.device
-                    old_logp = torch.cat([e.old_logp for e in run]).to(dev)        # [N_mb]
-                    old_V = torch.cat([e.old_values for e in run]).to(dev)         # [U_mb]
-                    A_unit = torch.cat([e.A for e in run]).to(dev)                 # [U_mb]
-                    R = torch.cat([e.R for e in run]).to(dev)                      # [U_mb]
-                    A = A_unit[c["unit"]]                                          # [N_mb] step advantage -> each of its tokens
-                    logp, V, ent = model(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"], entropy=cfg.ent_coef > 0)
-                    pg, ratio = policy_loss(logp, old_logp, A, cfg.cliprange)       # clipped surrogate, Sec. 4.2
-                    pg, vf = pg.sum(), value_loss(V, old_V, R, cfg.cliprange_value).sum()
-                    en = ent.sum() if ent is not None else torch.zeros((), device=dev)
-                    loss = (pg - cfg.ent_coef * en) / N + cfg.vf_coef * vf / U       # this mini-batch's share of the step's means
-                    if ranks.world > 1:       # DDP / FSDP2 average gradients over ranks: world x their average is their sum
-                        loss = loss * (ranks.world if mb is not None else 0.0)
-                    if not torch.isfinite(loss):
-                        ok = False
-                        if ranks.world == 1:
-                            break
-                    loss.backward()           # on several ranks even a non-finite one: the collectives must match
-                if mb is None or not ok:
-                    continue
+            for mb in _chunks(b_eps, cfg.mini_batch_size):
+                c = collate(mb, cfg.advantage, dev)
+                mb_old_logp = torch.cat([e.old_logp for e in mb]).to(dev)     # [N_mb]
+                mb_old_V = torch.cat([e.old_values for e in mb]).to(dev)      # [U_mb]
+                mb_A_unit = torch.cat([e.A for e in mb]).to(dev)              # [U_mb]
+                mb_R = torch.cat([e.R for e in mb]).to(dev)                   # [U_mb]
+                mb_A = mb_A_unit[c["unit"]]                                   # [N_mb] step advantage -> each of its tokens
+                logp, V, ent = policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"], entropy=cfg.ent_coef > 0)
+                pg, ratio = policy_loss(logp, mb_old_logp, mb_A, cfg.cliprange)  # clipped surrogate, Sec. 4.2
+                pg, vf = pg.sum(), value_loss(V, mb_old_V, mb_R, cfg.cliprange_value).sum()
+                en = ent.sum() if ent is not None else torch.zeros((), device=dev)
+                loss = (pg - cfg.ent_coef * en) / N + cfg.vf_coef * vf / U     # this mini-batch's share of the step's means
+                ok = bool(torch.isfinite(loss))
+                if not ok:                                                    # departure 4
+                    break
+                loss.backward()
                 with torch.no_grad():  # summed as tensors: no device sync per mini-batch
                     for key, v in {"loss/policy": pg, "loss/value": vf, "loss/entropy": en, "ppo/ratio": ratio.sum(),
                                    "ppo/clipfrac": ((ratio - 1).abs() > cfg.cliprange).float().sum(),
-                                   "ppo/approx_kl": 0.5 * ((logp - old_logp) ** 2).sum()}.items():
+                                   "ppo/approx_kl": 0.5 * ((logp - mb_old_logp) ** 2).sum()}.items():
                         sums[key] = sums.get(key, 0.0) + v
-            ok = ranks.all_true(ok)                                        # a NaN on any rank skips the step on all
-            norm = dist.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))) if ok else torch.tensor(float("nan"))
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")) if ok else torch.tensor(float("nan"))
             if not ok or not torch.isfinite(norm):
                 optimizer.zero_grad(set_to_none=True)                          # a NaN never reaches the weights
                 skipped += 1
                 continue
             optimizer.step()
             n_tok, n_unit = n_tok + N, n_unit + U
-            for key in LOGGED if ranks.world > 1 else sums:                    # every rank the same keys
-                agg[key] = agg.get(key, 0.0) + sums.get(key, 0.0)
-    kl_ctl.update(stats["ppo/kl"], len(where))
-    if ranks.world > 1 and agg:
-        agg = dict(zip(agg, ranks.sum([float(v) for v in agg.values()])))
+            for key in sums:
+                agg[key] = agg.get(key, 0.0) + sums[key]
+    kl_ctl.update(stats["ppo/kl"], len(eps))
     stats.update({k: float(v) / max(n_unit if k == "loss/value" else n_tok, 1) for k, v in agg.items()})
-    stats.update({"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": skipped, "ppo/episodes": len(where),
-                  "ppo/tokens": sum(s[2] for s in size), "time/prepare_s": t_prepare,
+    stats.update({"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": skipped, "ppo/episodes": len(eps),
+                  "ppo/tokens": sum(len(e.ids) for e in eps), "time/prepare_s": t_prepare,
                   "time/epochs_s": time.perf_counter() - t0 - t_prepare})
     return stats
 
 
-LOGGED = ("loss/policy", "loss/value", "loss/entropy", "ppo/ratio", "ppo/clipfrac", "ppo/approx_kl")
-
-
 def make_optimizer(policy, cfg):
-    """The one place that builds the optimizer: after dist.Ranks.wrap, whose FSDP2 (full fine-tuning on
-    several ranks) replaces the parameters by sharded ones, which AdamW then steps shard by shard."""
+    """AdamW on the trainable weights; on several ranks built after dist.Ranks.wrap (FSDP2 shards them)."""
     return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-
-
-# ---- fixed trajectories (the original StepTool TSV) -----------------------------------------
-def episodes_from_rows(policy, rows, max_tokens=None):
-    """TSV rows {prompt, response, reward} (reward.read_tsv) -> Episodes with step rewards.
-
-    prompt[0] is the state before the first action; prompt[k] is the observation after action k-1.
-    With max_tokens, each trajectory keeps its last max_tokens tokens; a step whose action (or the
-    state token before it) is cut is dropped with its reward, and counted in the second return value.
-    """
-    eps, dropped = [], 0
-    for row in rows:
-        ep = rollout.Episode()
-        for k, (p, r) in enumerate(zip(row["prompt"], row["response"])):
-            ep.add_context(policy.tok(p, add_special_tokens=False)["input_ids"])
-            ep.add_action(policy.tok(r, add_special_tokens=False)["input_ids"])
-        ep.rewards = list(row["reward"])
-        if max_tokens and len(ep.ids) > max_tokens:
-            ep, d = truncate_left(ep, max_tokens)
-            dropped += d
-        eps.append(ep)
-    return eps, dropped
-
-
-def truncate_left(ep, n):
-    """Keep the last n tokens. A step survives only with its whole action and the last token of its
-    state (where V(s_t) is read); the others lose their gradient and reward."""
-    cut = len(ep.ids) - n
-    keep = [t for t in range(ep.n_steps) if ep.state_end[t] >= cut]
-    new = rollout.Episode(ids=ep.ids[cut:], act=[], step=[], state_end=[], rewards=[ep.rewards[t] for t in keep])
-    remap = {t: i for i, t in enumerate(keep)}
-    for p in range(cut, len(ep.ids)):
-        s = ep.step[p] if ep.act[p] and ep.step[p] in remap else -1
-        new.act.append(s >= 0); new.step.append(remap.get(s, -1) if s >= 0 else -1)
-    new.state_end = [ep.state_end[t] - cut for t in keep]
-    return new, ep.n_steps - len(keep)
-
-
-if __name__ == "__main__":  # the benchmarks are bench.py's; `python ppo.py --bench ...` is the same command
-    import sys
-
-    from harness import bench
-    bench.main([a for a in sys.argv[1:] if a != "--bench"])

@@ -13,24 +13,17 @@ FILE is the original StepTool training TSV (its responses are the targets), or a
 expert trajectories (the embedded benchmark's data/bench_train.json), replayed through the
 embedded tool server so the observations are the server's real answers.
 
-The flags and FILE are checked first (FILE read whole: every TSV row, every expert step): a bad one
-is one line naming the flag or the file (and line or item), exit status 2, before DIR is claimed.
-DIR must be new, empty, or an earlier sft.py output (--overwrite replaces only what that wrote);
-anything else is refused before a model loads (runs.py). The checkpoint is written into a hidden
-temporary sub-folder and moved in, policy.json last: a crash never leaves a half checkpoint that loads.
+The command line (flags, FILE, DIR, the checkpoint) is harness/finetune.py: FILE is read and checked
+whole before DIR is claimed or a model loads, and the checkpoint is written whole, policy.json last.
 
 Departures: none in the loss; batches are sorted by length inside each batch to save padding.
 """
-import argparse
 import math
-import os
-import sys
 
 import torch
 from tqdm import tqdm
 
 import ppo
-from harness import runs
 
 
 def sft(policy, episodes, epochs=1, lr=1e-4, batch_size=16, micro_batch_size=8, seed=0, warmup=0.05,
@@ -92,106 +85,10 @@ def sft_step(policy, optimizer, episodes, micro_batch_size=8):
     return loss_sum
 
 
-def read_data(path):
-    """--data, read and checked whole before any model loads -> ("tsv", rows) or ("tasks", the tasks
-    with an expert trajectory). A file we cannot use is a ValueError of one line naming it (and its
-    line or item): formats.DataFileError for a TSV, env.TaskFileError for a task file (expert steps too)."""
-    import env
-    from harness import formats
-    if path.lower().endswith(".tsv"):
-        return "tsv", formats.read_tsv(path)
-    tasks = [t for t in env.load_tasks(path) if t.expert]
-    if not tasks:
-        raise ValueError(f"{path}: no task has an expert trajectory to train on")
-    return "tasks", tasks
-
-
-def load_episodes(policy, data, max_tokens=None):
-    """read_data's ("tsv", rows) or ("tasks", tasks) -> [Episode]: TSV rows tokenized, expert
-    trajectories replayed through the embedded tool server."""
-    kind, items = data
-    if kind == "tsv":
-        eps, dropped = ppo.episodes_from_rows(policy, items, max_tokens)
-        if dropped:
-            print(f"sft: {dropped} steps cut by --max-tokens")
-        return eps
-    import env
-    import rollout
-    from harness import server
-    srv = server.start_in_thread()
-    try:
-        client = env.ToolClient(srv.url)
-        return [rollout.expert_episode(policy, t, client)[0] for t in tqdm(items, desc="expert episodes", leave=False)]
-    finally:
-        srv.shutdown()
-
-
 def main(argv=None):
-    import policy as P
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="what policy.load_policy accepts")
-    ap.add_argument("--data", required=True, help="StepTool TSV, or a task file with expert trajectories")
-    ap.add_argument("--output", required=True, help="checkpoint folder (ours; load_policy reads it): new or empty")
-    ap.add_argument("--overwrite", action="store_true", help="replace an earlier sft.py output (only what it wrote)")
-    ap.add_argument("--epochs", type=int, default=2, help="passes over --data (at least 1)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (> 0)")
-    ap.add_argument("--batch-size", type=int, default=16, help="episodes per optimizer step (at least 1)")
-    ap.add_argument("--micro-batch-size", type=int, default=8, help="episodes per forward/backward (at least 1)")
-    ap.add_argument("--max-tokens", type=int, default=4096, help="cut TSV trajectories to their last N tokens (0: none)")
-    ap.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
-    ap.add_argument("--export", help="also write a merged save_pretrained model here (new or empty)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device")
-    a = ap.parse_args(argv)
-    # the flags, then --data read whole and checked: a bad one is one line (exit 2), before any folder or model
-    for flag, value, ok, need in (("--epochs", a.epochs, a.epochs >= 1, "at least 1"),
-                                  ("--lr", a.lr, 0 < a.lr < math.inf, "a finite number > 0"),
-                                  ("--batch-size", a.batch_size, a.batch_size >= 1, "at least 1"),
-                                  ("--micro-batch-size", a.micro_batch_size, a.micro_batch_size >= 1, "at least 1"),
-                                  ("--max-tokens", a.max_tokens, a.max_tokens >= 0, "at least 0 (0: no cut)")):
-        if not ok:
-            runs.fail("sft", f"{flag} {value}: must be {need}")
-    try:
-        data = read_data(a.data)
-    except ValueError as e:       # formats.DataFileError, env.TaskFileError: they name the file
-        runs.fail("sft", f"--data {e}")
-    from harness import checks
-    try:
-        checks.check_model(a.model)  # a path-like --model that is not there: never probed as a Hub id
-    except checks.InputError as e:
-        runs.fail("sft", e)
-    # then claim the folders (runs.py): never a user's folder, never deleted, before any model loads
-    claimed = []
-    try:
-        if a.export and os.path.abspath(a.export) == os.path.abspath(a.output):
-            raise runs.RunError(f"--export {a.export}: the same folder as --output; give another")
-        claimed.append(runs.claim(a.output, "sft", overwrite=a.overwrite, inputs=(a.model, a.data)))
-        if a.export:
-            claimed.append(runs.claim(a.export, "sft", "--export", overwrite=a.overwrite, inputs=(a.model, a.data)))
-    except runs.RunError as e:
-        for run in claimed:
-            run.release()
-        runs.fail("sft", e)
-    try:
-        try:
-            torch.manual_seed(a.seed)
-            pol = P.load_policy(a.model, device=a.device, full_finetune=a.full_finetune, seed=a.seed)
-            eps = load_episodes(pol, data, a.max_tokens)
-            losses = sft(pol, eps, a.epochs, a.lr, a.batch_size, a.micro_batch_size, a.seed)
-            print("sft: loss per epoch " + " ".join(f"{x:.4f}" for x in losses))
-        except ValueError as e:   # a model that cannot be loaded (policy.load_policy): bad input, exit 2
-            runs.fail("sft", e)
-        try:
-            runs.install(claimed[0], pol.save, last="policy.json")   # policy.json last: no half checkpoint loads
-            if a.export:
-                runs.install(claimed[1], pol.export_merged, last="config.json")
-        except (runs.RunError, OSError) as e:  # a failure during the work (no space left): exit 1
-            sys.exit(f"sft: {e}")
-    finally:                                   # however it ends, the folders' locks go
-        for run in claimed:
-            run.release()
-    print(f"sft: saved {a.output}" + (f", merged model {a.export}" if a.export else ""))
+    from harness import finetune  # flags, --data, the output folders, the model, the checkpoint
+    return finetune.main(argv)
 
 
 if __name__ == "__main__":
-    runs.interruptible("sft", main, "nothing was saved (the checkpoint is written whole at the end)")
+    main()

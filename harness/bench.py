@@ -1,13 +1,12 @@
 """Benchmarks of the PPO update, the rollouts and the memory a PPO forward keeps for backward.
 
-    python bench.py                                    # update + rollouts, tiny model, fixed shapes
-    python bench.py --model DIR --data FILE.tsv        # the update in the paper config on StepTool TSV trajectories
-    python bench.py --model smollm2 --updates 1        # a real LM: the update against raw forward + backward
-    python bench.py ... --compare-trl /path/to/python  # and trl 0.11.4's PPOTrainer.step on the same data, first
-    python bench.py --memory [--shape qwen2-7b]        # bytes saved for backward per token and layer
-    python bench.py --gpu-check --device cuda --shape qwen2-7b   # the update and rollouts of a 7B shape, one GPU
-    python bench.py --sampling --shape smollm2 --check-layers 4  # a bf16 policy's sampling: exact vs merged
-    python ppo.py --bench ...                          # the same as python bench.py ...
+    python -m harness.bench                                    # update + rollouts, tiny model, fixed shapes
+    python -m harness.bench --model DIR --data FILE.tsv        # the update in the paper config on StepTool TSV trajectories
+    python -m harness.bench --model smollm2 --updates 1        # a real LM: the update against raw forward + backward
+    python -m harness.bench ... --compare-trl /path/to/python  # and trl 0.11.4's PPOTrainer.step on the same data, first
+    python -m harness.bench --memory [--shape qwen2-7b]        # bytes saved for backward per token and layer
+    python -m harness.bench --gpu-check --device cuda --shape qwen2-7b   # the update and rollouts of a 7B shape, one GPU
+    python -m harness.bench --sampling --shape smollm2 --check-layers 4  # a bf16 policy's sampling: exact vs merged
 
 Figures are printed (one JSON object last); the README quotes them with the machine named. Speed
 is never asserted in tests, only that each figure is produced.
@@ -55,16 +54,16 @@ BENCH_TINY = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688)  
 
 
 def bench(args):
-    import policy as P
+    from harness import models
     trl = compare_trl(args) if args.compare_trl else None   # trl first, then ours, in one command
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    pol = P.load_policy(args.model, device=args.device, lora_r=8, lora_alpha=16, lora_dropout=0.0, tiny=BENCH_TINY)
+    pol = models.load_policy(args.model, device=args.device, lora_r=8, lora_alpha=16, lora_dropout=0.0, tiny=BENCH_TINY)
     cfg = ppo.PPOConfig(advantage=args.advantage)
     if args.data:
-        import reward
-        rows = reward.read_tsv(args.data)
-        all_eps, dropped = ppo.episodes_from_rows(pol, rows, max_tokens=args.max_tokens)
+        from harness import formats, offline
+        rows = formats.read_tsv(args.data)
+        all_eps, dropped = offline.episodes_from_rows(pol, rows, max_tokens=args.max_tokens)
         batches = [[all_eps[(i * cfg.batch_size + j) % len(all_eps)] for j in range(cfg.batch_size)] for i in range(args.updates + 1)]
         shape = f"{len(rows)} TSV trajectories, last {args.max_tokens} tokens, {dropped} cut steps dropped"
     else:
@@ -158,19 +157,18 @@ def compare_trl(args):
                         args.data, "--updates", str(args.updates), "--threads", str(args.threads)],
                        capture_output=True, text=True)
     if r.returncode:
-        sys.exit(f"ppo.py --compare-trl: bench_trl.py failed:\n{r.stderr[-2000:]}")
+        sys.exit(f"harness.bench --compare-trl: bench_trl.py failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def bench_rollouts(pol, args):
     """16 episodes batched vs one at a time, on the embedded server (tiny random model: long, wrong turns).
     The two modes alternate, --reps times each after a warm-up; medians and the ratio of medians."""
-    import env
-    from harness import server
+    from harness import formats, server, toolclient
     srv = server.start_in_thread()
     try:
-        client = env.ToolClient(srv.url)
-        tasks = env.load_tasks(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "bench_test.json"))[:16]
+        client = toolclient.ToolClient(srv.url)
+        tasks = formats.load_tasks(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "bench_test.json"))[:16]
         kw = dict(max_steps=3, max_new_tokens=64, temperature=1.0)
         rates = {"batched": [], "sequential": []}
         for rep in range(args.reps + 1):
@@ -206,7 +204,6 @@ SHAPES = {  # model shapes built from their config with random weights (no downl
 
 def shaped_policy(shape, layers, dtype, device="cpu", lora_r=8):
     """A random Qwen2 of a named shape with `layers` layers, LoRA on every projection (load_policy's way)."""
-    import chat
     import policy as P
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
     from tokenizers import Tokenizer, models
@@ -218,7 +215,7 @@ def shaped_policy(shape, layers, dtype, device="cpu", lora_r=8):
     P.inject_lora(model, lora_r, 2 * lora_r, 0.0)
     vocab = {"<|im_start|>": 0, "<|im_end|>": 1, "a": 2}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="a")),
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=chat.CHAT_TEMPLATE)
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=P.CHAT_TEMPLATE)
     return P.Policy(model, tok, "tiny", dict(r=lora_r, alpha=2 * lora_r, dropout=0.0, targets=list(P.LORA_TARGETS)))
 
 
@@ -443,7 +440,7 @@ def bench_generate(pol, args, device):
         gens = [rollout.episode_generator(0, 0, k) for k in range(b)]
         s0 = dict(pol.gen_stats)
         _sync(device); t0 = time.perf_counter()
-        outs = pol.generate(prompts, args.rollout_new, 1.0, 1.0, gens)
+        outs = rollout.generate(pol, prompts, args.rollout_new, 1.0, 1.0, gens)
         _sync(device); dt = time.perf_counter() - t0
         if i == 0:
             continue   # warm-up
@@ -477,7 +474,8 @@ def sampler_agreement(pol, args, device, rows=4, prompt=256, new=64, lora_std=1e
     for m in pol.lora_modules():
         m.B.data = (torch.randn(m.B.shape, generator=g) * lora_std).to(m.B.device)
     prompts = [torch.randint(3, V, (prompt,), generator=g).tolist() for _ in range(rows)]
-    outs, lps = pol.generate(prompts, new, 1.0, 1.0, [rollout.episode_generator(0, 0, k) for k in range(rows)], logprobs=True)
+    outs, lps = rollout.generate(pol, prompts, new, 1.0, 1.0, [rollout.episode_generator(0, 0, k) for k in range(rows)],
+                                 logprobs=True)
     logp = forward_logp(pol, prompts, outs)
     with pol.reference():
         ref = forward_logp(pol, prompts, outs)
@@ -498,14 +496,13 @@ def sampler_agreement(pol, args, device, rows=4, prompt=256, new=64, lora_std=1e
 
 def bench_sampling(args):
     """How a bf16 policy samples, three ways, on --shape with a LoRA as after training (B of std 1e-3):
-    the exact two-path sum (what Policy.generate does), a merged fp32 copy (W + (alpha / r) B A in fp32,
+    the exact two-path sum (what rollout.generate does), a merged fp32 copy (W + (alpha / r) B A in fp32,
     computed in fp32: exact adapter, another rounding of everything else, twice the weights' memory) and
     the bf16 merge the sampler used to make (rounds most of a small B A away). For each: sampled tokens/s
     of one turn (median of --reps after a warm-up), the largest |log p| difference from PPO's forward of
     the bf16 policy over the sampled tokens, and the weight memory it adds."""
     import contextlib
     import copy
-    import policy as P
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or "cpu")
@@ -541,7 +538,7 @@ def bench_sampling(args):
             gens = [rollout.episode_generator(0, 0, k) for k in range(len(prompts))]
             with ctx():
                 _sync(device); t0 = time.perf_counter()
-                outs, lps = who.generate(prompts, args.rollout_new, 1.0, 1.0, gens, logprobs=True)
+                outs, lps = rollout.generate(who, prompts, args.rollout_new, 1.0, 1.0, gens, logprobs=True)
                 _sync(device)
             if i:
                 times.append(time.perf_counter() - t0)

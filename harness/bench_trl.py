@@ -15,10 +15,10 @@ imports it, newer tyro no longer pulls it in):
     # tiny Qwen2 + byte-level BPE tokenizer trained on the TSV text (the trainer runs
     # out of merges at ~3.2 k of the 4096 asked; model vocab stays 4096). Loads
     # identically in transformers 4.46 and 5.x, whichever of the two made it.
-    python bench_trl.py make-model --tsv DATA.tsv --out /work/bench_model
+    python harness/bench_trl.py make-model --tsv DATA.tsv --out /work/bench_model
     # 1 warm-up update, then N timed ones
-    /work/trlenv/bin/python bench_trl.py trl --model /work/bench_model --data DATA.tsv
-    python bench_trl.py matmul                        # fp32 matmul peak, 2 threads
+    /work/trlenv/bin/python harness/bench_trl.py trl --model /work/bench_model --data DATA.tsv
+    python harness/bench_trl.py matmul                        # fp32 matmul peak, 2 threads
 
 Per update: wall seconds, real (non-pad) tokens of the 8 trajectories, real tokens/s,
 the padding fraction of what trl actually runs forward on (it pads all 8 to the

@@ -2,14 +2,13 @@
 server starts, the run folder is claimed or a model loads. Each error is one line naming the flag or the
 file (and its item); the command exits with status 2 and no traceback. Every file is read by formats.py's
 one reader (a regular file, at most 1 GiB, JSON nested at most 200 levels, no key twice) and every item
-checked there and in env.load_tasks (field types, plain group names, integer query ids, none twice).
+checked there and in formats.load_tasks (field types, plain group names, integer query ids, none twice).
 
     check_flags(cfg)       ranges and choices of every numeric or named flag
     check_inputs(cfg, ..)  the task files, the offline TSV and the reward function, read once
 """
 import os
 
-import env
 from harness import formats
 from harness import models
 import reward
@@ -83,7 +82,7 @@ def check_inputs(cfg, train_files, eval_files, given=()):
     def tasks_of(files, what):
         tasks, seen = [], {}
         for p in files:
-            for t in env.load_tasks(p):   # read whole and checked (formats.read_json); TaskFileError names file, item
+            for t in formats.load_tasks(p):   # read whole and checked (formats.read_json); TaskFileError names file, item
                 if what == "--eval-tasks" and seen.setdefault((t.group, t.query_id), p) != p:
                     # evaluation scores by (group, query id): one of the two would silently replace the other
                     raise InputError(f"{what}: query_id {t.query_id} of group {t.group} is in both "
@@ -100,7 +99,7 @@ def check_inputs(cfg, train_files, eval_files, given=()):
         train = tasks_of(train_files, "--tasks")
         evals = tasks_of(eval_files, "--eval-tasks")
         rows = formats.read_tsv(cfg.data) if cfg.data else None   # non-empty, finite rewards; names file and line
-    except (ValueError, OSError) as e:       # env.TaskFileError, formats.py's file errors: they name file and line
+    except (ValueError, OSError) as e:       # formats.TaskFileError, formats.py's file errors: they name file and line
         raise InputError(str(e)) from None
     if not cfg.judge_url:   # IsSolved of a task without answer facts needs a judge; never a constant 0.5
         for what, files, tasks in (("--tasks", train_files, [] if cfg.data else train), ("--eval-tasks", eval_files, evals)):

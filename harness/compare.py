@@ -1,11 +1,11 @@
 """The paper's comparison and ablation in miniature (Sec. 5, Tables 2 and 4), on the embedded benchmark.
 
-    python compare.py [--seeds 0 1 2] [--output results/]
-    python compare.py --model smollm2 --seeds 0 --output results/smollm2     # a real LM (README)
+    python -m harness.compare [--seeds 0 1 2] [--output results/]
+    python -m harness.compare --model smollm2 --seeds 0 --output results/smollm2     # a real LM (README)
 
 For each seed, one SFT warm start (steptool.py without PPO iterations), evaluated once, then each
 method from that same checkpoint, with the same budget: the same number of sampled episodes and of
-updates. The schedule is steptool.py's for --model (steptool.defaults: by what the model is).
+updates. The schedule is steptool.py's for --model (harness.launch.defaults: by what the model is).
     sft                 the warm start itself
     rft                 SFT on the policy's own Solved rollouts (steptool.py --algo rft)
     ppo_final           PPO with the final reward only (--reward final)
@@ -13,7 +13,7 @@ updates. The schedule is steptool.py's for --model (steptool.defaults: by what t
     steptool_token_adv  step-grained rewards, the original code's per-token GAE (--advantage token)
 Outputs: OUTPUT/table.md (Pass Rate and Recall per group, mean ± std over seeds), OUTPUT/summary.json
 ({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}, "ci": {"a-b": {group:
-[lo, hi]}}}: paired bootstrap 95 % CIs of pass-rate differences over the test tasks, eval.py), OUTPUT/curves.png
+[lo, hi]}}}: paired bootstrap 95 % CIs of pass-rate differences over the test tasks, paired_bootstrap), OUTPUT/curves.png
 (test Pass Rate against sampled episodes), and each run in OUTPUT/seed<S>/<method>/ (steptool.py's
 metrics.jsonl, checkpoint, final model). Resumable: a finished (method, seed) run is not redone, an
 unfinished one continues from its last checkpoint. OUTPUT must be new, empty, or a compare.py folder
@@ -30,7 +30,10 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
+
 import eval as evaluation
+from harness import launch
 from harness import runs
 import steptool
 
@@ -41,9 +44,30 @@ METHODS = {"rft": ["--algo", "rft", "--reward", "final"],
 NAMES = {"sft": "SFT", "rft": "RFT", "ppo_final": "PPO (final reward)", "steptool": "StepTool",
          "steptool_token_adv": "StepTool w/o step-grained optimization (token GAE)"}
 GROUPS = ("G1", "G2", "G3", "overall")
+# the schedule every run of a comparison shares, spelled out on its command line
+SCHEDULE = ("sft_epochs", "sft_lr", "sft_episodes", "iterations", "episodes_per_iteration", "eval_every", "eval_limit",
+            "save_every", "lr", "mini_batch_size", "grad_accum", "ppo_epochs", "init_kl_coef", "max_steps",
+            "max_new_tokens", "full_finetune")
 # the paper's claims: StepTool over SFT, PPO (final reward) and RFT (Table 2) and over its ablation (Table 4)
 CI_PAIRS = (("steptool", "sft"), ("steptool", "ppo_final"), ("ppo_final", "sft"), ("steptool", "rft"),
             ("steptool", "steptool_token_adv"))
+
+
+def paired_bootstrap(a, b, n=10000, seed=0, level=0.95):
+    """Paired bootstrap CI of Pass Rate(a) - Pass Rate(b), in points: a, b = {(group, query id): pass}
+    over the same tasks. Tasks are resampled with replacement within each group (the groups keep their
+    sizes); "overall" is the mean of the group rates, as the Avg column. -> {group: [lo, hi], "overall": ...}"""
+    if set(a) != set(b):
+        raise ValueError(f"paired bootstrap: the two runs were evaluated on different tasks ({len(set(a) ^ set(b))} differ)")
+    rng = np.random.default_rng(seed)
+    groups = sorted({g for g, _ in a})
+    means = {}
+    for g in groups:
+        d = np.array([a[k] - b[k] for k in sorted(a) if k[0] == g]) * 100
+        means[g] = evaluation.resampled_means(d, n, rng)             # [n] resampled mean differences
+    means["overall"] = np.mean([means[g] for g in groups], axis=0)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {g: [float(x) for x in np.percentile(m, q)] for g, m in means.items()}
 
 
 def std(xs):  # the sample standard deviation over seeds (0 for one seed)
@@ -72,7 +96,7 @@ def finished(run, argv):
     file), the start's evaluation in metrics.jsonl and eval_tasks.json."""
     if os.path.isdir(os.path.join(run, "final_model")) or os.path.isfile(os.path.join(run, "adapter.safetensors")):
         return True
-    if steptool.given_flags(argv).get("iterations") != 0 or not os.path.isfile(os.path.join(run, "eval_tasks.json")):
+    if launch.given_flags(argv).get("iterations") != 0 or not os.path.isfile(os.path.join(run, "eval_tasks.json")):
         return False
     return any(r.get("iteration") == 0 and "eval/overall/pass_rate" in r for r in read_metrics(run))
 
@@ -117,7 +141,7 @@ def ci_table(summary):
 
 
 def plot(curves, path):
-    plt = steptool.pyplot("compare")
+    plt = launch.pyplot("compare")
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -152,7 +176,8 @@ def main(argv=None):
                              f"(seeds {' '.join(map(str, args.seeds))})")
     # the model's schedule, spelled out on every run's command line: each method starts from the SFT run's
     # checkpoint or adapter file (--sft-epochs 0) and keeps the SFT run's schedule, whatever that start is
-    sched = steptool.defaults(args.model)
+    cfg = steptool.Config(**launch.defaults(args.model))      # the paper's values, the model's preset over them
+    sched = {k: getattr(cfg, k) for k in SCHEDULE}
     base = [f"--{k.replace('_', '-')}={v}" for k, v in sched.items() if k != "full_finetune"]
     base += ["--full-finetune" if sched["full_finetune"] else "--no-full-finetune"]
     # OUTPUT is a compare folder of ours (or new): resumable by design, so no --overwrite; each
@@ -225,7 +250,7 @@ def compare(args, base, extra, argv):
                        "recall_std": std(r[f"eval/{g}/recall"] for r in final[m]),
                        "seeds": list(args.seeds)} for g in GROUPS} for m in args.methods}
     # paired over test tasks (both models on the same tasks), each task's pass averaged over the seeds
-    summary["ci"] = {f"{a}-{b}": evaluation.paired_bootstrap(mean_over_seeds(per_task[a]), mean_over_seeds(per_task[b]))
+    summary["ci"] = {f"{a}-{b}": paired_bootstrap(mean_over_seeds(per_task[a]), mean_over_seeds(per_task[b]))
                      for a, b in CI_PAIRS if a in per_task and b in per_task}
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -1,22 +1,28 @@
 """Data parallel over torchrun's processes: the single-process update (Sec. 4.2), on N ranks.
 
     torchrun --standalone --nproc_per_node 8 steptool.py --model Qwen/Qwen2-7B ...   # one node, 8 GPUs
-    python steptool.py ...                                  # one process: everything here is the identity
+    python steptool.py ...                                  # one process: nothing here runs
 
-Every rank runs steptool.py's loop; an iteration, on each rank:
+Every rank runs the loop (harness/dist_train.py: steptool.train's N-rank copy); an iteration, on
+each rank:
   1. the same B tasks are drawn (a function of (seed, iteration)); rank k rolls out its block of them,
      episodes B*k//N .. B*(k+1)//N - 1, each sampled from the generator of (seed, iteration, episode):
      the same episodes whatever N is;
-  2. their step rewards are shaped here (reward.py), with the judge if there is one;
-  3. ppo.update: pi_old, pi_ref and V of the rank's own episodes; GAE per episode; the whitening mean
-     and variance, the KL controller's mean KL and the logged means all-reduced over every rank's
-     episodes; each optimizer step takes the same group of the global batch as one process would
-     (the permutation is drawn from the same generator over the global episode order), each rank the
-     group's episodes it holds, its loss divided by the group's global action-token and step counts;
-     gradients summed over ranks by DDP or FSDP2, so clipping and Adam see one process's gradient;
-  4. evaluation: rank k rolls out and judges its block of the eval tasks; rank 0 scores the gathered labels;
+  2. their step rewards are shaped on the rank (reward.py), with the judge if there is one;
+  3. `Ranks.update`, ppo.update on N ranks: pi_old, pi_ref and V of the rank's own episodes; GAE per
+     episode; the whitening mean and variance, the KL controller's mean KL and the logged means
+     all-reduced over every rank's episodes; each optimizer step takes the same group of the global
+     batch as one process would (the permutation is drawn from the same generator over the global
+     episode order), each rank the group's episodes it holds, its loss divided by the group's global
+     action-token and step counts; gradients summed over ranks by DDP or FSDP2, so clipping and Adam
+     see one process's gradient;
+  4. `Ranks.evaluate`, steptool.evaluate on N ranks: rank k rolls out and judges its block of the eval
+     tasks; rank 0 scores the gathered labels;
   5. rank 0 alone writes metrics.jsonl, the log, checkpoints and the final model. A checkpoint holds
      full tensors, as one process writes it: it resumes on any number of ranks.
+ppo.py and steptool.evaluate are one process's code, with no rank in them; Ranks.update and
+Ranks.evaluate are their N-rank twins, built from ppo.py's pieces (units, collate, gae, the losses)
+and kept equal to them by tests/test_dist.py (2 ranks against one process).
 The embedded tool server is started once per node, by its local rank 0, which tells the node's other
 ranks its URL (one server answers them all, as one process's server answers its batch).
 
@@ -62,14 +68,27 @@ import datetime
 import os
 import signal
 import sys
+import time
 import warnings
 
 import torch
 
+import eval as evaluation
+import ppo
+import rollout
+from harness import runs
+
+# a 2-token episode (one context, one action token) that a rank runs, with weight 0, when it has fewer
+# mini-batches than another: under FSDP2 every forward is a collective
+STANDIN = rollout.Episode([0, 0], [False, True], [-1, 0], [0], [0.0])
+STANDIN.old_logp = STANDIN.old_values = STANDIN.A = STANDIN.R = torch.zeros(1)
+# the statistics Ranks.update sums over ranks (every rank the same keys, even one whose steps all skipped)
+LOGGED = ("loss/policy", "loss/value", "loss/entropy", "ppo/ratio", "ppo/clipfrac", "ppo/approx_kl")
+
 
 class Ranks:
     """Who this process is among torchrun's, and the few collectives the loop needs. One process:
-    rank 0 of 1, every method the identity, so the single-process code path is unchanged bit for bit."""
+    rank 0 of 1, every method the identity (update and evaluate: ppo.update, one block of tasks)."""
 
     def __init__(self, rank=0, world=1, local_rank=0, device=None):
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
@@ -119,7 +138,7 @@ class Ranks:
 
     def mean(self, x):
         """The mean of a tensor or list over every rank's elements. One process: x.mean().item() or
-        sum(x) / len(x), as ppo.py always computed it."""
+        sum(x) / len(x), as ppo.py computes it."""
         if self.world == 1:
             return x.mean().item() if torch.is_tensor(x) else sum(x) / len(x)
         s, n = self.sum([x.double().sum().item() if torch.is_tensor(x) else sum(x), len(x)])
@@ -161,7 +180,6 @@ class Ranks:
         if err is not None:
             raise err
         if msg[0] is not None:
-            from harness import runs
             raise runs.RunError(msg[0])
         return out
 
@@ -189,8 +207,7 @@ class Ranks:
             fully_shard(policy, mesh=mesh, reshard_after_forward=True)   # the root: embeddings, norms, heads, V
             self.fsdp = True
             # FSDP2 takes the first module to run forward for its root: run the root once (a stand-in)
-            import ppo
-            c = ppo.collate([ppo.STANDIN], "step", policy.device)
+            c = ppo.collate([STANDIN], "step", policy.device)
             with torch.no_grad():
                 policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
         else:
@@ -267,12 +284,150 @@ class Ranks:
                                       for k, v in s.items()} for i, s in sd["state"].items()}}
         optimizer.load_state_dict(sd)
 
+    # ---- PPO and evaluation on N ranks (ppo.update and steptool.evaluate of one process) ---------------
+    @torch.no_grad()
+    def prepare(self, policy, eps, cfg):
+        """ppo.prepare of this rank's episodes; under FSDP2 (every forward a collective) a rank with fewer
+        mini-batches than another then runs stand-ins, as many as the difference."""
+        n = len(ppo._chunks(eps, cfg.mini_batch_size))
+        extra = self.max(n) - n if self.lockstep else 0
+        ppo.prepare(policy, eps, cfg)
+        was = policy.training
+        policy.eval()
+        for _ in range(extra):
+            c = ppo.collate([STANDIN], cfg.advantage, policy.device)
+            policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
+            with policy.reference():
+                policy(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"])
+        policy.train(was)
+
+    def advantages(self, eps, beta, cfg):
+        """ppo.advantages of this rank's episodes (GAE per episode), with the whitening mean and std and
+        the logged means over every rank's units (ppo.py's departure 3); a rank may hold no episode."""
+        rs = [ppo.unit_rewards(e, beta, cfg.advantage) for e in eps]
+        r_list, kls = [r for r, _ in rs], [kl for _, kl in rs]
+        U = max((len(r) for r in r_list), default=1)
+        pad = lambda xs: torch.stack([torch.cat([x, x.new_zeros(U - len(x))]) for x in xs]) if xs else torch.zeros(0, U)  # [B, U]
+        mask = pad([torch.ones(len(r)) for r in r_list])
+        A, R = ppo.gae(pad(r_list), pad([e.old_values for e in eps]), mask, cfg.gamma, cfg.lam)
+        if cfg.whiten:
+            mean, std = self.mean_std(A[mask.bool()])
+            A = (A - mean) / (std + 1e-8) * mask
+        for b, (e, r) in enumerate(zip(eps, r_list)):
+            e.A, e.R = A[b, :len(r)], R[b, :len(r)]
+        step_r = torch.cat([torch.tensor(e.rewards, dtype=torch.float) for e in eps] or [torch.zeros(0)])
+        return {"reward/step_mean": self.mean(step_r), "ppo/kl": self.mean(kls), "ppo/returns": self.mean(R[mask.bool()])}
+
+    def update(self, policy, optimizer, eps, cfg, kl_ctl, gen=None):
+        """ppo.update on N ranks. `eps` are this rank's episodes of the batch; the groups are drawn over
+        the global batch (every rank's episodes in rank order: the batch's order) from the same `gen`,
+        each rank computes the group's episodes it holds, and the counts N, U are the group's. One
+        process: ppo.update itself."""
+        if self.world == 1:
+            return ppo.update(policy, optimizer, eps, cfg, kl_ctl, gen)
+        eps = [e for e in eps if e.n_steps > 0]
+        # (action tokens, units, tokens) of every rank's episodes; the global episode j is held by where[j]
+        sizes = self.gather([(len(ppo.units(e, cfg.advantage)[0]), len(ppo.units(e, cfg.advantage)[1]), len(e.ids)) for e in eps])
+        where = [(r, i) for r, s in enumerate(sizes) for i in range(len(s))]                 # j -> (rank, local index)
+        size = [x for s in sizes for x in s]                                                 # j -> (N_j, U_j, T_j)
+        if not where:
+            return {"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": 0, "ppo/episodes": 0, "ppo/tokens": 0}
+        t0 = time.perf_counter()
+        self.prepare(policy, eps, cfg)
+        t_prepare = time.perf_counter() - t0
+        stats = self.advantages(eps, kl_ctl.beta, cfg)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        model = self.module(policy)                                       # the DDP wrapper, or the sharded policy
+        agg, skipped, n_tok, n_unit = {}, 0, 0, 0
+        policy.train_without_dropout()
+        group = cfg.mini_batch_size * cfg.grad_accum
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(len(where), generator=gen).tolist()
+            for g in range(0, len(where), group):                          # one optimizer step per group
+                grp = perm[g:g + group]
+                N = sum(size[j][0] for j in grp)                               # action tokens of the step (every rank's)
+                U = sum(size[j][1] for j in grp)                               # units (steps) of the step
+                chunks = ppo._chunks([eps[where[j][1]] for j in grp if where[j][0] == self.rank], cfg.mini_batch_size)
+                held = [sum(where[j][0] == r for j in grp) for r in range(self.world)]
+                M = max(-(-h // cfg.mini_batch_size) for h in held)           # the most mini-batches a rank has
+                optimizer.zero_grad(set_to_none=True)
+                ok, sums = True, {}
+                for k in range(M):
+                    mb = chunks[k] if k < len(chunks) else None                 # None: a stand-in of weight 0
+                    run = mb or [STANDIN]
+                    with self.sync(last=k == M - 1):
+                        c = ppo.collate(run, cfg.advantage, policy.device)
+                        dev = policy.device
+                        old_logp = torch.cat([e.old_logp for e in run]).to(dev)        # [N_mb]
+                        old_V = torch.cat([e.old_values for e in run]).to(dev)         # [U_mb]
+                        A_unit = torch.cat([e.A for e in run]).to(dev)                 # [U_mb]
+                        R = torch.cat([e.R for e in run]).to(dev)                      # [U_mb]
+                        A = A_unit[c["unit"]]                                          # [N_mb] step advantage -> each of its tokens
+                        logp, V, ent = model(c["ids"], c["mask"], c["act_idx"], c["act_tok"], c["v_idx"], entropy=cfg.ent_coef > 0)
+                        pg, ratio = ppo.policy_loss(logp, old_logp, A, cfg.cliprange)
+                        pg, vf = pg.sum(), ppo.value_loss(V, old_V, R, cfg.cliprange_value).sum()
+                        en = ent.sum() if ent is not None else torch.zeros((), device=dev)
+                        loss = (pg - cfg.ent_coef * en) / N + cfg.vf_coef * vf / U       # this mini-batch's share of the step's means
+                        # DDP / FSDP2 average gradients over ranks: world x their average is their sum (departure 1)
+                        loss = loss * (self.world if mb is not None else 0.0)
+                        if not torch.isfinite(loss):
+                            ok = False
+                        loss.backward()           # even a non-finite one: the collectives must match (departure 4)
+                    if mb is None or not ok:
+                        continue
+                    with torch.no_grad():
+                        for key, v in {"loss/policy": pg, "loss/value": vf, "loss/entropy": en, "ppo/ratio": ratio.sum(),
+                                       "ppo/clipfrac": ((ratio - 1).abs() > cfg.cliprange).float().sum(),
+                                       "ppo/approx_kl": 0.5 * ((logp - old_logp) ** 2).sum()}.items():
+                            sums[key] = sums.get(key, 0.0) + v
+                ok = self.all_true(ok)                                         # a NaN on any rank skips the step on all
+                norm = full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))) if ok else torch.tensor(float("nan"))
+                if not ok or not torch.isfinite(norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                optimizer.step()
+                n_tok, n_unit = n_tok + N, n_unit + U
+                for key in LOGGED:
+                    agg[key] = agg.get(key, 0.0) + sums.get(key, 0.0)
+        kl_ctl.update(stats["ppo/kl"], len(where))
+        if agg:
+            agg = dict(zip(agg, self.sum([float(v) for v in agg.values()])))
+        stats.update({k: float(v) / max(n_unit if k == "loss/value" else n_tok, 1) for k, v in agg.items()})
+        stats.update({"ppo/kl_coef": kl_ctl.beta, "ppo/skipped_updates": skipped, "ppo/episodes": len(where),
+                      "ppo/tokens": sum(s[2] for s in size), "time/prepare_s": t_prepare,
+                      "time/epochs_s": time.perf_counter() - t0 - t_prepare})
+        return stats
+
+    def evaluate(self, policy, tasks, client, cfg, judge):
+        """steptool.evaluate on N ranks: each rolls out and judges its block of the tasks; rank 0 scores
+        the gathered labels -> ({group: {pass_rate, recall}}, eval.per_query) there, (None, None) elsewhere."""
+        lo, hi = self.block(len(tasks))
+        with self.sampling(policy):
+            trajs = evaluation.run_policy(policy, tasks[lo:hi], client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
+                                          max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context,
+                                          first_episode=lo, progress=self.main, obs_chars=cfg.obs_chars)
+        repeats = 1 if all(t.answer for t in tasks) else 3
+        labels, errors = {}, {}   # the judging on each rank, the scoring of the gathered labels on rank 0
+        for lab, err in self.gather(judge(trajs, tasks[lo:hi], repeats)):
+            for into, part in ((labels, lab), (errors, err)):
+                for g, entries in part.items():
+                    into.setdefault(g, {}).update(entries)
+        if not self.main:
+            return None, None
+        labels = dict(sorted(labels.items()))
+        scored, groups = evaluation.score_groups(labels, errors, tasks)
+        out = {g: {"pass_rate": m["pass_rate"], "recall": m["recall"]} for _, g, m in scored}
+        if "Avg" in groups:
+            out["overall"] = {"pass_rate": groups["Avg"]["pass_rate"], "recall": groups["Avg"]["recall"]}
+        return out, evaluation.per_query(labels, tasks)
+
     def close(self):
         if self.world > 1:
             torch.distributed.destroy_process_group()
 
 
-ONE = Ranks()   # the single process: ppo.update's default
+ONE = Ranks()   # the single process
 
 
 class Stopped(Exception):

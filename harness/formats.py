@@ -2,7 +2,7 @@
 
 1. The original StepTool training TSV (header prompt, response, reward; each cell a Python-literal list,
    one entry per step): read_tsv, write_tsv.
-2. Our trajectory JSONL: one env.Trajectory.to_dict() per line, plus `rewards` once shaped (read_jsonl,
+2. Our trajectory JSONL: one trajectory_dict(env.Trajectory) per line, plus `rewards` once shaped (read_jsonl,
    read_trajectories). A row that came from a TSV keeps its `prompt` / `response` text, so TSV -> JSONL
    -> TSV is exact (convert); other rows go to TSV rendered in Qwen2's chat format from their task.
 3. StableToolBench pass-rate label files, what its eval_pass_rate.py writes: {query id: {query,
@@ -14,7 +14,11 @@
    evaluator: {query id: {query, available_tools, answer: {method, total_steps, final_answer,
    answer_details: [{role, message, next: [node]}]}}}, a tool node's message {name, arguments,
    response} (traj_to_example, answer_steps). load_answers reads these and label files alike.
-Every input file (task, label, answer, trajectory, TSV; env.load_tasks too) is read whole by one reader,
+5. Task files: StableToolBench query files (a JSON list of queries with api_list and relevant APIs) and
+   the embedded benchmark's ({functions, tasks}, with answer facts and expert steps) -> [env.Task]
+   (load_tasks; a bad one is a TaskFileError, "PATH: item I (query_id Q): what is wrong").
+       python -m harness.formats --tasks data/bench_test.json --show 1    # render one task's prompt
+Every input file (task, label, answer, trajectory, TSV) is read whole by one reader,
 read_input / read_json, before any of it is used: a regular file only (a FIFO, a device or a folder is
 refused before open(), which could block or never end), at most MAX_INPUT_BYTES, UTF-8; JSON nested at
 most MAX_JSON_DEPTH levels, no key twice in one object, no lone surrogate. Names taken from data that
@@ -32,6 +36,7 @@ Departures:
 3. An answer rebuilt from a label file (judged again by eval.py --answers) offers only the tool names
    (a label file has no schemas), so the judge's solvability question sees names, not descriptions.
 """
+import argparse
 import ast
 import csv
 import io
@@ -40,24 +45,14 @@ import os
 import re
 import stat
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import env
+from eval import STATUS, STB_GROUPS, called_steps, ends_with_answer, parse_step, split_steps, step_names  # label entries
+from reward import literal  # JSON or Python-literal text -> its value, never run
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TASK_FILES = [os.path.join(HERE, "data", f"bench_{s}.json") for s in ("train", "test")]
-
-
-def literal(s):
-    """JSON or Python-literal text -> its value (data only, never run), or None."""
-    try:
-        return json.loads(s)
-    except (ValueError, RecursionError):
-        pass
-    try:
-        return ast.literal_eval(s) if len(s) < 20000 else None
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return None
 
 
 # ---- 0. one reader for every input file ----------------------------------------------------
@@ -164,7 +159,7 @@ def parse_json(text, where, error):
 
 def read_json(path, what, error):
     """read_input + parse_json: the JSON value of the input file `path`; every refusal is one line,
-    error("PATH: cannot read WHAT: why"). error: the caller's class (env.TaskFileError, LabelFileError,
+    error("PATH: cannot read WHAT: why"). error: the caller's class (TaskFileError, LabelFileError,
     server.py's ConfigError ...), so each command line reports it as it reports its other input errors."""
     return parse_json(read_input(path, what, error), f"{path}: cannot read {what}", error)
 
@@ -268,6 +263,11 @@ def write_tsv(path, rows):
 
 
 # ---- 2. our trajectory JSONL, and TSV <-> JSONL ----------------------------------------------
+def trajectory(d):
+    """An env.Trajectory from its JSON object (dataclasses.asdict of one)."""
+    return env.Trajectory(**{**d, "steps": [env.Step(**s) for s in d.get("steps", [])]})
+
+
 def read_jsonl(path):
     """-> [(line number, object)] of a JSONL file: one JSON object a line (blank lines skipped), at least
     one. Anything else is a DataFileError naming the file and line."""
@@ -291,7 +291,7 @@ def read_trajectories(path):
     keys, out = [f.name for f in fields(env.Trajectory)], []
     for i, d in read_jsonl(path):
         try:
-            t = env.Trajectory.from_dict({k: d[k] for k in keys if k in d})
+            t = trajectory({k: d[k] for k in keys if k in d})
         except (TypeError, ValueError, AttributeError) as e:
             raise DataFileError(f"{path}:{i}: not a trajectory ({e})") from None
         bad = next(filter(None, map(_wrong_type, (t, *t.steps))), None)
@@ -315,7 +315,7 @@ def _wrong_type(obj):
 def write_trajectories(path, trajectories):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in trajectories)
+        f.writelines(json.dumps(asdict(t), ensure_ascii=False) + "\n" for t in trajectories)
 
 
 def tsv_row_to_traj(row, n):
@@ -349,7 +349,7 @@ def traj_to_tsv_row(d, tasks):
     task files), then each step, tool observations in the `function` role as in the original. The row
     is checked as read_tsv checks one (check_row): ValueError."""
     if "rewards" not in d:
-        raise ValueError("no `rewards`: shape them first with `python reward.py annotate`")
+        raise ValueError("no `rewards`: shape them first with `python -m harness.annotate annotate`")
     if "prompt" in d and "response" in d:
         row = {"prompt": d["prompt"], "response": d["response"], "reward": d["rewards"]}
     else:
@@ -366,7 +366,7 @@ def traj_to_tsv_row(d, tasks):
 
 
 def load_task_index(paths):
-    return {t.query_id: t for p in paths if os.path.exists(p) for t in env.load_tasks(p)}
+    return {t.query_id: t for p in paths if os.path.exists(p) for t in load_tasks(p)}
 
 
 def convert(src, dst, task_files=TASK_FILES):
@@ -393,9 +393,7 @@ def convert(src, dst, task_files=TASK_FILES):
 
 # ---- 3. StableToolBench pass-rate label files ------------------------------------------------
 MAX_REPEATS = 1000   # judge repeats per answer (StableToolBench's evaluate_times: 3 to 7)
-STATUS = {"AnswerStatus.Solved": 1.0, "AnswerStatus.Unsure": 0.5, "AnswerStatus.Unsolved": 0.0}
 STATUS_OF = {1: "AnswerStatus.Solved", 0.5: "AnswerStatus.Unsure", 0: "AnswerStatus.Unsolved"}
-STB_GROUPS = ["G1_instruction", "G1_category", "G1_tool", "G2_instruction", "G2_category", "G3_instruction"]
 
 
 class LabelFileError(ValueError):
@@ -476,47 +474,6 @@ def label_group(path, override=None):
     stem = os.path.splitext(os.path.basename(path))[0]
     m = re.search("|".join(STB_GROUPS), stem)
     return m.group(0) if m else stem
-
-
-_NAME = re.compile(r"""\{\s*['"]name['"]\s*:\s*['"]([^'"]*)['"]""")
-
-
-def parse_step(text):
-    """'Step k: {...}' / 'Final step: {...}' -> dict; a truncated one -> {'name': ...}; None if nameless."""
-    body = text.partition(":")[2].strip()
-    try:
-        d = ast.literal_eval(body)  # data only: literals, never code (departure 1)
-        if isinstance(d, dict) and "name" in d:
-            return d
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        pass
-    m = _NAME.search(body[:300])
-    return {"name": m.group(1)} if m else None
-
-
-def split_steps(answer_steps):
-    return re.split(r"\n(?=Step \d+:)", answer_steps.strip()) if answer_steps.strip() else []
-
-
-def step_names(answer_steps):
-    """The function names called in an answer_steps text, in order (repeats kept)."""
-    return [d["name"] for d in map(parse_step, split_steps(answer_steps)) if d]
-
-
-def ends_with_answer(final_step):
-    """Does the final step call Finish with return_type give_answer?"""
-    d = parse_step(final_step) if final_step else None
-    if not d or d["name"] != "Finish":
-        return False
-    try:  # ToolBench stores the arguments as JSON text
-        return json.loads(d["arguments"]).get("return_type") == "give_answer"
-    except (KeyError, TypeError, ValueError, AttributeError, RecursionError):  # truncated or odd: the text says
-        return "give_answer" in final_step
-
-
-def called_steps(traj):
-    """The steps of our trajectory that reached a tool or Finish (no parse error, known name)."""
-    return [s for s in traj.steps if s.name and not s.error]
 
 
 def to_label(task, traj, statuses, judged=None):
@@ -635,3 +592,147 @@ def read_answers(paths, group_names=()):
         names[g] = p
         items += [(g, qid, example) for qid, example in load_answers(p).items()]
     return items, names
+
+
+# ---- 5. task files: StableToolBench query files and the embedded benchmark's ---------------
+class TaskFileError(ValueError):
+    """A task file we cannot use, as one line: "PATH: item I (query_id Q): what is wrong"."""
+
+
+def load_tasks(path):
+    """StableToolBench query files (a JSON list) or the embedded benchmark's files -> [Task]. The file is
+    read whole by read_json (a regular file, its size, nesting, no key twice) and every item is
+    checked before any is used: each field of its type, the group a plain name (eval.py writes the file
+    <group>.json), the query_id an integer, and no query_id twice in one group (one would go unscored)."""
+    data = read_json(path, "task file", TaskFileError)
+    group = os.path.splitext(os.path.basename(path))[0]
+    if isinstance(data, dict) and "tasks" in data:
+        if not (isinstance(data["tasks"], list) and isinstance(data.get("functions", {}), dict)):
+            raise TaskFileError(f"{path}: 'tasks' must be a list and 'functions' an object (name -> schema)")
+        items, make = data["tasks"], lambda d: _bench_task(d, data.get("functions", {}))
+    elif isinstance(data, list):
+        items, make = data, lambda d: _stb_task(d, group)
+    else:
+        raise TaskFileError(f"{path}: expected a JSON list of queries or a benchmark object with 'tasks'")
+    tasks, seen = [], {}
+    for i, item in enumerate(items):
+        qid = item.get("query_id", "?") if isinstance(item, dict) else "?"
+        where = f"{path}: item {i} (query_id {qid if type(qid) is int else repr(qid)[:40]})"
+        try:
+            t = make(item)
+            plain_name(t.group, "group", ValueError)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TaskFileError(f"{where}: {e if type(e) is ValueError else f'{type(e).__name__}: {e}'}") from None
+        if seen.setdefault((t.group, t.query_id), i) != i:
+            raise TaskFileError(f"{where}: query_id {t.query_id} is already item {seen[t.group, t.query_id]} "
+                                f"of group {t.group}: one id, one task")
+        tasks.append(t)
+    return tasks
+
+
+_WORDS = {str: "text", list: "a list", dict: "an object"}
+
+
+def _get(d, key, kind, default=None):
+    """d[key] (or default, when given, if it is missing), which must be a `kind`: else ValueError naming key."""
+    if key not in d and default is None:
+        raise ValueError(f"missing '{key}'")
+    v = d.get(key, default)
+    if not isinstance(v, kind):
+        raise ValueError(f"'{key}' must be {_WORDS[kind]}, got {type(v).__name__} {str(v)[:40]!r}")
+    return v
+
+
+def _texts(d, key):
+    v = _get(d, key, list)
+    if not all(isinstance(x, str) for x in v):
+        raise ValueError(f"'{key}' must be a list of text")
+    return v
+
+
+def _query_id(d):
+    """The query_id: an integer, or the decimal text of one (integer_id); never 7.9 read as 7."""
+    qid = integer_id(d["query_id"])
+    if qid is None:
+        raise ValueError(f"query_id {d['query_id']!r:.40} is not an integer")
+    return qid
+
+
+def _bench_task(d, schemas):
+    names = _texts(d, "functions")
+    unknown = [n for n in names if n not in schemas]
+    if unknown:
+        raise ValueError(f"function {unknown[0][:60]!r} is not one of the file's 'functions'")
+    fs = [_schema(schemas[n]) for n in names]
+    answer = _get(d, "answer", list, [])
+    if not all(type(a) in (str, int, float) for a in answer):
+        raise ValueError("'answer' must be a list of facts (text or numbers)")
+    return env.Task(_query_id(d), _get(d, "query", str),
+                    [{k: f[k] for k in ("name", "description", "parameters")} for f in fs],
+                    _texts(d, "relevant"), d["group"], {f["name"]: [f["category"], f["tool"], f["api"]] for f in fs},
+                    [str(a) for a in answer], [_expert_step(k, s) for k, s in enumerate(_get(d, "expert", list, []))])
+
+
+def _schema(f):
+    """A function of the benchmark's 'functions': its schema, and the tool server's names for it."""
+    if not (isinstance(f, dict) and all(isinstance(f.get(k), str) for k in ("name", "description", "category", "tool", "api"))
+            and isinstance(f.get("parameters"), dict)):
+        raise ValueError(f"function {str(f)[:60]!r}: needs text 'name', 'description', 'category', 'tool', 'api' "
+                         "and an object 'parameters'")
+    return f
+
+
+def _expert_step(k, s):
+    """An expert step {thought, name, arguments}: what SFT formats into an action."""
+    if not (isinstance(s, dict) and isinstance(s.get("thought"), str) and isinstance(s.get("name"), str)
+            and isinstance(s.get("arguments"), dict)):
+        raise ValueError(f"expert step {k}: needs a string 'thought' and 'name' and an object 'arguments', got {str(s)[:80]}")
+    return s
+
+
+_PARAM_TYPES = {"NUMBER": "integer", "STRING": "string", "BOOLEAN": "boolean"}  # ToolBench's map; else string
+
+
+def _stb_task(d, group):
+    functions, api = [], {}
+    for j, a in enumerate(_get(d, "api_list", list)):
+        if not isinstance(a, dict):
+            raise ValueError(f"api_list[{j}] must be an object")
+        tool, api_name, category = (_get(a, k, str) for k in ("tool_name", "api_name", "category_name"))
+        name = env.function_name(tool, api_name)
+        params = {"type": "object", "properties": {}, "required": [], "optional": []}
+        for kind in ("required", "optional"):
+            for p in a.get(f"{kind}_parameters") or []:  # names and types as ToolBench shows them
+                if not (isinstance(p, dict) and isinstance(p.get("name"), str)
+                        and all(isinstance(p.get(k) or "", str) for k in ("type", "description"))):
+                    raise ValueError(f"api_list[{j}]: each of '{kind}_parameters' needs a text 'name' (and text "
+                                     "'type', 'description')")
+                pname = env.change_name(env.standardize(p["name"]))
+                params["properties"][pname] = {"type": _PARAM_TYPES.get(p.get("type"), "string"),
+                                               "description": p.get("description") or ""}
+                params[kind].append(pname)
+        desc = a.get("api_description") or ""
+        if not isinstance(desc, str):
+            raise ValueError(f"api_list[{j}]: 'api_description' must be text")
+        functions.append({"name": name, "description": desc[:256], "parameters": params})
+        api[name] = [category, tool, api_name]
+    pairs = _get(d, "relevant APIs", list, [])
+    if not all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in pairs):
+        raise ValueError("'relevant APIs' must be a list of [tool name, API name] pairs")
+    return env.Task(_query_id(d), _get(d, "query", str), functions, [env.function_name(t, n) for t, n in pairs],
+                    d.get("group", group), api)
+
+
+def main(argv=None):
+    """python -m harness.formats --tasks FILE [--show N]: the prompt (env.initial_messages) of the first N tasks."""
+    ap = argparse.ArgumentParser(description="Render the prompt of tasks")
+    ap.add_argument("--tasks", required=True)
+    ap.add_argument("--show", type=int, default=1, help="how many tasks to render")
+    a = ap.parse_args(argv)
+    for t in load_tasks(a.tasks)[:a.show]:
+        for m in env.initial_messages(t):
+            print(f"<{m['role']}>\n{m['content']}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """LLM judges at an OpenAI-compatible chat/completions endpoint (a hosted model, a vLLM server).
 
-    Judge(url, model).annotate(task, traj)               StepTool's step annotation (paper Sec. 4.1; reward.py)
+    Judge(url, model).annotate(task, traj)               StepTool's step annotation (paper Sec. 4.1)
+    Judge(url, model).means(task, traj)                  its means, or (None, the error): reward.py's judge
     FactsJudge(url, model)(task, traj) -> 1 | 0.5 | 0    eval.py's `facts` judge: answer facts, else the annotator
     judge_trajectories(trajs, tasks, judge_fn, repeats)  eval.evaluate: trajectories x repeats -> label entries
     PassRateJudge(url, model, stb_dir).judge(example, rng)  one repeat of the pass-rate decision (eval.py)
@@ -51,6 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 from tqdm import tqdm
 
+import eval as evaluation
+import reward
 from harness import formats
 
 STB_EVALUATOR = os.path.join("toolbench", "tooleval", "evaluators", "tooleval_gpt-3.5-turbo_default")
@@ -121,15 +124,11 @@ JUDGE_SYSTEM = (
     "call, in order], \"status\": \"Solved\" | \"Unsure\" | \"Unsolved\"}")
 
 
-def _intermediate(traj):  # reward.intermediate: every step but a final Finish
-    return traj.steps[:-1] if traj.finish else traj.steps
-
-
 def judge_messages(task, traj, max_chars=1024):
     """The chat that asks the judge to annotate one episode (our wording of the paper's procedure)."""
     calls = [{"call": i + 1, "function": s.name or "(unparsed)", "arguments": s.arguments,
               "response": (json.dumps(s.record, ensure_ascii=False) if s.record else s.observation)[:max_chars]}
-             for i, s in enumerate(_intermediate(traj))]
+             for i, s in enumerate(reward.intermediate(traj))]
     answer = {"give_answer": traj.final_answer, "give_up": "(the assistant gave up)"}.get(traj.finish, "(none)")
     tools = ", ".join(f["name"] for f in task.functions) or "?"
     user = (f"Query: {task.query or traj.query}\nTools offered: {tools}\n"
@@ -159,12 +158,37 @@ class Judge(Client):
         self.repeats, self.max_chars = repeats, max_chars
 
     def annotate(self, task, traj):
-        """One episode -> an annotation in the original's format (reward.annotation_means); JudgeError."""
-        n, body = len(_intermediate(traj)), {"messages": judge_messages(task, traj, self.max_chars)}
+        """One episode -> an annotation in the original's format (annotation_means); JudgeError."""
+        n, body = len(reward.intermediate(traj)), {"messages": judge_messages(task, traj, self.max_chars)}
         reps = [self.ask(body, lambda r: parse_judge_reply(r, n)) for _ in range(self.repeats)]
         return {"process_reward": {str(i): {"succeed_tool_calling": s, "contributions": c}
                                    for i, (s, c, _) in enumerate(reps)},
                 "is_solved": {str(i): f"AnswerStatus.{st}" for i, (_, _, st) in enumerate(reps)}}
+
+    def means(self, task, traj):
+        """What reward.py asks of a judge: -> (annotation_means of the episode's annotation, "") or (None,
+        the error) when the judge failed every try; a failing judge never stops training (reward.py,
+        departure 6)."""
+        try:
+            ann = self.annotate(task, traj)
+        except JudgeError as e:
+            return None, str(e)
+        return annotation_means(ann), ""
+
+
+IS_SOLVED = {"solved": 1.0, "unsure": 0.5, "unsolved": 0.0}  # AnswerStatus -> IsSolved
+
+
+def annotation_means(ann):
+    """An annotation in the original's format, {"process_reward": {repeat: {"succeed_tool_calling":
+    [0/1 ..], "contributions": [0..5 ..]}}, "is_solved": {repeat: "AnswerStatus.Solved" ..}} ->
+    (mean SuccCalling per step, mean contribution / 5 per step, mean IsSolved), over the repeats."""
+    reps = list(ann["process_reward"].values())
+    n = len(reps[0]["succeed_tool_calling"])
+    succ = [sum(float(r["succeed_tool_calling"][i]) for r in reps) / len(reps) for i in range(n)]
+    contrib = [sum(float(r["contributions"][i]) for r in reps) / (5 * len(reps)) for i in range(n)]
+    status = [IS_SOLVED[str(s).split(".")[-1].lower()] for s in ann["is_solved"].values()]
+    return succ, contrib, sum(status) / len(status)
 
 
 class FactsJudge:
@@ -177,13 +201,12 @@ class FactsJudge:
         self.annotator, self.warned = (Judge(url, model, repeats=1, **kw) if url else None), False
 
     def __call__(self, task, traj):
-        import reward  # reward.py imports this file
         if task.answer or self.annotator is None or traj.finish != "give_answer" or not traj.final_answer.strip():
             if self.annotator is None and not task.answer and not self.warned:
                 self.warned = True
                 print("eval.py: warning: no --judge-url; tasks without answer facts are judged Unsure", file=sys.stderr)
             return reward.is_solved(task, traj)
-        return reward.annotation_means(self.annotator.annotate(task, traj))[2]
+        return annotation_means(self.annotator.annotate(task, traj))[2]
 
     def describe(self):
         a = self.annotator
@@ -192,7 +215,7 @@ class FactsJudge:
 
 
 def judge_trajectories(trajectories, tasks, judge_fn, repeats=3, workers=8):
-    """eval.evaluate's judging: judge_fn(task, traj) -> 1 | 0.5 | 0, `repeats` times per answer that ends
+    """evaluate's judging: judge_fn(task, traj) -> 1 | 0.5 | 0, `repeats` times per answer that ends
     in Finish give_answer (others Unsolved, unasked) -> (labels {group: {qid: label entry}}, errors
     {group: {qid: message}}); a judge_fn that raises JudgeError makes its query a judge error."""
     by_key = {(t.group, t.query_id): t for t in tasks}
@@ -213,6 +236,21 @@ def judge_trajectories(trajectories, tasks, judge_fn, repeats=3, workers=8):
         for task, entry, err in tqdm(pool.map(one, trajectories), total=len(trajectories), desc="judge", leave=False):
             (errors if err else labels).setdefault(task.group, {})[str(task.query_id)] = err or entry
     return dict(sorted(labels.items())), errors
+
+
+def labeller(judge_fn, workers=8):
+    """judge_fn(task, traj) -> steptool.evaluate's judge: (trajectories, tasks, repeats) -> (labels, errors)."""
+    return lambda trajectories, tasks, repeats: judge_trajectories(trajectories, tasks, judge_fn, repeats, workers)
+
+
+def evaluate(trajectories, tasks, judge_fn, repeats=3, workers=8, errors=None):
+    """Judge finished trajectories (judge_trajectories), then score them (eval.score_groups) -> (labels
+    {group: {qid: entry}}, scored [(file, group, metrics)], groups). A judge_fn that raises JudgeError
+    makes that query a judge error (eval.py, departure 6), its message put in `errors` {group: {qid: message}}."""
+    labels, errs = judge_trajectories(trajectories, tasks, judge_fn, repeats, workers)
+    if errors is not None:
+        errors.update(errs)
+    return labels, *evaluation.score_groups(labels, errs, tasks)
 
 
 # ---- the pass-rate decision (eval.py; StableToolBench's evaluator) ----------------------------

@@ -23,7 +23,7 @@ killed run never leaves a stale lock; a second claim in the same process is refu
 locks belong to an open file, not to a process).
 
 Checkpoints: write_dir() writes a folder under a temporary name and renames it into place;
-save_checkpoint() writes the policy and a state.pt of tensors, numbers, strings and containers
+models.save_checkpoint() writes the policy and a state.pt of tensors, numbers, strings and containers
 only, read back by load_state() with torch.load(weights_only=True), so a crafted state.pt cannot
 run code: it is refused, unread, with one line naming the file.
 
@@ -352,22 +352,6 @@ def install(run, write, last):
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(run_dir, policy, state, name="checkpoint", weights=None):
-    """RUN/checkpoint: the policy (its base, when changed, once per run in RUN/base) + state.pt.
-    weights: the policy's state dict as full tensors, when its own are sharded (dist.py, FSDP2)."""
-    def write(tmp):
-        policy.save(tmp, base_dir=os.path.join(run_dir, "base"), state=weights)
-        torch.save(state, os.path.join(tmp, "state.pt"))
-    try:
-        write_dir(os.path.join(run_dir, name), write)   # the new checkpoint is complete before the old one goes
-    except RunError as e:
-        try:
-            last = f"the last checkpoint, {find_checkpoint(run_dir)}, is intact: free space and continue with --resume {run_dir}"
-        except FileNotFoundError:
-            last = "no checkpoint was saved before this one"
-        raise RunError(f"{e}; {last}") from None
-
-
 def find_checkpoint(run_dir):
     for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
         if os.path.isfile(os.path.join(run_dir, name, "state.pt")):

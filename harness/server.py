@@ -31,7 +31,7 @@ starve clients that are sending (python server_bench.py measures it).
 - Query files and the cache folder are checked when the server is made: ConfigError (a ValueError),
   one line naming the file and the query; `python server.py` prints it and exits with status 2.
 - A template that cannot be filled (say a `_list_length` of "many") is the protocol's error record
-  with HTTP 200: the query file is at fault, and env.ToolClient retries a 5xx as a server fault.
+  with HTTP 200: the query file is at fault, and toolclient.ToolClient retries a 5xx as a server fault.
 - So is a cache file that cannot be used (unreadable, not UTF-8, not JSON or cut short, nested too
   deep, not an object of records): the error names the file (under --cache) and what is wrong, and
   stderr gets one line per version of the file. A 5xx would be retried, then stop training as if the
@@ -72,7 +72,7 @@ from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from harness import formats
+from harness import formats, toolclient
 from harness import world
 from env import change_name, standardize
 

@@ -12,7 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import env  # noqa: E402
+from harness import formats  # noqa: E402
 from harness import server  # noqa: E402
 
 # The test models are tiny: one thread is ~100x faster than OpenMP threads spin-waiting on a busy
@@ -35,19 +35,19 @@ def tool_server():
 
 @pytest.fixture(scope="session")
 def test_tasks():
-    return env.load_tasks(os.path.join(ROOT, "data", "bench_test.json"))
+    return formats.load_tasks(os.path.join(ROOT, "data", "bench_test.json"))
 
 
 @pytest.fixture(scope="session")
 def train_tasks():
-    return env.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))
+    return formats.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))
 
 
 @pytest.fixture(scope="session")
 def tiny_tok():
     """The tiny model's BPE tokenizer, trained once per session (~3 s)."""
-    import policy
-    return policy.build_tiny_tokenizer()
+    from harness import models
+    return models.tiny_tokenizer()
 
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)

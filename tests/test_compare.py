@@ -8,6 +8,7 @@ import sys
 import torch
 
 from conftest import ROOT, SMALL
+from harness import toolclient
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 BUDGET = ["--threads", "1", "--iterations", "1", "--episodes-per-iteration", "2", "--sft-epochs", "1",
@@ -119,7 +120,7 @@ def test_rft_update_trains_on_the_solved_episodes_only(make_policy, tool_server,
     import rollout
     import steptool
     pol = make_policy(full_finetune=True)
-    client = env.ToolClient(tool_server.url)
+    client = toolclient.ToolClient(tool_server.url)
     ep, _ = rollout.expert_episode(pol, test_tasks[0], client)
     cfg = steptool.Config(ppo_epochs=3, mini_batch_size=2)
     opt = torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-3)

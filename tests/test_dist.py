@@ -1,8 +1,8 @@
-"""Data parallel over torchrun's processes (dist.py), on CPU with gloo, 2 processes, tiny models.
+"""Data parallel over torchrun's processes (harness/dist.py), on CPU with gloo, 2 processes, tiny models.
 
-Two ranks compute what one process computes: the PPO update (DDP for LoRA, FSDP2 for full
-fine-tuning: the same weights after it, the same statistics), the sharded evaluation (the same
-scores), and `torchrun --nproc_per_node 2 steptool.py` the same metrics as `python steptool.py` on the
+Two ranks compute what one process computes: Ranks.update what ppo.update does (DDP for LoRA, FSDP2
+for full fine-tuning: the same weights after it, the same statistics), Ranks.evaluate what
+steptool.evaluate does (the same scores, the same per-task scores), and `torchrun --nproc_per_node 2 steptool.py` the same metrics as `python steptool.py` on the
 same global batch. A killed rank stops the run with a clear error and a whole checkpoint, which
 resumes on 2 ranks and ends with one process's metrics and checkpoint.
 
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from harness import toolclient
 from test_steptool import ENV, SMALL_RUN, metrics
 
 ABS, REL = 1e-5, 1e-4
@@ -60,7 +61,6 @@ def one_process(*args):
 # ---- the update and the evaluation, rank by rank (torch.multiprocessing, gloo) ------------------
 def tiny_policy(full_finetune):
     """A 2-layer, 32-wide random Qwen2 (seed 0) with a 3-token tokenizer; LoRA r 4, or every weight."""
-    import chat
     import policy as P
     from tokenizers import Tokenizer, models
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
@@ -71,7 +71,7 @@ def tiny_policy(full_finetune):
     model.config.use_cache = False
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<|im_start|>": 0, "<|im_end|>": 1, "a": 2},
                                                                               unk_token="a")),
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=chat.CHAT_TEMPLATE)
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=P.CHAT_TEMPLATE)
     lora = None if full_finetune else dict(r=4, alpha=8, dropout=0.0, targets=list(P.LORA_TARGETS))
     if lora:
         model.requires_grad_(False)
@@ -100,7 +100,8 @@ def batch(n=5, nan=False):
 
 def run_update(ranks, full_finetune, nan=False):
     """One PPO update (2 epochs, 3 optimizer steps each) of this rank's block of the batch, SGD so that
-    the weights move by the gradient itself -> (stats, the policy's full state dict on rank 0)."""
+    the weights move by the gradient itself -> (stats, the policy's full state dict on rank 0). One
+    process: ppo.update; 2 ranks: Ranks.update."""
     from harness import dist
     import ppo
     ranks = dist.Ranks(ranks.rank, ranks.world, ranks.local_rank, ranks.device)   # one per policy, as one per run
@@ -111,7 +112,8 @@ def run_update(ranks, full_finetune, nan=False):
     ranks.wrap(pol)
     cfg = ppo.PPOConfig(batch_size=5, mini_batch_size=1, grad_accum=2, ppo_epochs=2)
     opt = torch.optim.SGD([p for p in pol.parameters() if p.requires_grad], lr=0.1)
-    stats = ppo.update(pol, opt, eps[lo:hi], cfg, ppo.KLController(cfg), torch.Generator().manual_seed(3), ranks)
+    update = ppo.update if ranks.world == 1 else ranks.update
+    stats = update(pol, opt, eps[lo:hi], cfg, ppo.KLController(cfg), torch.Generator().manual_seed(3))
     stats = {k: v for k, v in stats.items() if not k.startswith("time/")}
     return stats, ranks.full_state(pol) if ranks.fsdp else pol.state_dict()
 
@@ -128,7 +130,7 @@ def run_roundtrip(ranks):
     cfg = ppo.PPOConfig(batch_size=5, mini_batch_size=1, grad_accum=2, ppo_epochs=1, lr=1e-3)
     opt = ppo.make_optimizer(pol, cfg)
     lo, hi = ranks.block(5)
-    ppo.update(pol, opt, batch()[lo:hi], cfg, ppo.KLController(cfg), torch.Generator().manual_seed(3), ranks)
+    ranks.update(pol, opt, batch()[lo:hi], cfg, ppo.KLController(cfg), torch.Generator().manual_seed(3))
     saved = ranks.gather(ranks.optimizer_state(opt))[0]           # state.pt, as every rank reads it
     again = ppo.make_optimizer(pol, cfg)
     ranks.load_optimizer_state(again, saved)
@@ -150,13 +152,21 @@ def replay(policy, tasks, client, first_episode=0, **kw):
 
 
 def run_evaluate(ranks, url, out):
-    """steptool.evaluate of 12 test tasks (4 per group), eval.run_policy replaced by `replay`."""
+    """12 test tasks (4 per group), eval.run_policy replaced by `replay` -> ({group: {pass_rate, recall}},
+    each task's score and recall): Ranks.evaluate on 2 ranks, steptool.evaluate's record in one process."""
     import env
-    import eval as evaluation
     import steptool
-    tasks = steptool.limit_per_group(env.load_tasks(os.path.join(ROOT, "data", "bench_test.json")), 4)
-    cfg = steptool.Config(output=out)
-    return steptool.evaluate(None, tasks, env.ToolClient(url), cfg, evaluation.make_judge("", "x"), 1, ranks)
+    from harness import formats, judge, launch
+    tasks = launch.limit_per_group(formats.load_tasks(os.path.join(ROOT, "data", "bench_test.json")), 4)
+    cfg, client, eval_judge = steptool.Config(output=out), toolclient.ToolClient(url), judge.labeller(judge.FactsJudge("", "x"))
+    if ranks.world > 1:
+        return ranks.evaluate(None, tasks, client, cfg, eval_judge)
+    rec, scores = steptool.evaluate(None, tasks, client, cfg, eval_judge), {}
+    for k, v in rec.items():          # eval/GROUP/pass_rate, eval/GROUP/recall
+        if k.startswith("eval/") and k != "eval/tasks":
+            group, metric = k[len("eval/"):].rsplit("/", 1)
+            scores.setdefault(group, {})[metric] = v
+    return scores, rec["eval/tasks"]
 
 
 def _worker(rank, port, url, out):
@@ -228,9 +238,9 @@ def test_evaluation_sharded_over_two_ranks_scores_as_one_process(two_ranks, tool
     import eval as evaluation
     monkeypatch.setattr(evaluation, "run_policy", replay)
     one = run_evaluate(dist.ONE, tool_server.url, str(tmp_path))
-    assert two_ranks[0]["eval"] == one and 0 < one["overall"]["pass_rate"] < 100
-    with open(tmp_path / "eval_tasks.json") as f, open(os.path.join(two_ranks[1], "run", "eval_tasks.json")) as g:
-        assert json.load(f) == json.load(g)
+    scores, each = two_ranks[0]["eval"]
+    assert scores == one[0] and 0 < one[0]["overall"]["pass_rate"] < 100
+    assert each == one[1] and len(each) > 0      # eval_tasks.json's tasks: each task's score and recall
 
 
 # ---- steptool.py under torchrun --------------------------------------------------------------------
@@ -248,6 +258,8 @@ def test_torchrun_with_two_ranks_ends_with_the_metrics_of_one_process_on_the_sam
     assert_same_metrics(one, two)
     assert [m["rollout/sampled_tokens"] for m in two[1:]] == [m["rollout/sampled_tokens"] for m in one[1:]]  # same episodes
     assert os.path.isfile(lora_runs / "two" / "adapter.safetensors")
+    with open(lora_runs / "one" / "eval_tasks.json") as f, open(lora_runs / "two" / "eval_tasks.json") as g:
+        assert json.load(f) == json.load(g)                      # rank 0 wrote one process's per-task scores
 
 
 def rank_pid(run_dir, rank):
@@ -293,8 +305,8 @@ def test_a_killed_rank_stops_the_run_with_a_clear_error_and_an_intact_checkpoint
     cut, rc, text = killed
     assert rc != 0 and "Signal 9 (SIGKILL)" in text and "rank      : 1" in text, text[-3000:]   # torchrun's report
     assert f"The last checkpoint in {cut} is intact; continue with torchrun ... steptool.py --resume {cut}" in text  # rank 0's
-    import policy as P
-    P.load_policy(str(cut / "checkpoint"))                         # whole
+    from harness import models
+    models.load_policy(str(cut / "checkpoint"))                    # whole
     assert torch.load(cut / "checkpoint" / "state.pt", weights_only=True)["iteration"] == 1
     assert [m["iteration"] for m in metrics(cut)] == [0, 1]
 
@@ -317,13 +329,11 @@ def test_the_killed_run_resumed_on_two_ranks_ends_with_the_metrics_and_checkpoin
 
 
 def test_what_several_ranks_do_not_run_is_refused_before_anything_loads():
-    from harness import checks
-    from harness import dist
-    import steptool
+    from harness import checks, dist, launch
     two = dist.Ranks(0, 2, 0, torch.device("cpu"))
     with pytest.raises(checks.InputError, match="--algo rft runs in one process only"):
-        steptool.check_ranks(steptool.parse_args(["--algo", "rft"]), two)
+        launch.check_ranks(launch.parse_args(["--algo", "rft"]), two)
     with pytest.raises(checks.InputError, match="--device cuda: this run's ranks were started on cpu"):
-        steptool.check_ranks(steptool.parse_args(["--device", "cuda"]), two)
-    steptool.check_ranks(steptool.parse_args(["--algo", "rft"]), dist.ONE)     # one process: all of it
+        launch.check_ranks(launch.parse_args(["--device", "cuda"]), two)
+    launch.check_ranks(launch.parse_args(["--algo", "rft"]), dist.ONE)     # one process: all of it
     assert dist.ONE.block(7) == (0, 7) and [two.block(7, r) for r in (0, 1)] == [(0, 3), (3, 7)]

@@ -3,6 +3,7 @@ ToolClient (env.py). Expert trajectories must solve their tasks through the real
 malformed turn, task file and dead server must fail in a way a training run can read.
 """
 import json
+from dataclasses import asdict
 import os
 import re
 import subprocess
@@ -16,12 +17,14 @@ import pytest
 
 from conftest import ROOT, SHARED, STB_QUERIES
 import env
+from harness import formats
+from harness import toolclient
 from harness import world
 
 
 # ---- the embedded benchmark ------------------------------------------------------------------
 def test_every_test_split_expert_trajectory_solves_its_task_through_env_and_server(tool_server, test_tasks):
-    client = env.ToolClient(tool_server.url, retries=0)
+    client = toolclient.ToolClient(tool_server.url, retries=0)
     client.check()
     assert len(test_tasks) == 360
     for task in test_tasks:
@@ -130,7 +133,7 @@ def test_function_names_follow_toolbench_convention(tool, api, name):
 
 
 def test_load_tasks_reads_stabletoolbench_query_files():
-    tasks = env.load_tasks(STB_QUERIES)
+    tasks = formats.load_tasks(STB_QUERIES)
     assert [t.query_id for t in tasks] == [9101, 9102, 9103]
     assert {t.group for t in tasks} == {"stb_queries"}  # the file stem, as for G1_instruction.json
     t = tasks[1]
@@ -148,14 +151,14 @@ def test_a_group_field_in_a_query_overrides_the_file_stem(tmp_path):
         q = json.load(f)[0]
     path = tmp_path / "G1_instruction.json"
     path.write_text(json.dumps([q, {**q, "query_id": 1, "group": "G3_instruction"}]))
-    assert [t.group for t in env.load_tasks(str(path))] == ["G1_instruction", "G3_instruction"]
+    assert [t.group for t in formats.load_tasks(str(path))] == ["G1_instruction", "G3_instruction"]
 
 
 def _malformed(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(env.TaskFileError) as e:
-        env.load_tasks(str(path))
+    with pytest.raises(formats.TaskFileError) as e:
+        formats.load_tasks(str(path))
     assert str(path) in str(e.value)
     return str(e.value)
 
@@ -173,8 +176,8 @@ def test_malformed_task_files_raise_task_file_error_naming_file_and_item(tmp_pat
     assert "item 0" in msg and "9103" in msg
     msg = _malformed(tmp_path, "bad_relevant.json", json.dumps([{**good[0], "relevant APIs": [["only tool"]]}]))
     assert "item 0" in msg and "9101" in msg
-    with pytest.raises(env.TaskFileError, match="nowhere.json"):
-        env.load_tasks(str(tmp_path / "nowhere.json"))
+    with pytest.raises(formats.TaskFileError, match="nowhere.json"):
+        formats.load_tasks(str(tmp_path / "nowhere.json"))
 
 
 # ---- actions: parse_action ----------------------------------------------------------------
@@ -343,12 +346,12 @@ def test_a_trajectory_round_trips_through_a_dict():
     e.step("no action here")
     e.step(act("forecast_for_skycast", city="Velmora"))
     e.step(act("Finish", return_type="give_answer", final_answer="sunny"))
-    d = json.loads(json.dumps(e.traj.to_dict()))
-    assert env.Trajectory.from_dict(d) == e.traj
+    d = json.loads(json.dumps(asdict(e.traj)))
+    assert formats.trajectory(d) == e.traj
 
 
 def test_step_all_steps_many_episodes_against_the_real_server(tool_server, test_tasks):
-    client = env.ToolClient(tool_server.url, retries=0)
+    client = toolclient.ToolClient(tool_server.url, retries=0)
     tasks = test_tasks[:4]
     envs = [env.ToolEnv(client) for _ in tasks]
     for e, t in zip(envs, tasks):
@@ -395,18 +398,18 @@ def dead_url():
 
 def test_a_dead_server_raises_tool_server_error_naming_the_url_quickly():
     url = dead_url()
-    client = env.ToolClient(url, timeout=1, retries=2, backoff=0.01)
+    client = toolclient.ToolClient(url, timeout=1, retries=2, backoff=0.01)
     t0 = time.perf_counter()
-    with pytest.raises(env.ToolServerError, match=re.escape(url)):
+    with pytest.raises(toolclient.ToolServerError, match=re.escape(url)):
         client.call("Weather", "SkyCast", "forecast", CALL)
-    with pytest.raises(env.ToolServerError, match=re.escape(url)):
+    with pytest.raises(toolclient.ToolServerError, match=re.escape(url)):
         client.check()
     assert time.perf_counter() - t0 < 5
 
 
 def test_5xx_answers_are_retried_until_one_succeeds():
     with stub_server([503, 502]) as (url, seen):
-        record = env.ToolClient(url, retries=3, backoff=0.01).call("Weather", "SkyCast", "forecast", CALL)
+        record = toolclient.ToolClient(url, retries=3, backoff=0.01).call("Weather", "SkyCast", "forecast", CALL)
     assert record == {"error": "", "response": "ok"} and len(seen) == 3
     assert seen[0] == {"category": "Weather", "tool_name": "SkyCast", "api_name": "forecast",
                        "tool_input": json.dumps(CALL), "strip": "", "toolbench_key": ""}  # the protocol's body
@@ -414,14 +417,14 @@ def test_5xx_answers_are_retried_until_one_succeeds():
 
 def test_5xx_forever_raises_after_the_last_retry():
     with stub_server([500] * 10) as (url, seen):
-        with pytest.raises(env.ToolServerError, match="HTTP 500"):
-            env.ToolClient(url, retries=2, backoff=0.01).call("Weather", "SkyCast", "forecast", CALL)
+        with pytest.raises(toolclient.ToolServerError, match="HTTP 500"):
+            toolclient.ToolClient(url, retries=2, backoff=0.01).call("Weather", "SkyCast", "forecast", CALL)
     assert len(seen) == 3
 
 
 def test_4xx_is_an_error_record_not_retried():
     with stub_server([400]) as (url, seen):
-        record = env.ToolClient(url, retries=3, backoff=0.01).call("Weather", "SkyCast", "forecast", CALL)
+        record = toolclient.ToolClient(url, retries=3, backoff=0.01).call("Weather", "SkyCast", "forecast", CALL)
     assert "HTTP 400" in record["error"] and len(seen) == 1
 
 
@@ -430,14 +433,14 @@ def test_a_loopback_server_is_reached_even_when_a_proxy_is_configured(tool_serve
         monkeypatch.setenv(var, dead_url())
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    client = env.ToolClient(tool_server.url, retries=0)
+    client = toolclient.ToolClient(tool_server.url, retries=0)
     client.check()
     assert client.call("Weather", "SkyCast", "forecast", {"city": "Nowhere"})["response"]["status"] == 404
 
 
 # ---- command line and StableToolBench's own samples ----------------------------------------
-def test_env_command_line_renders_prompts():
-    out = subprocess.run([sys.executable, "env.py", "--tasks", STB_QUERIES, "--show", "3"], cwd=ROOT,
+def test_the_task_file_command_line_renders_prompts():
+    out = subprocess.run([sys.executable, "-m", "harness.formats", "--tasks", STB_QUERIES, "--show", "3"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert out.count("<system>") == 3 and "is_id_for_quill_lookup(is_id: integer)" in out
     assert "v2_entries_search_for_quill_lookup(is_from: string, pagesize?: integer, include_drafts?: boolean)" in out
@@ -446,7 +449,7 @@ def test_env_command_line_renders_prompts():
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared (reference data) is not present")
 def test_stabletoolbench_sample_prompts_render():
     path = os.path.join(SHARED, "data", "stabletoolbench", "sample_queries.json")
-    tasks = env.load_tasks(path)
+    tasks = formats.load_tasks(path)
     assert len(tasks) == 12 and {t.group for t in tasks} == {"G1_instruction", "G2_instruction", "G3_instruction"}
     for t in tasks:
         system, user = env.initial_messages(t)

@@ -22,6 +22,11 @@ import pytest
 
 import env
 import eval as ev  # conftest.py puts the repo root on sys.path
+from harness import compare
+from harness import evaluate as cli  # eval.py's command line
+from harness import judge as J
+from harness import toolclient
+from harness import formats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -33,7 +38,7 @@ S, U, N = "AnswerStatus.Solved", "AnswerStatus.Unsure", "AnswerStatus.Unsolved"
 
 
 def score_fixture(**kw):
-    scored, groups, errors = ev.score_paths([LABELS], **kw)
+    scored, groups, errors = cli.score_paths([LABELS], **kw)
     assert errors == []
     return scored[0][2]
 
@@ -62,7 +67,7 @@ def test_missing_repeat_counts_as_unsolved_like_stabletoolbench(tmp_path):
     # a: repeats 0,1,2 all Solved; b: only repeat 0 Solved -> r0 = 2/2, r1 = 1/2, r2 = 1/2
     p = write(tmp_path, "G2_category.json", {"a": entry(is_solved={"0": S, "1": S, "2": S}),
                                              "b": entry(is_solved={"0": S})})
-    (_, _, m), = ev.score_paths([p])[0]
+    (_, _, m), = cli.score_paths([p])[0]
     assert m["repeats"] == 3 and m["missing_repeats"] == 1
     assert m["pass_rate"] == pytest.approx(100 * (1 + 0.5 + 0.5) / 3)
 
@@ -72,20 +77,20 @@ def test_unsure_counts_half():
 
 
 def test_answer_not_ending_in_finish_give_answer_counts_unsolved_whatever_its_label():
-    assert ev.ends_with_answer("Final step: {'name': 'Finish', 'arguments': '{\"return_type\": \"give_answer\", "
+    assert formats.ends_with_answer("Final step: {'name': 'Finish', 'arguments': '{\"return_type\": \"give_answer\", "
                                "\"final_answer\": \"42\"}', 'response': ''}")
-    assert not ev.ends_with_answer("Final step: {'name': 'Finish', 'arguments': '{\"return_type\": "
+    assert not formats.ends_with_answer("Final step: {'name': 'Finish', 'arguments': '{\"return_type\": "
                                    "\"give_up_and_restart\"}', 'response': ''}")
-    assert not ev.ends_with_answer("Final step: {'name': 'search_for_x', 'arguments': '{}', 'response': 'Finish'}")
-    assert not ev.ends_with_answer("")  # no step at all
-    assert ev.ends_with_answer("Final step: {'name': 'Finish', 'arguments': '{\"return_type\": \"give_answer\", \"fin")
+    assert not formats.ends_with_answer("Final step: {'name': 'search_for_x', 'arguments': '{}', 'response': 'Finish'}")
+    assert not formats.ends_with_answer("")  # no step at all
+    assert formats.ends_with_answer("Final step: {'name': 'Finish', 'arguments': '{\"return_type\": \"give_answer\", \"fin")
     assert score_fixture()["overridden"] == 2  # 103 (tool call) and 104 (give up) were labelled Solved / Unsure
 
 
 def test_sample_label_file_from_shared_scores_zero():
     if not os.path.exists(SAMPLE):
         pytest.skip("../shared is absent in a user's clone")
-    (_, group, m), = ev.score_paths([SAMPLE])[0]
+    (_, group, m), = cli.score_paths([SAMPLE])[0]
     # six queries, every repeat Unsolved, and none ends with Finish: score_r = 0 / 6 for r = 0, 1, 2
     assert (m["n"], m["repeats"], m["pass_rate"], m["pass_rate_std"]) == (6, 3, 0.0, 0.0)
     assert group == "sample_pass_rate_labels"
@@ -102,14 +107,14 @@ def test_recall_counts_each_relevant_api_once_and_missing_ones_as_zero():
 def test_step_names_parse_literals_and_fall_back_to_regex_on_truncated_steps():
     text = ("Step 1: {'name': 'a_for_t', 'arguments': '{}', 'response': 'ok'}\n"
             "Step 2: {'name': 'b_for_t', 'arguments': '{\"q\": \"x\"}', 'response': '{\"error\": \"\", \"resp")
-    assert ev.step_names(text) == ["a_for_t", "b_for_t"]
-    assert ev.step_names("") == []
+    assert formats.step_names(text) == ["a_for_t", "b_for_t"]
+    assert formats.step_names("") == []
 
 
 def test_step_text_is_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     text = f"Step 1: {{'name': __import__('os').system('touch {marker}')}}"
-    assert ev.step_names(text) == [] and not marker.exists()
+    assert formats.step_names(text) == [] and not marker.exists()
 
 
 def test_recall_prefers_the_label_files_group_when_query_ids_repeat_across_groups():
@@ -148,10 +153,10 @@ def test_two_files_of_one_group_give_no_group_means():
 
 
 def test_group_name_is_the_file_stem_or_the_stabletoolbench_group_it_contains():
-    assert ev.label_group("out/G2_category.json") == "G2_category"
-    assert ev.label_group("labels/G1_tool_toolllama_dfs.json") == "G1_tool"  # their <group>_<model>.json
-    assert ev.label_group("runs/G1.json") == "G1"
-    assert ev.label_group("x/G2_category.json", override="mine") == "mine"
+    assert formats.label_group("out/G2_category.json") == "G2_category"
+    assert formats.label_group("labels/G1_tool_toolllama_dfs.json") == "G1_tool"  # their <group>_<model>.json
+    assert formats.label_group("runs/G1.json") == "G1"
+    assert formats.label_group("x/G2_category.json", override="mine") == "mine"
 
 
 # ---- malformed files ------------------------------------------------------------------------
@@ -168,8 +173,8 @@ def test_group_name_is_the_file_stem_or_the_stabletoolbench_group_it_contains():
         "non_ascii_repeat_index", "missing_final_step", "empty"])
 def test_malformed_label_file_error_names_file_and_entry(tmp_path, content, message):
     p = write(tmp_path, "G1_tool.json", content)
-    with pytest.raises(ev.LabelFileError, match=message) as e:
-        ev.load_labels(p)
+    with pytest.raises(formats.LabelFileError, match=message) as e:
+        formats.load_labels(p)
     assert str(e.value).startswith(p)
 
 
@@ -181,7 +186,7 @@ def test_one_bad_file_is_reported_and_the_others_still_scored(tmp_path):
     counts = write(tmp_path, "G1_category.json", {"101": {**entry(), "passed": 1, "failed": "2"}})
     listed = write(tmp_path, "G2_category.json", {"101": entry(
         answer_steps="Step 1: {'name': ['current_weather_for_weather_hub'], 'arguments': '{}', 'response': ''}")})
-    scored, _, errors = ev.score_paths([LABELS, bad, counts, listed], [QUERIES, bad_queries])
+    scored, _, errors = cli.score_paths([LABELS, bad, counts, listed], [QUERIES, bad_queries])
     assert [g for _, g, _ in scored] == ["G1_instruction"] and scored[0][2]["recall"] == pytest.approx(60.0)
     assert len(errors) == 4 and errors[0].startswith(bad_queries) and errors[1].startswith(bad + ": query 42")
     assert errors[2].startswith(counts) and errors[3].startswith(listed)
@@ -211,7 +216,7 @@ def test_evaluate_judges_only_answers_and_scores_them_as_stabletoolbench():
     def judge_fn(task, traj):
         calls.append(task.query_id)
         return [1, 0.5, 0][len(calls) - 1]
-    labels, scored, groups = ev.evaluate(fake_trajectories(), fake_tasks(), judge_fn, repeats=3, workers=1)
+    labels, scored, groups = J.evaluate(fake_trajectories(), fake_tasks(), judge_fn, repeats=3, workers=1)
     assert calls == [1, 1, 1]  # the never-finished and the given-up answers are Unsolved without a judge
     assert labels["G1"]["1"]["is_solved"] == {"0": S, "1": U, "2": N}
     assert labels["G1"]["2"]["is_solved"] == {"0": N, "1": N, "2": N}
@@ -223,7 +228,7 @@ def test_evaluate_judges_only_answers_and_scores_them_as_stabletoolbench():
 
 def test_label_entry_is_written_in_stabletoolbench_style():
     task, traj = fake_tasks()[0], fake_trajectories()[0]
-    e = ev.to_label(task, traj, [S])
+    e = formats.to_label(task, traj, [S])
     assert e["answer_steps"] == (
         "Step 1: {'name': 'a_for_t', 'arguments': '{\"x\": 1}', 'response': '{\"error\": \"\", \"response\": \"ok\"}'}\n"
         "Step 2: {'name': 'Finish', 'arguments': '{\"return_type\": \"give_answer\", \"final_answer\": \"42\"}', "
@@ -237,21 +242,21 @@ def test_trajectory_recall_ignores_turns_that_made_no_call_and_agrees_with_its_l
     tasks, trajs = fake_tasks(), fake_trajectories()
     assert [ev.trajectory_recall(t, k) for t, k in zip(trajs, tasks)] == [0.5, 0.0, 0.0]
     for t, k in zip(trajs, tasks):
-        assert ev.recall(ev.step_names(ev.to_label(k, t, [N])["answer_steps"]), k.relevant) == ev.trajectory_recall(t, k)
-    assert ev.to_label(tasks[1], trajs[1], [N])["final_step"] == ""  # no call at all: like StableToolBench, ""
+        assert ev.recall(formats.step_names(formats.to_label(k, t, [N])["answer_steps"]), k.relevant) == ev.trajectory_recall(t, k)
+    assert formats.to_label(tasks[1], trajs[1], [N])["final_step"] == ""  # no call at all: like StableToolBench, ""
 
 
 def test_written_outputs_read_back_through_labels(tmp_path):
-    labels, scored, groups = ev.evaluate(fake_trajectories(), fake_tasks(), lambda t, j: 1, repeats=2, workers=1)
-    ev.write_outputs(str(tmp_path), labels, scored, groups)
-    ev.write_trajectories(str(tmp_path / "trajectories.jsonl"), fake_trajectories())
+    labels, scored, groups = J.evaluate(fake_trajectories(), fake_tasks(), lambda t, j: 1, repeats=2, workers=1)
+    cli.write_outputs(str(tmp_path), labels, scored, groups)
+    formats.write_trajectories(str(tmp_path / "trajectories.jsonl"), fake_trajectories())
     paths = [str(tmp_path / f"{g}.json") for g in ("G1", "G2")]
-    again, again_groups, errors = ev.score_paths(paths)
+    again, again_groups, errors = cli.score_paths(paths)
     assert errors == [] and [m for _, _, m in again] == [{**m, "recall_n": None, "recall": None} for _, _, m in scored]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["files"]["G1.json"]["pass_rate"] == pytest.approx(50.0) and results["groups"] == groups
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == "group,n,repeats,pass_rate,pass_rate_std,recall"
-    back = [env.Trajectory.from_dict(json.loads(l)) for l in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
+    back = [formats.trajectory(json.loads(l)) for l in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
     assert back == fake_trajectories()
 
 
@@ -283,7 +288,7 @@ def test_cli_model_path_runs_a_saved_model_and_writes_every_output(tmp_path):
     bench["tasks"] = [next(t for t in bench["tasks"] if t["group"] == g) for g in ("G1", "G2", "G3")]
     tasks = write(tmp_path, "tasks.json", json.dumps(bench))
     model = str(tmp_path / "model")
-    subprocess.run([sys.executable, os.path.join(ROOT, "policy.py"), "--save-tiny", model], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "harness.models", "--save-tiny", model], cwd=ROOT, check=True, capture_output=True)
     out = str(tmp_path / "out")
     r = run_cli("--model", model, "--tasks", tasks, "--max-steps", "2", "--max-new-tokens", "12",
                 "--repeats", "2", "--out", out)
@@ -297,9 +302,8 @@ def test_cli_model_path_runs_a_saved_model_and_writes_every_output(tmp_path):
     assert [t["query_id"] for t in trajs] == [t["query_id"] for t in bench["tasks"]]
     assert all(1 <= len(t["steps"]) <= 2 for t in trajs)
     # a model shipped as an adapter file on the same base: the same rollouts as the policy it came from
-    import policy as P
-    pol = P.load_policy(model)
-    pol.save_adapter(str(tmp_path / "a.safetensors"))
+    from harness import models
+    models.save_adapter(models.load_policy(model), str(tmp_path / "a.safetensors"))
     r = run_cli("--model", model, "--adapters", str(tmp_path / "a.safetensors"), "--tasks", tasks, "--max-steps", "2",
                 "--max-new-tokens", "12", "--repeats", "2", "--out", str(tmp_path / "out2"))
     assert r.returncode == 0, r.stderr
@@ -310,7 +314,7 @@ def test_cli_model_path_runs_a_saved_model_and_writes_every_output(tmp_path):
 
 
 def test_per_query_scores_average_to_the_group_pass_rates_and_recalls():
-    labels, scored, _ = ev.evaluate(fake_trajectories(), fake_tasks(), lambda task, traj: 0.5, repeats=2, workers=1)
+    labels, scored, _ = J.evaluate(fake_trajectories(), fake_tasks(), lambda task, traj: 0.5, repeats=2, workers=1)
     each = ev.per_query(labels, fake_tasks())
     assert {(q["group"], q["query_id"]) for q in each} == {("G1", "1"), ("G1", "2"), ("G2", "3")}
     for _, g, m in scored:
@@ -324,7 +328,7 @@ def test_paired_bootstrap_ci_covers_the_difference_and_needs_the_same_tasks():
     rng = np.random.default_rng(1)
     keys = [(g, str(i)) for g in ("G1", "G2", "G3") for i in range(120)]
     b = {k: float(rng.random() < 0.3) for k in keys}
-    same = ev.paired_bootstrap(b, b)
+    same = compare.paired_bootstrap(b, b)
     assert set(same) == {"G1", "G2", "G3", "overall"} and all(ci == [0.0, 0.0] for ci in same.values())
     a = dict(b)
     for k in keys[::4]:      # 90 tasks of 360 gain a pass where b failed, and 12 lose one
@@ -332,12 +336,12 @@ def test_paired_bootstrap_ci_covers_the_difference_and_needs_the_same_tasks():
     for k in keys[1::30]:
         a[k] = 0.0
     diff = 100 * (sum(a.values()) - sum(b.values())) / len(keys)
-    ci = ev.paired_bootstrap(a, b, seed=3)
+    ci = compare.paired_bootstrap(a, b, seed=3)
     assert ci["overall"][0] < diff < ci["overall"][1] and ci["overall"][0] > 0
     assert ci["overall"][1] - ci["overall"][0] < ci["G1"][1] - ci["G1"][0]  # three groups: a narrower interval
-    assert ev.paired_bootstrap(a, b, seed=3) == ci                        # seeded
+    assert compare.paired_bootstrap(a, b, seed=3) == ci                        # seeded
     with pytest.raises(ValueError, match="different tasks"):
-        ev.paired_bootstrap(a, {k: v for k, v in b.items() if k != keys[0]})
+        compare.paired_bootstrap(a, {k: v for k, v in b.items() if k != keys[0]})
 
 
 # the bootstrap as it was first written: all n x len(values) indices drawn at once (2,000 x 100,000
@@ -372,7 +376,7 @@ def test_bootstrap_cis_are_the_numbers_of_the_single_draw_for_the_same_seed():
         assert np.array_equal(blocked, v[np.random.default_rng(5).integers(0, 13, size=(150, 13))].mean(axis=1))
     keys = [(g, str(i)) for g, n in (("G1", 40), ("G2", 25)) for i in range(n)]
     a, b = ({k: float(rng.random() < p) for k in keys} for p in (0.5, 0.3))
-    assert ev.paired_bootstrap(a, b, n=3000, seed=4) == one_draw_paired_bootstrap(a, b, n=3000, seed=4)
+    assert compare.paired_bootstrap(a, b, n=3000, seed=4) == one_draw_paired_bootstrap(a, b, n=3000, seed=4)
 
 
 def test_bootstrap_ci_of_100000_queries_stays_under_200_mb():
@@ -394,7 +398,7 @@ def test_run_policy_cuts_tool_responses_at_the_obs_chars_it_is_given(make_policy
     seen = []
     real = rollout.rollout
     monkeypatch.setattr(rollout, "rollout", lambda *a, **k: seen.append(k["obs_chars"]) or real(*a, **k))
-    trajs = ev.run_policy(make_policy(), test_tasks[:2], tool_server.url, max_steps=2, max_new_tokens=8,
+    trajs = ev.run_policy(make_policy(), test_tasks[:2], toolclient.ToolClient(tool_server.url), max_steps=2, max_new_tokens=8,
                          progress=False, obs_chars=40)
     assert seen == [40] and len(trajs) == 2
     assert all(len(s.observation) <= 40 for t in trajs for s in t.steps if s.record)   # a call's response, cut

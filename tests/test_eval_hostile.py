@@ -15,6 +15,8 @@ import pytest
 
 import env
 import eval as ev
+from harness import evaluate as cli  # eval.py's command line
+from harness import judge as J
 from harness import runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +67,7 @@ def rollouts(monkeypatch):
         calls.append(len(tasks))
         say = env.Step("Action: Finish", "Finish", {"return_type": "give_answer", "final_answer": "Velmora."})
         return [env.Trajectory(t.query_id, t.query, t.group, [say], "give_answer", "Velmora.", "finish") for t in tasks]
-    monkeypatch.setattr(ev, "evaluate_model", fake)
+    monkeypatch.setattr(cli, "evaluate_model", fake)
     return calls
 
 
@@ -109,7 +111,7 @@ def test_a_hostile_groups_flag_is_refused_before_any_judge_request(tmp_path, jud
 
 
 def test_write_outputs_refuses_every_hostile_group_before_writing_anything(tmp_path):
-    _, scored, groups = ev.evaluate([], [], lambda t, j: 1)
+    _, scored, groups = J.evaluate([], [], lambda t, j: 1)
     entry = {"query": "q", "tool_names": [], "answer_steps": "", "final_step": "", "is_solved": {"0": "AnswerStatus.Unsolved"}}
     outside = lambda snap: {k: v for k, v in snap.items() if not k.startswith("deep")}
     for group in hostile_groups(tmp_path) + ["results", ".steptool-run"]:   # the last two: our own outputs' names
@@ -118,7 +120,7 @@ def test_write_outputs_refuses_every_hostile_group_before_writing_anything(tmp_p
             before = outside(snapshot(tmp_path))
             run = runs.claim(str(out), "eval", "--out", overwrite=True) if claimed else None
             with pytest.raises(runs.RunError, match="plain name|over"):
-                ev.write_outputs(str(out), {"G1": {"1": entry}, group: {"1": entry}}, scored, groups, run)
+                cli.write_outputs(str(out), {"G1": {"1": entry}, group: {"1": entry}}, scored, groups, run)
             if run:
                 run.release()
             assert outside(snapshot(tmp_path)) == before                  # the precious file unchanged
@@ -132,9 +134,9 @@ def test_a_link_in_out_to_a_users_file_is_not_written_through(tmp_path):
     with runs.claim(str(out), "eval", "--out") as run:
         run.register("G1.json")
         os.symlink(precious, out / "G1.json")        # planted after the claim: run.path_of still refuses it
-        labels, scored, groups = ev.evaluate([], [], lambda t, j: 1)
+        labels, scored, groups = J.evaluate([], [], lambda t, j: 1)
         with pytest.raises(runs.RunError, match="resolves outside"):
-            ev.write_outputs(str(out), {"G1": {}}, scored, groups, run)
+            cli.write_outputs(str(out), {"G1": {}}, scored, groups, run)
     assert precious.read_text() == "mine"
 
 

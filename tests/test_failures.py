@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from harness import runs
+from harness import models, runs
+from harness import toolclient
 from conftest import ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -43,22 +44,27 @@ def test_a_subprocess_with_an_impossible_output_exits_2_in_one_line(tmp_path):
 
 
 class Saving:
-    """What runs.save_checkpoint asks of a policy: policy.save(tmp, ...)."""
-    def save(self, path, base_dir=None, state=None):
+    """A stand-in policy: what models.save_checkpoint writes of one (models.save_policy, replaced below)."""
+
+
+@pytest.fixture(autouse=True)
+def save_policy_writes_a_stub(monkeypatch):
+    def save_policy(policy, path, base_dir=None, state=None):
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "policy.json"), "w") as f:
             f.write("{}")
+    monkeypatch.setattr(models, "save_policy", save_policy)
 
 
 def test_a_full_disk_while_writing_a_checkpoint_says_so_and_which_checkpoint_is_intact(tmp_path, monkeypatch):
     run = str(tmp_path)
-    runs.save_checkpoint(run, Saving(), {"iteration": 1})
+    models.save_checkpoint(run, Saving(), {"iteration": 1})
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(
         RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
                      "data/0: file write failed: unexpected pos 64 vs 136")))
     monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
     with pytest.raises(runs.RunError) as e:
-        runs.save_checkpoint(run, Saving(), {"iteration": 2})
+        models.save_checkpoint(run, Saving(), {"iteration": 2})
     msg = str(e.value)
     assert "no space left on device" in msg and f"{run}/checkpoint, is intact" in msg and f"--resume {run}" in msg
     assert not os.path.exists(os.path.join(run, "checkpoint.tmp"))
@@ -70,7 +76,7 @@ def test_an_errno_failure_while_writing_names_its_meaning(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(runs.RunError, match="No space left on device.*no checkpoint was saved before"):
-        runs.save_checkpoint(str(tmp_path), Saving(), {"iteration": 1})
+        models.save_checkpoint(str(tmp_path), Saving(), {"iteration": 1})
 
 
 def stop(tmp_path, sig, after, small_model, extra=()):
@@ -138,6 +144,6 @@ def test_a_batch_whose_every_episode_ends_before_its_first_turn_goes_on_to_the_w
                                                                                            test_tasks):
     import env
     import rollout
-    eps, trajs = rollout.rollout(make_policy(), test_tasks[:3], env.ToolClient(tool_server.url), max_new_tokens=8,
+    eps, trajs = rollout.rollout(make_policy(), test_tasks[:3], toolclient.ToolClient(tool_server.url), max_new_tokens=8,
                                  max_context=20, batch_size=1)       # no prompt fits: each ends at once
     assert [t.end for t in trajs] == ["max_context"] * 3

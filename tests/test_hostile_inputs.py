@@ -12,8 +12,7 @@ import threading
 
 import pytest
 
-import env
-import eval as ev
+from harness import evaluate as cli  # eval.py's command line
 from harness import formats
 from conftest import ROOT, STB_QUERIES
 
@@ -23,7 +22,7 @@ LABELS = os.path.join(ROOT, "tests", "fixtures", "eval_G1_instruction.json")
 
 # what reads a file -> the error it raises; each message starts with the file's path
 LOADERS = {
-    "task file": (env.load_tasks, env.TaskFileError),
+    "task file": (formats.load_tasks, formats.TaskFileError),
     "label file": (formats.load_labels, formats.LabelFileError),
     "answer file": (formats.load_answers, formats.LabelFileError),
     "eval.py --answers": (lambda p: formats.read_answers([p]), formats.LabelFileError),
@@ -104,7 +103,7 @@ def test_a_folder_or_a_device_is_refused_as_not_a_regular_file(tmp_path, kind):
 def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
     p = write(tmp_path, "big.json", [STB_QUERIES] * 10)
     monkeypatch.setattr(formats, "MAX_INPUT_BYTES", 100)
-    assert "over the limit of 100 bytes" in refused(env.load_tasks, p, env.TaskFileError)
+    assert "over the limit of 100 bytes" in refused(formats.load_tasks, p, formats.TaskFileError)
 
 
 @pytest.mark.parametrize("kind", JSON_LOADERS)
@@ -137,7 +136,7 @@ def test_a_key_given_twice_in_one_object_is_refused(tmp_path, kind, text, key):
 
 def test_a_lone_surrogate_that_no_utf8_file_can_hold_is_refused(tmp_path):
     p = write(tmp_path, "G1.json", json.dumps(json.load(open(STB_QUERIES))[:1]).replace('"query": "', '"query": "\\ud800'))
-    assert "lone UTF-16 surrogate" in refused(env.load_tasks, p, env.TaskFileError)
+    assert "lone UTF-16 surrogate" in refused(formats.load_tasks, p, formats.TaskFileError)
 
 
 # ---- names from data never become paths ------------------------------------------------------
@@ -150,7 +149,7 @@ def test_a_task_group_that_is_not_a_plain_name_is_refused_at_read(tmp_path, case
     group = HOSTILE_GROUPS[case]
     for p in (bench_file(tmp_path, lambda t: None, lambda t: t.update(group=group)),
               stb_file(tmp_path, lambda q: None, lambda q: q.update(group=group))):
-        msg = refused(env.load_tasks, p, env.TaskFileError)
+        msg = refused(formats.load_tasks, p, formats.TaskFileError)
         assert ": item 1 (query_id " in msg and "is not a plain name" in msg, msg
 
 
@@ -175,30 +174,30 @@ def test_a_label_query_id_that_is_not_a_plain_name_is_refused(tmp_path, qid):
 # ---- no silent wrong numbers: one id, one entry ----------------------------------------------
 def test_two_tasks_with_one_query_id_in_one_group_are_refused_naming_both(tmp_path):
     p = bench_file(tmp_path, lambda t: None, lambda t: None, lambda t: t.update(query_id=1, group="G1"))
-    msg = refused(env.load_tasks, p, env.TaskFileError)
+    msg = refused(formats.load_tasks, p, formats.TaskFileError)
     assert "item 2 (query_id 1): query_id 1 is already item 0 of group G1" in msg, msg
     p = stb_file(tmp_path, lambda q: None, lambda q: q.update(query_id=str(json.load(open(STB_QUERIES))[0]["query_id"])))
-    assert "is already item 0" in refused(env.load_tasks, p, env.TaskFileError)   # 9101 and "9101": one id
+    assert "is already item 0" in refused(formats.load_tasks, p, formats.TaskFileError)   # 9101 and "9101": one id
 
 
 def test_one_query_id_in_two_groups_is_two_tasks(tmp_path):
     p = bench_file(tmp_path, lambda t: t.update(group="G1"), lambda t: t.update(query_id=1, group="G2"))
-    assert [(t.group, t.query_id) for t in env.load_tasks(str(p))[:2]] == [("G1", 1), ("G2", 1)]
+    assert [(t.group, t.query_id) for t in formats.load_tasks(str(p))[:2]] == [("G1", 1), ("G2", 1)]
 
 
 @pytest.mark.parametrize("qid", [7.9, True, "7.0", "seven", None, [7], "9" * 30])
 def test_a_task_query_id_must_be_an_integer_never_rounded(tmp_path, qid):
-    msg = refused(env.load_tasks, bench_file(tmp_path, lambda t: t.update(query_id=qid)), env.TaskFileError)
+    msg = refused(formats.load_tasks, bench_file(tmp_path, lambda t: t.update(query_id=qid)), formats.TaskFileError)
     assert "is not an integer" in msg, msg
 
 
 def test_two_eval_task_files_with_one_query_of_one_group_are_refused_before_the_run(tmp_path, capsys, monkeypatch):
-    import policy
     import steptool
+    from harness import models
 
     def load_policy(*args, **kwargs):
         raise AssertionError("the checks passed: a model would load now")
-    monkeypatch.setattr(policy, "load_policy", load_policy)
+    monkeypatch.setattr(models, "load_policy", load_policy)
     a = write(tmp_path, "a.json", json.load(open(os.path.join(ROOT, "data", "bench_test.json"))))
     b = write(tmp_path, "b.json", json.load(open(os.path.join(ROOT, "data", "bench_test.json"))))
     with pytest.raises(SystemExit) as e:
@@ -245,7 +244,7 @@ def test_a_label_field_of_the_wrong_type_is_one_line_naming_file_and_query(tmp_p
 def test_a_label_file_with_a_field_of_the_wrong_type_is_reported_and_the_good_one_still_scored(tmp_path):
     for fields in ({"passed": 2, "failed": "1"}, {"answer_steps": "Step 1: {'name': ['a'], 'arguments': ''}"}):
         bad = str(write(tmp_path, "G1_tool.json", {"42": label(**fields)}))
-        scored, _, errors = ev.score_paths([LABELS, bad])
+        scored, _, errors = cli.score_paths([LABELS, bad])
         assert [g for _, g, _ in scored] == ["G1_instruction"] and len(errors) == 1, errors
         assert errors[0].startswith(bad + ": query 42: ")
 
@@ -271,7 +270,7 @@ def test_a_converted_answer_whose_chain_of_nodes_is_broken_is_refused(tmp_path, 
     (lambda q: q.update({"relevant APIs": [["t", ["a"]]]}), "'relevant APIs' must be a list of [tool name, API name]"),
 ])
 def test_a_query_field_of_the_wrong_type_is_one_line_naming_file_and_item(tmp_path, edit, says):
-    msg = refused(env.load_tasks, stb_file(tmp_path, edit), env.TaskFileError)
+    msg = refused(formats.load_tasks, stb_file(tmp_path, edit), formats.TaskFileError)
     assert ": item 0 (query_id 9101): " in msg and says in msg, msg
 
 
@@ -284,7 +283,7 @@ def test_a_query_field_of_the_wrong_type_is_one_line_naming_file_and_item(tmp_pa
     (lambda t: t.update(query=None), "'query' must be text"),
 ])
 def test_a_benchmark_task_field_of_the_wrong_type_is_one_line_naming_file_and_item(tmp_path, edit, says):
-    msg = refused(env.load_tasks, bench_file(tmp_path, edit), env.TaskFileError)
+    msg = refused(formats.load_tasks, bench_file(tmp_path, edit), formats.TaskFileError)
     assert ": item 0 (query_id 1): " in msg and says in msg, msg
 
 

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import policy  # noqa: E402
+from harness import models  # noqa: E402
 import sft  # noqa: E402
 
 TSV = os.path.join(ROOT, "tests", "fixtures", "reward_steptool.tsv")
@@ -27,7 +27,7 @@ def load_policy(*args, **kwargs):
 @pytest.fixture
 def sft_main(tmp_path, monkeypatch, capsys):
     """sft_main(*args) -> sft.main's one stderr line; it must exit with status 2 and leave no --output."""
-    monkeypatch.setattr(policy, "load_policy", load_policy)
+    monkeypatch.setattr(models, "load_policy", load_policy)
 
     def run(*args):
         out = tmp_path / "out"
@@ -86,7 +86,7 @@ def test_an_expert_step_without_a_thought_is_one_line_naming_the_task_and_step(s
 
 
 def test_good_flags_and_data_pass_the_checks_and_reach_the_model_load(tmp_path, monkeypatch):
-    monkeypatch.setattr(policy, "load_policy", load_policy)
+    monkeypatch.setattr(models, "load_policy", load_policy)
     for data in (TSV, bench_file(tmp_path, lambda t: None)):
         with pytest.raises(Loaded):
             sft.main(["--model", "tiny", "--output", str(tmp_path / "out"), "--data", data, "--epochs", "1",

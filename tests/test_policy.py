@@ -11,6 +11,8 @@ import policy as P
 import ppo
 import rollout
 from conftest import SMALL
+from harness import models
+from harness import toolclient
 
 
 def random_episodes(seed, shapes, vocab=2048):
@@ -95,9 +97,9 @@ def test_greedy_generate_equals_a_no_cache_loop_alone_and_inside_a_left_padded_b
     short, mid, long = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (4, 11, 23))
     ref = greedy_without_cache(pol.model, mid, 12, pol.stop_ids)
     assert len(set(ref)) > 1  # not a degenerate repeat of one token
-    assert pol.generate([mid], 12, temperature=0) == [ref]
-    assert pol.generate([long, mid, short], 12, temperature=0)[1] == ref
-    assert pol.generate([short, mid], 12, temperature=0)[1] == ref
+    assert rollout.generate(pol, [mid], 12, temperature=0) == [ref]
+    assert rollout.generate(pol, [long, mid, short], 12, temperature=0)[1] == ref
+    assert rollout.generate(pol, [short, mid], 12, temperature=0)[1] == ref
 
 
 def test_a_turn_from_the_cached_earlier_turns_equals_one_from_the_whole_dialogue(make_policy):
@@ -106,17 +108,17 @@ def test_a_turn_from_the_cached_earlier_turns_equals_one_from_the_whole_dialogue
     g = torch.Generator().manual_seed(8)
     a, b, obs_a, obs_b = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (9, 17, 6, 3))
     caches = [None, None]
-    first = pol.generate([a, b], 7, temperature=0, caches=caches)
+    first = rollout.generate(pol, [a, b], 7, temperature=0, caches=caches)
     assert [c[0] for c in caches] == [len(a) + len(first[0]) - 1, len(b) + len(first[1]) - 1]
     assert all(k.shape[2] == c[0] for c in caches for k, v in c[1])
     second = [a + first[0] + obs_a, b + first[1] + obs_b]
     ref = [greedy_without_cache(pol.model, p, 7, pol.stop_ids) for p in second]
     assert len(set(ref[0])) > 1
-    assert pol.generate(second, 7, temperature=0) == ref
-    assert pol.generate(second[::-1], 7, temperature=0, caches=[caches[1], None]) == ref[::-1]  # cached beside not
-    assert pol.generate(second, 7, temperature=0, caches=caches) == ref
+    assert rollout.generate(pol, second, 7, temperature=0) == ref
+    assert rollout.generate(pol, second[::-1], 7, temperature=0, caches=[caches[1], None]) == ref[::-1]  # cached beside not
+    assert rollout.generate(pol, second, 7, temperature=0, caches=caches) == ref
     with pytest.raises(ValueError, match="cache"):  # caches now cover more than these prompts
-        pol.generate(second, 7, temperature=0, caches=caches)
+        rollout.generate(pol, second, 7, temperature=0, caches=caches)
 
 
 def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(make_policy):
@@ -126,7 +128,7 @@ def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(make_policy):
     ref_b = greedy_without_cache(pol.model, b, 10, pol.stop_ids)
     pol.stop_ids = [greedy_without_cache(pol.model, a, 1, [])[0]]  # a's first greedy token now ends its turn
     assert ref_b[:10].count(pol.stop_ids[0]) == 0
-    out = pol.generate([a, b], 10, temperature=0)
+    out = rollout.generate(pol, [a, b], 10, temperature=0)
     assert out[0] == pol.stop_ids and out[1] == ref_b  # b goes on after a left the batch and the cache
 
 
@@ -134,17 +136,17 @@ def test_sampling_depends_on_each_rows_generator_only(make_policy):
     pol = make_policy().eval()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
-    both = pol.generate(prompts, 8, temperature=1.0, generators=gens(1, 2))
-    assert pol.generate(prompts[1:], 8, temperature=1.0, generators=gens(2)) == both[1:]
-    assert pol.generate(prompts, 8, temperature=1.0, generators=gens(1, 3))[0] == both[0]
+    both = rollout.generate(pol, prompts, 8, temperature=1.0, generators=gens(1, 2))
+    assert rollout.generate(pol, prompts[1:], 8, temperature=1.0, generators=gens(2)) == both[1:]
+    assert rollout.generate(pol, prompts, 8, temperature=1.0, generators=gens(1, 3))[0] == both[0]
 
 
 def test_top_p_keeps_only_the_smallest_set_of_tokens_with_mass_top_p():
     logits_ = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(200, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(200)]
-    drawn = set(P._sample(logits_, 1.0, 0.75, gens).tolist())
+    drawn = set(rollout._sample(logits_, 1.0, 0.75, gens).tolist())
     assert drawn == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3
-    assert set(P._sample(logits_, 1.0, 1.0, gens).tolist()) == {0, 1, 2, 3}
+    assert set(rollout._sample(logits_, 1.0, 1.0, gens).tolist()) == {0, 1, 2, 3}
 
 
 # ---- LoRA, the reference policy, saving --------------------------------------------------------
@@ -200,12 +202,12 @@ def test_export_merged_loads_in_plain_transformers_with_the_adapters_logits(make
     from transformers import AutoModelForCausalLM
     pol = make_policy(seed=2).eval()
     randomize_lora(pol)
-    pol.export_merged(str(tmp_path))
+    models.export_merged(pol, str(tmp_path))
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert not any("lora" in n or n.endswith((".A", ".B")) for n, _ in plain.named_parameters())
     torch.testing.assert_close(logits(plain, IDS), logits(pol.model, IDS), atol=1e-5, rtol=0)
     assert (logits(plain, IDS) - logits(base_model(2), IDS)).abs().max() > 1e-3  # the adapter is in there
-    assert P.load_policy(str(tmp_path), device="cpu").tok(TEXT)["input_ids"] == pol.tok(TEXT)["input_ids"]
+    assert models.load_policy(str(tmp_path), device="cpu").tok(TEXT)["input_ids"] == pol.tok(TEXT)["input_ids"]
 
 
 @pytest.mark.parametrize("full_finetune", [False, True])
@@ -221,8 +223,8 @@ def test_save_then_load_policy_restores_log_probs_values_and_reference(make_poli
         pol.v_head.weight.data += 0.1
     else:
         randomize_lora(pol)
-    pol.save(str(tmp_path))
-    back = P.load_policy(str(tmp_path), device="cpu").eval()
+    models.save_policy(pol, str(tmp_path))
+    back = models.load_policy(str(tmp_path), device="cpu").eval()
     assert back.full_finetune == full_finetune and back.lora_cfg == pol.lora_cfg
     for a, b in zip(forward(back, eps), forward(pol, eps)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
@@ -235,11 +237,11 @@ def test_a_checkpoint_of_a_policy_from_a_relative_folder_loads_from_any_working_
     (tmp_path / "models").mkdir()
     base_model(4).save_pretrained(str(tmp_path / "models" / "m")); tiny_tok.save_pretrained(str(tmp_path / "models" / "m"))
     monkeypatch.chdir(tmp_path / "models")
-    pol = P.load_policy("m", device="cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    pol = models.load_policy("m", device="cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0)
     randomize_lora(pol)
-    pol.save(str(tmp_path / "ckpt"))
+    models.save_policy(pol, str(tmp_path / "ckpt"))
     monkeypatch.chdir(tmp_path)
-    back = P.load_policy(str(tmp_path / "ckpt"), device="cpu")
+    back = models.load_policy(str(tmp_path / "ckpt"), device="cpu")
     eps = random_episodes(0, EPS)
     torch.testing.assert_close(forward(back, eps)[0], forward(pol.eval(), eps)[0], atol=1e-6, rtol=0)
 
@@ -248,23 +250,23 @@ def test_a_checkpoint_of_a_policy_from_a_relative_folder_loads_from_any_working_
 def test_load_policy_on_an_unknown_name_fails_fast_saying_to_pass_a_local_folder():
     t0 = time.time()
     with pytest.raises(ValueError, match="local folder"):
-        P.load_policy("nobody-here/no-such-model-xyz", device="cpu")
+        models.load_policy("nobody-here/no-such-model-xyz", device="cpu")
     assert time.time() - t0 < 30
     t0 = time.time()
     with pytest.raises(ValueError, match="No such file or directory"):   # a path is never probed as a Hub id
-        P.load_policy("/no/such/folder", device="cpu")
+        models.load_policy("/no/such/folder", device="cpu")
     assert time.time() - t0 < 1
 
 
 def test_load_policy_reads_a_save_pretrained_folder(tiny_tok, base_model, tmp_path):
     model = base_model(4)
     model.save_pretrained(str(tmp_path)); tiny_tok.save_pretrained(str(tmp_path))
-    pol = P.load_policy(str(tmp_path), device="cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    pol = models.load_policy(str(tmp_path), device="cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0)
     assert pol.source == str(tmp_path) and len(pol.lora_modules()) == 14
     assert pol.eot == "<|im_end|>" and pol.stop_ids == [pol.eot_id]
     assert pol.tok(TEXT)["input_ids"] == tiny_tok(TEXT)["input_ids"]  # as trained, not re-split as Qwen2's
     torch.testing.assert_close(logits(pol.model, IDS), logits(model, IDS), atol=0, rtol=0)
-    out = pol.generate([pol.encode_prompt([{"role": "user", "content": "hi"}])], 4, temperature=0)
+    out = rollout.generate(pol, [pol.encode_prompt([{"role": "user", "content": "hi"}])], 4, temperature=0)
     assert len(out[0]) >= 1
 
 
@@ -301,8 +303,6 @@ import warnings  # noqa: E402
 
 from conftest import FIXTURES  # noqa: E402
 
-import chat  # noqa: E402
-
 TEMPLATES = json.load(open(os.path.join(FIXTURES, "chat_templates.json")))
 
 
@@ -338,10 +338,10 @@ def test_every_observation_of_an_episode_is_in_its_tokens_under_each_real_templa
     import env
     pol = templated_policy(tiny_tok, name)
     task = next(t for t in test_tasks if t.group == "G3")           # several tool calls
-    ep, traj = rollout.expert_episode(pol, task, env.ToolClient(tool_server.url))
+    ep, traj = rollout.expert_episode(pol, task, toolclient.ToolClient(tool_server.url))
     text = pol.tok.decode(ep.ids, clean_up_tokenization_spaces=False)
     obs = [s.observation for s in traj.steps if s.name != "Finish"]
-    assert len(obs) >= 2 and all(chat.shows(o, text) for o in obs)
+    assert len(obs) >= 2 and all(P.shows(o, text) for o in obs)
     # step-wise tokens are the whole dialogue as the template renders it, up to the last end of turn
     msgs = env.initial_messages(task)
     for s in traj.steps:
@@ -369,12 +369,12 @@ def test_a_role_the_template_drops_is_an_error_not_a_silent_loss(tiny_tok, name)
 def test_every_eos_of_the_tokenizer_and_the_generation_config_stops_a_turn(make_policy):
     pol = make_policy()
     prompt = pol.encode_prompt([{"role": "user", "content": "hi"}])
-    first = pol.generate([prompt], 1, temperature=0)[0][0]          # the greedy first token ...
+    first = rollout.generate(pol, [prompt], 1, temperature=0)[0][0]          # the greedy first token ...
     assert first not in pol.stop_ids
     pol.model.generation_config.eos_token_id = [pol.eot_id, first]  # ... is an EOS of generation_config
     again = P.Policy(pol.model, pol.tok, "tiny")
     assert first in again.stop_ids and pol.eot_id in again.stop_ids
-    assert again.generate([prompt], 8, temperature=0) == [[first]]
+    assert rollout.generate(again, [prompt], 8, temperature=0) == [[first]]
 
 
 def test_lora_targets_that_match_no_module_are_an_error_naming_the_models_linear_modules(base_model):
@@ -388,18 +388,18 @@ def test_generation_uses_the_cache_api_that_transformers_keeps(make_policy):
     caches = [None]
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        out = pol.generate([prompt], 3, temperature=0, caches=caches)[0]
-        pol.generate([prompt + out + IDS[:5]], 3, temperature=0, caches=caches)  # a next turn from the cache
+        out = rollout.generate(pol, [prompt], 3, temperature=0, caches=caches)[0]
+        rollout.generate(pol, [prompt + out + IDS[:5]], 3, temperature=0, caches=caches)  # a next turn from the cache
     assert not [str(x.message) for x in w if "deprecated" in str(x.message)]
 
 
 # ---- what a checkpoint holds, and what load_policy restores --------------------------------------
 def test_a_loaded_checkpoint_has_every_load_option_it_was_saved_with(tiny_tok, base_model, tmp_path):
     base_model(4).save_pretrained(str(tmp_path / "m")); tiny_tok.save_pretrained(str(tmp_path / "m"))
-    pol = P.load_policy(str(tmp_path / "m"), device="cpu", dtype=torch.bfloat16, lora_r=2, lora_alpha=4,
+    pol = models.load_policy(str(tmp_path / "m"), device="cpu", dtype=torch.bfloat16, lora_r=2, lora_alpha=4,
                         lora_dropout=0.1, lora_targets=("q_proj", "v_proj"), gradient_checkpointing=True)
-    pol.save(str(tmp_path / "ckpt"))
-    back = P.load_policy(str(tmp_path / "ckpt"), device="cpu")      # as --resume loads it: no options given
+    models.save_policy(pol, str(tmp_path / "ckpt"))
+    back = models.load_policy(str(tmp_path / "ckpt"), device="cpu")      # as --resume loads it: no options given
     assert back.model.is_activation_checkpointing and back.compute_dtype == torch.bfloat16
     assert next(back.model.parameters()).dtype == torch.bfloat16
     assert back.lora_cfg == pol.lora_cfg == dict(r=2, alpha=4, dropout=0.1, targets=["q_proj", "v_proj"])
@@ -414,21 +414,21 @@ def files(d):
 def test_a_lora_run_writes_the_base_once_and_only_after_it_changed(tiny_tok, base_model, tmp_path):
     base_model(4).save_pretrained(str(tmp_path / "m")); tiny_tok.save_pretrained(str(tmp_path / "m"))
     run = tmp_path / "run"
-    pol = P.load_policy(str(tmp_path / "m"), device="cpu", lora_r=4, lora_alpha=8)
+    pol = models.load_policy(str(tmp_path / "m"), device="cpu", lora_r=4, lora_alpha=8)
     pol.freeze_reference()                                            # B = 0: nothing merged, nothing changed
-    pol.save(str(run / "ckpt0"), base_dir=str(run / "base"))
+    models.save_policy(pol, str(run / "ckpt0"), base_dir=str(run / "base"))
     assert not (run / "base").exists() and not any(f.startswith("base") for f in files(run / "ckpt0"))
     assert json.load(open(run / "ckpt0" / "policy.json"))["base"] == str(tmp_path / "m")
     randomize_lora(pol)
     pol.freeze_reference()                                            # a trained adapter merged: a new base
     randomize_lora(pol, seed=2)
-    pol.save(str(run / "ckpt1"), base_dir=str(run / "base"))
+    models.save_policy(pol, str(run / "ckpt1"), base_dir=str(run / "base"))
     stamp = os.stat(run / "base" / "model.safetensors").st_mtime_ns
-    pol.save(str(run / "ckpt2"), base_dir=str(run / "base"))
+    models.save_policy(pol, str(run / "ckpt2"), base_dir=str(run / "base"))
     assert os.stat(run / "base" / "model.safetensors").st_mtime_ns == stamp   # written once
     assert not any(f.startswith("base") for f in files(run / "ckpt2"))
     assert json.load(open(run / "ckpt2" / "policy.json"))["base"] == os.path.join("..", "base")
-    back = P.load_policy(str(run / "ckpt2"), device="cpu").eval()
+    back = models.load_policy(str(run / "ckpt2"), device="cpu").eval()
     eps = random_episodes(0, EPS)
     torch.testing.assert_close(forward(back, eps)[0], forward(pol.eval(), eps)[0], atol=1e-6, rtol=0)
     with back.reference(), pol.reference():
@@ -442,13 +442,13 @@ def test_a_full_finetune_checkpoint_holds_the_trained_weights_once_and_the_refer
         for p in pol.model.parameters():
             p.add_(0.01 * torch.randn_like(p))                        # trained: pi_theta != pi_ref
     run = tmp_path / "run"
-    pol.save(str(run / "ckpt"), base_dir=str(run / "base"))          # the random start: the reference, written once
+    models.save_policy(pol, str(run / "ckpt"), base_dir=str(run / "base"))          # the random start: the reference, written once
     state = torch.load(run / "ckpt" / "policy.pt", weights_only=True)
     assert not any(k.startswith("ref_model.") for k in state)
     assert {k.removeprefix("model.") for k in state if k.startswith("model.")} == set(pol.model.state_dict())
     assert os.path.getsize(run / "ckpt" / "policy.pt") < 1.1 * 4 * n_model + 65536    # one fp32 copy (tied weights once)
     assert (run / "base" / "model.safetensors").exists() and not (run / "ckpt" / "base").exists()
-    back = P.load_policy(str(run / "ckpt"), device="cpu").eval()
+    back = models.load_policy(str(run / "ckpt"), device="cpu").eval()
     eps = random_episodes(0, EPS)
     torch.testing.assert_close(forward(back, eps)[0], forward(pol, eps)[0], atol=1e-6, rtol=0)
     with back.reference(), pol.reference():
@@ -478,25 +478,25 @@ def test_a_run_started_from_another_runs_checkpoint_writes_its_own_base(make_pol
     import shutil
     pol = make_policy(seed=2, full_finetune=True).eval()
     a, b = tmp_path / "a", tmp_path / "b"
-    pol.save(str(a / "checkpoint"), base_dir=str(a / "base"))
-    start = P.load_policy(str(a / "checkpoint"), device="cpu").eval()
+    models.save_policy(pol, str(a / "checkpoint"), base_dir=str(a / "base"))
+    start = models.load_policy(str(a / "checkpoint"), device="cpu").eval()
     start.freeze_reference()                                          # nothing moved: the base is unchanged
-    start.save(str(b / "checkpoint"), base_dir=str(b / "base"))
+    models.save_policy(start, str(b / "checkpoint"), base_dir=str(b / "base"))
     assert (b / "base" / "model.safetensors").exists()                # b's own copy, not a's by absolute path
     assert json.load(open(b / "checkpoint" / "policy.json"))["base"] == os.path.join("..", "base")
     shutil.rmtree(a)
     eps = random_episodes(0, EPS)
-    torch.testing.assert_close(forward(P.load_policy(str(b / "checkpoint"), device="cpu").eval(), eps)[0],
+    torch.testing.assert_close(forward(models.load_policy(str(b / "checkpoint"), device="cpu").eval(), eps)[0],
                                forward(start, eps)[0], atol=1e-6, rtol=0)
 
 
 def test_a_checkpoint_reached_through_a_symlink_loads_the_base_beside_it(make_policy, tmp_path, monkeypatch):
     pol = make_policy(seed=2, full_finetune=True).eval()
     run = tmp_path / "runs" / "r"
-    pol.save(str(run / "checkpoint"), base_dir=str(run / "base"))
+    models.save_policy(pol, str(run / "checkpoint"), base_dir=str(run / "base"))
     (tmp_path / "best").symlink_to(run / "checkpoint")
     monkeypatch.chdir(tmp_path)
-    back = P.load_policy("best", device="cpu").eval()
+    back = models.load_policy("best", device="cpu").eval()
     eps = random_episodes(0, EPS)
     torch.testing.assert_close(forward(back, eps)[0], forward(pol, eps)[0], atol=1e-6, rtol=0)
 
@@ -520,15 +520,15 @@ def test_an_adapter_file_puts_the_lora_and_value_head_back_on_the_base_and_a_cha
     ids = torch.tensor([[5, 9, 17, 23, 42, 8]])
     logits = lambda pol: pol.model(input_ids=ids).logits
     first, second = perturbed(1), perturbed(2)
-    first.save_adapter(str(tmp_path / "a.safetensors")); second.save_adapter(str(tmp_path / "b.safetensors"))
+    models.save_adapter(first, str(tmp_path / "a.safetensors")); models.save_adapter(second, str(tmp_path / "b.safetensors"))
     fresh = make_policy(seed=0)
     assert not torch.allclose(logits(fresh), logits(first))
-    fresh.load_adapter(str(tmp_path / "a.safetensors"))
+    models.load_adapter(fresh, str(tmp_path / "a.safetensors"))
     assert torch.equal(logits(fresh), logits(first)) and torch.equal(fresh.v_head.weight, first.v_head.weight)
     # a then b: a merged into the base, b live on top (an SFT start, then an RL adapter)
     chained = make_policy(seed=0)
-    chained.load_adapter(str(tmp_path / "a.safetensors"), merge=True)
-    chained.load_adapter(str(tmp_path / "b.safetensors"))
+    models.load_adapter(chained, str(tmp_path / "a.safetensors"), merge=True)
+    models.load_adapter(chained, str(tmp_path / "b.safetensors"))
     first.freeze_reference()
     for m, src in zip(first.lora_modules(), second.lora_modules()):
         m.A.data.copy_(src.A); m.B.data.copy_(src.B)
@@ -538,7 +538,7 @@ def test_an_adapter_file_puts_the_lora_and_value_head_back_on_the_base_and_a_cha
     other = make_policy(seed=0)
     other.lora_cfg = {**other.lora_cfg, "r": 2}
     with pytest.raises(ValueError, match="does not match"):
-        other.load_adapter(str(tmp_path / "a.safetensors"))
+        models.load_adapter(other, str(tmp_path / "a.safetensors"))
 
 
 def test_sampling_merges_each_lora_projection_into_one_matrix_up_to_rounding_and_leaves_w_untouched(make_policy):
@@ -548,16 +548,16 @@ def test_sampling_merges_each_lora_projection_into_one_matrix_up_to_rounding_and
     weights = {n: p.clone() for n, p in pol.named_parameters()}
     with torch.no_grad():
         two_paths = pol.model(input_ids=ids).logits
-        with pol.merged_lora():
+        with rollout.merged_lora(pol):
             assert all(m.merged is not None for m in pol.lora_modules())
             merged = pol.model(input_ids=ids).logits
     assert torch.allclose(merged, two_paths, atol=1e-5) and not torch.equal(merged, two_paths)  # one matmul, not two
     assert all(m.merged is None for m in pol.lora_modules())
     assert all(torch.equal(weights[n], p) for n, p in pol.named_parameters())
     with pytest.raises(RuntimeError):        # an error while sampling leaves no merged copy behind
-        with pol.merged_lora():
+        with rollout.merged_lora(pol):
             raise RuntimeError
     assert all(m.merged is None for m in pol.lora_modules())
     fresh = make_policy()                    # B = 0: W itself, no copy, and the adapter's matmuls skipped
-    with fresh.merged_lora():
+    with rollout.merged_lora(fresh):
         assert all(m.merged.data_ptr() == m.base.weight.data_ptr() for m in fresh.lora_modules())

@@ -1,6 +1,7 @@
-"""Specification of ppo.py (step-grained GAE, the clipped losses, the update, the KL controller, TSV
-episodes) and of rollout.py (batched episodes against the embedded tool server), on a ~0.2 M-parameter
-Qwen2 (conftest.make_policy). Numbers in the GAE tests are worked out by hand in the comments."""
+"""Specification of ppo.py (step-grained GAE, the clipped losses, the update, the KL controller), of
+harness/offline.py (TSV episodes) and of rollout.py (batched episodes against the embedded tool
+server), on a ~0.2 M-parameter Qwen2 (conftest.make_policy). Numbers in the GAE tests are worked out
+by hand in the comments."""
 import copy
 import os
 
@@ -10,9 +11,10 @@ import torch
 import env
 import policy as P
 import ppo
-import reward
 import rollout
 from conftest import FIXTURES, SMALL
+from harness import dist, formats, offline
+from harness import toolclient
 
 
 def episode(*parts, rewards=()):
@@ -250,6 +252,56 @@ def test_the_loss_weighs_every_action_token_of_an_optimizer_step_the_same_whatev
     assert stats[1]["loss/policy"] == pytest.approx(-A_tok.mean().item(), abs=1e-6)
 
 
+def frozen_update(pol, opt, eps, c, beta, gen):
+    """The single-process update's arithmetic written out once more and frozen (step advantages, no
+    entropy): every op in ppo.update's order, so its weights must come out bit for bit the same."""
+    ppo.prepare(pol, eps, c)
+    ppo.advantages(eps, beta, c)
+    pol.train_without_dropout()
+    params = [p for p in pol.parameters() if p.requires_grad]
+    G = c.mini_batch_size * c.grad_accum
+    for _ in range(c.ppo_epochs):
+        perm = torch.randperm(len(eps), generator=gen).tolist()
+        for g in range(0, len(eps), G):
+            grp = sorted([eps[j] for j in perm[g:g + G]], key=lambda e: len(e.ids))   # mini-batches by length
+            N, U = sum(sum(e.act) for e in grp), sum(e.n_steps for e in grp)
+            opt.zero_grad(set_to_none=True)
+            for k in range(0, len(grp), c.mini_batch_size):
+                mb = grp[k:k + c.mini_batch_size]
+                b = ppo.collate(mb, "step", pol.device)
+                logp, V, _ = pol(b["ids"], b["mask"], b["act_idx"], b["act_tok"], b["v_idx"], entropy=False)
+                old_logp, old_V = torch.cat([e.old_logp for e in mb]), torch.cat([e.old_values for e in mb])
+                A, R = torch.cat([e.A for e in mb])[b["unit"]], torch.cat([e.R for e in mb])
+                ratio = (logp - old_logp).exp()
+                pg = torch.max(-A * ratio, -A * ratio.clamp(1 - c.cliprange, 1 + c.cliprange)).sum()
+                V_clip = old_V + (V - old_V).clamp(-c.cliprange_value, c.cliprange_value)
+                vf = (0.5 * torch.max((V - R) ** 2, (V_clip - R) ** 2)).sum()
+                ((pg - c.ent_coef * torch.zeros(())) / N + c.vf_coef * vf / U).backward()
+            torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+            opt.step()
+
+
+def test_the_single_process_update_is_bit_for_bit_the_frozen_formula_and_dist_one_is_the_same(make_policy):
+    g = torch.Generator().manual_seed(4)
+    eps = [random_episode(g, 5 + 3 * i, [(3 + i, 4)] * (1 + i % 3), [0.3 * i - 0.5] * (1 + i % 3)) for i in range(5)]
+    c = cfg(batch_size=5, mini_batch_size=2, grad_accum=2, ppo_epochs=2, init_kl_coef=0.1)  # groups of 4 and 1
+    start = make_policy(seed=2)
+    randomize_lora(start)
+    after = []
+    for run in ("frozen", "ppo", "dist.ONE"):
+        pol = copy.deepcopy(start)
+        opt, gen = ppo.make_optimizer(pol, c), torch.Generator().manual_seed(9)
+        batch = [rollout.Episode(e.ids, e.act, e.step, e.state_end, e.rewards) for e in eps]
+        if run == "frozen":
+            frozen_update(pol, opt, batch, c, c.init_kl_coef, gen)
+        else:
+            (ppo.update if run == "ppo" else dist.ONE.update)(pol, opt, batch, c, ppo.KLController(c), gen)
+        after.append(weights(pol))
+    assert any(not torch.equal(v, after[0][k]) for k, v in start.state_dict().items())   # the weights moved
+    for other in after[1:]:
+        assert all(torch.equal(after[0][k], other[k]) for k in after[0])
+
+
 def action_logp(pol, ep):
     pol.eval()
     with torch.no_grad():
@@ -323,8 +375,8 @@ TSV = os.path.join(FIXTURES, "reward_steptool.tsv")
 
 def test_episodes_from_tsv_rows_have_one_step_per_response_with_its_reward_and_tokens(make_policy):
     pol = make_policy()
-    rows = reward.read_tsv(TSV)
-    eps, dropped = ppo.episodes_from_rows(pol, rows)
+    rows = formats.read_tsv(TSV)
+    eps, dropped = offline.episodes_from_rows(pol, rows)
     assert dropped == 0 and len(eps) == len(rows)
     enc = lambda s: pol.tok(s, add_special_tokens=False)["input_ids"]
     for ep, row in zip(eps, rows):
@@ -338,11 +390,11 @@ def test_episodes_from_tsv_rows_have_one_step_per_response_with_its_reward_and_t
 
 def test_truncate_left_drops_steps_whose_action_is_cut_with_their_rewards_and_reports_them(make_policy):
     pol = make_policy()
-    rows = reward.read_tsv(TSV)[:1]
-    (full,), _ = ppo.episodes_from_rows(pol, rows)
+    rows = formats.read_tsv(TSV)[:1]
+    (full,), _ = offline.episodes_from_rows(pol, rows)
     first_action = full.state_end[0] + 1
     n = len(full.ids) - first_action - 2  # cuts into the first action
-    (ep,), dropped = ppo.episodes_from_rows(pol, rows, max_tokens=n)
+    (ep,), dropped = offline.episodes_from_rows(pol, rows, max_tokens=n)
     assert dropped == 1 and len(ep.ids) == n and ep.ids == full.ids[-n:]
     assert ep.n_steps == full.n_steps - 1 and ep.rewards == rows[0]["reward"][1:]
     cut = len(full.ids) - n
@@ -358,7 +410,7 @@ def test_truncate_left_drops_steps_whose_action_is_cut_with_their_rewards_and_re
                                      (1, 0)])  # [6]: a_0 cut
 def test_truncate_left_keeps_a_step_only_with_its_whole_action_and_the_last_token_of_its_state(n, kept):
     ep = episode(("c", [1, 2, 3, 4]), ("a", [5, 6]), rewards=[1.0])
-    new, dropped = ppo.truncate_left(ep, n)
+    new, dropped = offline.truncate_left(ep, n)
     assert new.ids == [4, 5, 6][-n:] and dropped == 1 - kept and new.rewards == [1.0] * kept
     assert new.act == ([False, True, True] if kept else [False] * n) and new.state_end == [0] * kept
 
@@ -377,7 +429,7 @@ def rollout_policy(tiny_tok):
 
 
 def test_rollout_episodes_match_their_trajectories_step_for_step(rollout_policy, tool_server, test_tasks):
-    pol, client = rollout_policy, env.ToolClient(tool_server.url)
+    pol, client = rollout_policy, toolclient.ToolClient(tool_server.url)
     eps, trajs = rollout.rollout(pol, test_tasks[:3], client, **KW)
     assert [t.query_id for t in trajs] == [t.query_id for t in test_tasks[:3]]
     for ep, traj, task in zip(eps, trajs, test_tasks):
@@ -398,7 +450,7 @@ def test_rollout_episodes_match_their_trajectories_step_for_step(rollout_policy,
 
 
 def test_rollout_ends_at_max_context_keeping_completed_steps(rollout_policy, tool_server, test_tasks):
-    pol, client = rollout_policy, env.ToolClient(tool_server.url)
+    pol, client = rollout_policy, toolclient.ToolClient(tool_server.url)
     n_prompt = len(pol.encode_prompt(env.initial_messages(test_tasks[0])))
     eps, trajs = rollout.rollout(pol, test_tasks[:1], client, max_context=n_prompt + 16 + 5, **KW)
     assert trajs[0].end == "max_context" and eps[0].n_steps == len(trajs[0].steps) == 1
@@ -406,7 +458,7 @@ def test_rollout_ends_at_max_context_keeping_completed_steps(rollout_policy, too
 
 
 def test_rollout_is_a_function_of_seed_and_episode_index_not_of_the_batch(rollout_policy, tool_server, test_tasks):
-    pol, client = rollout_policy, env.ToolClient(tool_server.url)
+    pol, client = rollout_policy, toolclient.ToolClient(tool_server.url)
     batch, _ = rollout.rollout(pol, test_tasks[:3], client, seed=7, **KW)
     again, _ = rollout.rollout(pol, test_tasks[:3], client, seed=7, **KW)
     alone, _ = rollout.rollout(pol, test_tasks[1:2], client, seed=7, first_episode=1, **KW)
@@ -418,26 +470,24 @@ def test_rollout_is_a_function_of_seed_and_episode_index_not_of_the_batch(rollou
     assert same[0].ids == batch[0].ids and len({tuple(e.ids) for e in same}) == 3  # one generator per episode
 
 
-def test_a_bounded_batch_refills_as_episodes_end_and_samples_the_same_episodes(rollout_policy, tool_server, test_tasks):
-    pol, client = rollout_policy, env.ToolClient(tool_server.url)
+def test_a_bounded_batch_refills_as_episodes_end_and_samples_the_same_episodes(rollout_policy, tool_server, test_tasks,
+                                                                                 monkeypatch):
+    pol, client = rollout_policy, toolclient.ToolClient(tool_server.url)
     tasks = test_tasks[:5]
     whole, _ = rollout.rollout(pol, tasks, client, seed=7, **{**KW, "max_steps": 3})
-    sizes, done, generate = [], [], pol.generate
-    def spy(prompts, *a, **k):
+    sizes, done, generate = [], [], rollout.generate
+    def spy(policy, prompts, *a, **k):
         sizes.append(len(prompts))
-        return generate(prompts, *a, **k)
-    pol.generate = spy
-    try:
-        bounded, trajs = rollout.rollout(pol, tasks, client, seed=7, batch_size=2, on_done=done.append, **{**KW, "max_steps": 3})
-    finally:
-        del pol.generate
+        return generate(policy, prompts, *a, **k)
+    monkeypatch.setattr(rollout, "generate", spy)
+    bounded, trajs = rollout.rollout(pol, tasks, client, seed=7, batch_size=2, on_done=done.append, **{**KW, "max_steps": 3})
     assert max(sizes) == 2 and sum(sizes) == sum(e.n_steps for e in bounded)  # never more than 2 live
     assert len(sizes) > 3 and sum(done) == 5 and [t.query_id for t in trajs] == [t.query_id for t in tasks]
     assert [e.ids for e in bounded] == [e.ids for e in whole] and [e.act for e in bounded] == [e.act for e in whole]
 
 
 def test_a_turn_ended_by_an_eos_that_is_not_the_end_of_turn_gets_the_templates_end_of_turn(
-        rollout_policy, tiny_tok, tool_server, test_tasks):
+        rollout_policy, tiny_tok, tool_server, test_tasks, monkeypatch):
     import copy
     import policy as P
     tok = copy.deepcopy(tiny_tok)
@@ -445,8 +495,8 @@ def test_a_turn_ended_by_an_eos_that_is_not_the_end_of_turn_gets_the_templates_e
     pol = P.Policy(rollout_policy.model, tok, "tiny")
     assert pol.stop_ids == sorted([pol.eot_id, tok.eos_token_id]) and tok.eos_token_id != pol.eot_id
     turn = tok("Thought: hm\nAction: nothing_here", add_special_tokens=False)["input_ids"]
-    pol.generate = lambda prompts, *a, **k: [turn + [tok.eos_token_id] for _ in prompts]
-    (ep,), (traj,) = rollout.rollout(pol, test_tasks[:1], env.ToolClient(tool_server.url), **KW)
+    monkeypatch.setattr(rollout, "generate", lambda policy, prompts, *a, **k: [turn + [tok.eos_token_id] for _ in prompts])
+    (ep,), (traj,) = rollout.rollout(pol, test_tasks[:1], toolclient.ToolClient(tool_server.url), **KW)
     a0_end = max(p for p, s in enumerate(ep.step) if s == 0)
     assert traj.steps[0].text == "Thought: hm\nAction: nothing_here"
     assert ep.ids[a0_end] == tok.eos_token_id and ep.ids[a0_end + 1] == pol.eot_id and not ep.act[a0_end + 1]

@@ -10,6 +10,8 @@ import policy as P
 import ppo
 import rollout
 from conftest import SMALL
+from harness import models
+from harness import toolclient
 
 BF16 = torch.bfloat16
 
@@ -52,7 +54,7 @@ def train_a_few_steps(pol, steps=3, lr=3e-4):
 def sample_with_log_probs(pol, n=6, new=24):
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 2000, (10 + 3 * i,), generator=g).tolist() for i in range(n)]
-    outs, lps = pol.generate(prompts, new, 1.0, 1.0, [torch.Generator().manual_seed(i) for i in range(n)], logprobs=True)
+    outs, lps = rollout.generate(pol, prompts, new, 1.0, 1.0, [torch.Generator().manual_seed(i) for i in range(n)], logprobs=True)
     return [episode(p, o) for p, o in zip(prompts, outs)], torch.tensor([x for row in lps for x in row])
 
 
@@ -92,7 +94,7 @@ def test_sampling_a_bf16_policy_computes_each_projection_exactly_as_ppos_forward
     mods = [m for m in pol.lora_modules() if m.base.in_features == 1024]
     with torch.no_grad():
         two_paths = [m(x) for m in mods]
-        with pol.merged_lora():
+        with rollout.merged_lora(pol):
             sampled = [m(x) for m in mods]
             assert all(m.merged is None for m in mods)         # no merged copy of any bf16 weight
     assert all(torch.equal(s, t) for s, t in zip(sampled, two_paths))
@@ -121,8 +123,8 @@ def test_a_second_freeze_stacks_adapters_exactly_and_a_checkpoint_restores_them(
     assert all(m.A0.shape[0] == 8 for m in pol.lora_modules())   # rank 4 + 4, frozen
     with pol.reference():
         torch.testing.assert_close(log_probs(pol, eps), before, atol=1e-2, rtol=0)
-    pol.save(str(tmp_path / "ck"))
-    back = P.load_policy(str(tmp_path / "ck"), device="cpu")
+    models.save_policy(pol, str(tmp_path / "ck"))
+    back = models.load_policy(str(tmp_path / "ck"), device="cpu")
     assert back.compute_dtype == BF16 and all(m.A0.shape[0] == 8 for m in back.lora_modules())
     with pol.reference(), back.reference():
         assert torch.equal(log_probs(back, eps), log_probs(pol, eps))
@@ -130,14 +132,14 @@ def test_a_second_freeze_stacks_adapters_exactly_and_a_checkpoint_restores_them(
 
 def test_an_adapter_chain_in_bf16_puts_the_start_under_the_trained_adapter_exactly(tiny_tok, tmp_path):
     pol = train_a_few_steps(bf16_policy(tiny_tok), lr=1e-3)
-    pol.save_adapter(str(tmp_path / "sft.safetensors"))
+    models.save_adapter(pol, str(tmp_path / "sft.safetensors"))
     pol.freeze_reference()
     train_a_few_steps(pol, lr=1e-3)
-    pol.save_adapter(str(tmp_path / "rl.safetensors"))
+    models.save_adapter(pol, str(tmp_path / "rl.safetensors"))
     eps = [episode(list(range(3, 30)), list(range(40, 60)))]
     other = bf16_policy(tiny_tok)
-    other.load_adapter(str(tmp_path / "sft.safetensors"), merge=True)
-    other.load_adapter(str(tmp_path / "rl.safetensors"))
+    models.load_adapter(other, str(tmp_path / "sft.safetensors"), merge=True)
+    models.load_adapter(other, str(tmp_path / "rl.safetensors"))
     assert torch.equal(log_probs(other.eval(), eps), log_probs(pol, eps))
 
 
@@ -147,13 +149,13 @@ def test_export_merged_in_bf16_says_how_much_of_the_adapter_rounding_took(tiny_t
     g = torch.Generator().manual_seed(3)
     for m in pol.lora_modules():
         m.B.data = torch.randn(m.B.shape, generator=g) * 1e-4
-    pol.export_merged(str(tmp_path / "m"))
+    models.export_merged(pol, str(tmp_path / "m"))
     info = json.load(open(tmp_path / "m" / "merge.json"))
     assert info["merged_in"] == "float32" and info["stored_as"] == "bfloat16"
     assert info["adapter_change_rounded_away"] > 0.5          # most of a small update does not survive bf16
     fp32 = copy.deepcopy(pol).float()
     fp32.compute_dtype = torch.float32
-    fp32.export_merged(str(tmp_path / "f"))
+    models.export_merged(fp32, str(tmp_path / "f"))
     assert json.load(open(tmp_path / "f" / "merge.json"))["adapter_change_rounded_away"] < 1e-3
 
 
@@ -182,14 +184,14 @@ def test_ppo_log_probs_apply_the_models_own_logit_processing(tiny_tok, kind):
         own = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     want = own[torch.arange(2, len(ids) - 1), torch.tensor(ids[3:])]
     torch.testing.assert_close(log_probs(pol, eps), want, atol=1e-5, rtol=0)
-    pol.check_logits()
+    models.check_logits(pol)
 
 
 def test_a_model_whose_logits_policy_cannot_reproduce_is_refused_at_load(tiny_tok):
     model = tiny_arch("cohere")                 # a forward that also halves its logits, which Policy.logits cannot know
     model.forward = (lambda f: lambda *a, **k: type("O", (), {"logits": f(*a, **k).logits * 0.5})())(model.forward)
     with pytest.raises(ValueError, match="differs from the model's own logits"):
-        P.Policy(model, tiny_tok, "tiny", None).check_logits()
+        models.check_logits(P.Policy(model, tiny_tok, "tiny", None))
 
 
 # ---- the vocabulary-wide log-softmax in chunks --------------------------------------------------------
@@ -237,8 +239,8 @@ def test_an_fp32_rollout_merges_each_adapter_once_per_batch_not_once_per_turn(ma
     for m in pol.lora_modules():
         m.B.data.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
     merges, turns = [], []
-    real_delta, real_generate = P.LoRALinear.delta, P.Policy.generate
+    real_delta, real_generate = P.LoRALinear.delta, rollout.generate
     monkeypatch.setattr(P.LoRALinear, "delta", lambda self: merges.append(1) or real_delta(self))
-    monkeypatch.setattr(P.Policy, "generate", lambda self, *a, **k: turns.append(1) or real_generate(self, *a, **k))
-    rollout.rollout(pol, test_tasks[:3], env.ToolClient(tool_server.url), max_steps=3, max_new_tokens=8)
+    monkeypatch.setattr(rollout, "generate", lambda pol, *a, **k: turns.append(1) or real_generate(pol, *a, **k))
+    rollout.rollout(pol, test_tasks[:3], toolclient.ToolClient(tool_server.url), max_steps=3, max_new_tokens=8)
     assert len(turns) >= 2 and len(merges) == len(pol.lora_modules())

@@ -1,6 +1,7 @@
-"""Specification of reward.py: the rules, the modes, the LLM judge (against a fake OpenAI-compatible
-server on a loopback port), the TSV <-> JSONL round trip and the command line."""
+"""Specification of reward.py: the rules, the modes, the LLM judge (harness/judge.py, against a fake OpenAI-compatible
+server on a loopback port), the TSV <-> JSONL round trip and the command line (python -m harness.annotate)."""
 import json
+from dataclasses import asdict
 import os
 import random
 import re
@@ -14,9 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import env  # noqa: E402
 import reward  # noqa: E402
+from harness import annotate  # noqa: E402
+from harness import formats  # noqa: E402
+from harness import toolclient  # noqa: E402
+from harness import judge as J  # noqa: E402
 from harness import server  # noqa: E402
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
+PYPATH = {**os.environ, "PYTHONPATH": ROOT}  # python -m harness.X from another folder
 SHARED = os.path.join(ROOT, "..", "shared", "data", "steptool")
 TASK = env.Task(7, "What is the weather and the air quality index in Velmora?",
                 [{"name": "forecast_for_skycast", "description": "", "parameters": {}},
@@ -171,10 +177,10 @@ def test_shape_batch_returns_rewards_and_counters():
 
 
 def test_expert_replays_earn_full_rewards_and_a_wrong_city_earns_none():
-    tasks = env.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))[:12]
+    tasks = formats.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))[:12]
     srv = server.start_in_thread()
     try:
-        client, trajs = env.ToolClient(srv.url), []
+        client, trajs = toolclient.ToolClient(srv.url), []
         for task in tasks:
             e = env.ToolEnv(client)
             e.reset(task)
@@ -197,9 +203,9 @@ def test_expert_replays_earn_full_rewards_and_a_wrong_city_earns_none():
 def test_annotations_average_repeats_then_apply_the_equation():
     ann = json.load(open(os.path.join(FIX, "reward_annotation.json")))
     # query 7: success (1+1)/2, (1+0)/2; contribution (5+4)/10, (4+2)/10; status (1 + 0.5)/2
-    assert reward.annotation_rewards(ann["7"]) == pytest.approx([(1 + 0.9) / 2, (0.5 + 0.6) / 2, 0.75])
-    assert reward.annotation_rewards(ann["8"]) == pytest.approx([(0 + 0.1) / 2, 0.0])
-    assert reward.annotation_rewards(ann["7"], alpha=3)[0] == pytest.approx((3 + 0.9) / 4)
+    assert annotate.annotation_rewards(ann["7"]) == pytest.approx([(1 + 0.9) / 2, (0.5 + 0.6) / 2, 0.75])
+    assert annotate.annotation_rewards(ann["8"]) == pytest.approx([(0 + 0.1) / 2, 0.0])
+    assert annotate.annotation_rewards(ann["7"], alpha=3)[0] == pytest.approx((3 + 0.9) / 4)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "reward_annotation_example.json")), reason="no ../shared")
@@ -207,7 +213,7 @@ def test_the_released_annotation_example_gets_the_rewards_in_the_note():
     ann = json.load(open(os.path.join(SHARED, "reward_annotation_example.json")))
     expected = {"32980": [1, 1, 14 / 15, 13 / 15, 1], "70195": [1, 13 / 15, 1], "44426": [1, 5 / 6],
                 "34459": [1, 1, 1], "56543": [2 / 15, 13 / 30, 1 / 3]}
-    assert {q: reward.annotation_rewards(a) for q, a in ann.items()} == {q: pytest.approx(r) for q, r in expected.items()}
+    assert {q: annotate.annotation_rewards(a) for q, a in ann.items()} == {q: pytest.approx(r) for q, r in expected.items()}
 
 
 # ---- the LLM judge ----------------------------------------------------------------------------
@@ -227,7 +233,7 @@ def test_judge_good_replies_are_averaged_over_repeats(fake_openai, monkeypatch, 
                'Here you go: {"steps": [{"success": 1, "contribution": 3}, {"success": 1, "contribution": 1}], "status": "Unsure"}']
     srv, url = fake_openai(lambda n, body: (200, chat(replies[(n - 1) % 2]), 0))
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-secret-123")
-    judge = reward.Judge(url, "judge-model", key_env="MY_JUDGE_KEY", repeats=2, backoff=0)
+    judge = J.Judge(url, "judge-model", key_env="MY_JUDGE_KEY", repeats=2, backoff=0)
     rewards, stats = reward.shape_batch([STB], [JUDGED], judge=judge)
     # success (1+1)/2, (0+1)/2; contribution (5+3)/10, (0+1)/10; status (1 + 0.5)/2
     assert rewards == [pytest.approx([(1 + 0.8) / 2, (0.5 + 0.1) / 2, 0.75])]
@@ -241,7 +247,7 @@ def test_judge_good_replies_are_averaged_over_repeats(fake_openai, monkeypatch, 
 def test_judge_function_call_replies_are_parsed(fake_openai):
     args = json.dumps({"steps": [{"success": 1, "contribution": 5}, {"success": 0, "contribution": 0}], "status": "Unsolved"})
     srv, url = fake_openai(lambda n, body: (200, chat(None, tool_args=args), 0))
-    judge = reward.Judge(url, "m", key_env="NO_SUCH_KEY_VARIABLE", repeats=1, backoff=0)
+    judge = J.Judge(url, "m", key_env="NO_SUCH_KEY_VARIABLE", repeats=1, backoff=0)
     assert reward.step_rewards(STB, JUDGED, judge=judge) == [1.0, 0.0, 0.0]
     assert srv.seen[0]["auth"] is None  # no key in the environment: no Authorization header
 
@@ -249,7 +255,7 @@ def test_judge_function_call_replies_are_parsed(fake_openai):
 def test_judge_answer_facts_still_decide_is_solved(fake_openai):
     reply = '{"steps": [{"success": 1, "contribution": 5}, {"success": 1, "contribution": 5}], "status": "Unsolved"}'
     _, url = fake_openai(lambda n, body: (200, chat(reply), 0))
-    assert reward.step_rewards(TASK, JUDGED, judge=reward.Judge(url, "m", repeats=1)) == [1.0, 1.0, 1.0]
+    assert reward.step_rewards(TASK, JUDGED, judge=J.Judge(url, "m", repeats=1)) == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("kind", ["garbage", "wrong step count", "http 500"])
@@ -258,7 +264,7 @@ def test_a_failing_judge_is_retried_then_the_rules_shape_that_episode(fake_opena
              "wrong step count": (200, chat('{"steps": [{"success": 1, "contribution": 5}], "status": "Solved"}'), 0),
              "http 500": (500, b'{"error": "overloaded"}', 0)}[kind]
     srv, url = fake_openai(lambda n, body: reply)
-    judge = reward.Judge(url, "m", repeats=3, retries=2, backoff=0)
+    judge = J.Judge(url, "m", repeats=3, retries=2, backoff=0)
     rewards, stats = reward.shape_batch([STB], [JUDGED], judge=judge)
     assert rewards == [reward.step_rewards(STB, JUDGED)]  # the rules
     assert (stats["judged"], stats["judge_fallbacks"]) == (0, 1)
@@ -267,7 +273,7 @@ def test_a_failing_judge_is_retried_then_the_rules_shape_that_episode(fake_opena
 
 def test_a_judge_that_times_out_falls_back_within_its_time_limit(fake_openai):
     srv, url = fake_openai(lambda n, body: (200, chat("{}"), 2.0))
-    judge = reward.Judge(url, "m", repeats=3, timeout=0.2, retries=1, backoff=0)
+    judge = J.Judge(url, "m", repeats=3, timeout=0.2, retries=1, backoff=0)
     t0 = time.perf_counter()
     rewards, stats = reward.shape_batch([STB], [JUDGED], judge=judge)
     assert time.perf_counter() - t0 < 1.5 and len(srv.seen) == 2
@@ -277,8 +283,8 @@ def test_a_judge_that_times_out_falls_back_within_its_time_limit(fake_openai):
 def test_a_malformed_key_never_reaches_the_error_messages(fake_openai, monkeypatch, capsys):
     srv, url = fake_openai(lambda n, body: (200, chat("{}"), 0))
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-secret\r\n456")  # requests quotes such a header in its error
-    judge = reward.Judge(url, "m", key_env="MY_JUDGE_KEY", repeats=1, retries=0)
-    with pytest.raises(reward.JudgeError) as e:
+    judge = J.Judge(url, "m", key_env="MY_JUDGE_KEY", repeats=1, retries=0)
+    with pytest.raises(J.JudgeError) as e:
         judge.annotate(STB, JUDGED)
     assert "InvalidHeader" in str(e.value) and "sk-secret" not in str(e.value)
     _, stats = reward.shape_batch([STB], [JUDGED], judge=judge)
@@ -290,16 +296,16 @@ def test_parse_judge_reply_rejects_out_of_range_values():
                 '{"steps": [{"success": 1, "contribution": 6}], "status": "Solved"}',
                 '{"steps": [{"success": 1, "contribution": 1}], "status": "Done"}', "no JSON here"):
         with pytest.raises((ValueError, KeyError, TypeError)):
-            reward.parse_judge_reply(chat(bad), 1)
+            J.parse_judge_reply(chat(bad), 1)
     ok = '{"steps": [{"success": true, "contribution": "4"}], "status": "AnswerStatus.Unsure"}'
-    assert reward.parse_judge_reply(chat(ok), 1) == ([1], [4.0], "Unsure")
+    assert J.parse_judge_reply(chat(ok), 1) == ([1], [4.0], "Unsure")
 
 
 # ---- the original's TSV -----------------------------------------------------------------------
 def round_trip(src, tmp_path):
-    reward.convert(src, str(tmp_path / "t.jsonl"))
-    reward.convert(str(tmp_path / "t.jsonl"), str(tmp_path / "back.tsv"))
-    return reward.read_tsv(src), reward.read_tsv(str(tmp_path / "back.tsv")), tmp_path / "back.tsv"
+    formats.convert(src, str(tmp_path / "t.jsonl"))
+    formats.convert(str(tmp_path / "t.jsonl"), str(tmp_path / "back.tsv"))
+    return formats.read_tsv(src), formats.read_tsv(str(tmp_path / "back.tsv")), tmp_path / "back.tsv"
 
 
 def test_tsv_to_jsonl_to_tsv_reproduces_every_list_exactly(tmp_path):
@@ -310,9 +316,9 @@ def test_tsv_to_jsonl_to_tsv_reproduces_every_list_exactly(tmp_path):
 
 
 def test_tsv_rows_become_trajectories_the_rules_can_shape(tmp_path):
-    reward.convert(os.path.join(FIX, "reward_steptool.tsv"), str(tmp_path / "t.jsonl"))
+    formats.convert(os.path.join(FIX, "reward_steptool.tsv"), str(tmp_path / "t.jsonl"))
     rows = [json.loads(line) for line in open(tmp_path / "t.jsonl")]
-    trajs = [env.Trajectory.from_dict({k: r[k] for k in r if k not in ("rewards", "prompt", "response")}) for r in rows]
+    trajs = [formats.trajectory({k: r[k] for k in r if k not in ("rewards", "prompt", "response")}) for r in rows]
     assert [t.finish for t in trajs] == ["give_answer", "give_up", "give_answer"]
     assert trajs[0].query == "What is the weather and the air quality index in Velmora?"
     assert trajs[0].steps[0].record == {"error": "", "response": WEATHER} and trajs[0].final_answer.startswith("Velmora is sunny")
@@ -338,44 +344,44 @@ def test_read_tsv_rejects_malformed_rows_naming_file_and_line(tmp_path):
                              (f"{good}\n['p']\t['r']\t['high']\n", 3, "numbers")]:
         (tmp_path / "bad.tsv").write_text("prompt\tresponse\treward\n" + body)
         with pytest.raises(ValueError, match=f"bad.tsv:{line}: .*{what}"):
-            reward.read_tsv(str(tmp_path / "bad.tsv"))
+            formats.read_tsv(str(tmp_path / "bad.tsv"))
     assert not (tmp_path / "pwned").exists()
     (tmp_path / "bad.tsv").write_text("prompt\tresponses\treward\n")
     with pytest.raises(ValueError, match="bad.tsv:1: the header"):
-        reward.read_tsv(str(tmp_path / "bad.tsv"))
+        formats.read_tsv(str(tmp_path / "bad.tsv"))
 
 
 def test_our_trajectories_render_as_qwen2_training_rows():
-    task = env.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))[0]
+    task = formats.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))[0]
     steps = [env.Step(env.format_action("", s["name"], s["arguments"]), s["name"], s["arguments"], f'{{"obs": {i}}}')
              for i, s in enumerate(task.expert)]
-    d = {**env.Trajectory(task.query_id, task.query, task.group, steps, "give_answer", "x", "finish").to_dict(),
+    d = {**asdict(env.Trajectory(task.query_id, task.query, task.group, steps, "give_answer", "x", "finish")),
          "rewards": [0.5] * len(steps)}
-    row = reward.traj_to_tsv_row(d, {task.query_id: task})
+    row = formats.traj_to_tsv_row(d, {task.query_id: task})
     system, user = (m["content"] for m in env.initial_messages(task))
     assert row["prompt"][0] == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
                                 "<|im_start|>assistant\n")
     assert row["prompt"][1] == '<|im_start|>function\n{"obs": 0}<|im_end|>\n<|im_start|>assistant\n'
     assert row["response"] == [s.text + "<|im_end|>\n" for s in steps] and row["reward"] == d["rewards"]
     with pytest.raises(ValueError, match="task files"):
-        reward.traj_to_tsv_row(d, {})
+        formats.traj_to_tsv_row(d, {})
 
 
 # ---- command line -----------------------------------------------------------------------------
 def test_command_line_annotate_convert_and_bench(tmp_path):
-    tasks = env.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))[:3]
+    tasks = formats.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))[:3]
     srv = server.start_in_thread()
     try:
         with open(tmp_path / "trajs.jsonl", "w") as f:
             for task in tasks:
-                e = env.ToolEnv(env.ToolClient(srv.url))
+                e = env.ToolEnv(toolclient.ToolClient(srv.url))
                 e.reset(task)
                 for s in task.expert:
                     e.step(env.format_action(s["thought"], s["name"], s["arguments"]))
-                f.write(json.dumps(e.traj.to_dict()) + "\n")
+                f.write(json.dumps(asdict(e.traj)) + "\n")
     finally:
         srv.shutdown()
-    run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), *args], cwd=tmp_path,
+    run = lambda *args: subprocess.run([sys.executable, "-m", "harness.annotate", *args], cwd=tmp_path, env=PYPATH,
                                        capture_output=True, text=True, timeout=60)
     out = run("annotate", "--in", "trajs.jsonl", "--out", "annotated.jsonl")
     assert out.returncode == 0, out.stderr
@@ -383,7 +389,7 @@ def test_command_line_annotate_convert_and_bench(tmp_path):
     assert all(r["rewards"][-1] == 1.0 and len(r["rewards"]) == len(r["steps"]) for r in rows)
     out = run("convert", "--in", "annotated.jsonl", "--out", "train.tsv")
     assert out.returncode == 0, out.stderr
-    assert [r["reward"] for r in reward.read_tsv(str(tmp_path / "train.tsv"))] == [r["rewards"] for r in rows]
+    assert [r["reward"] for r in formats.read_tsv(str(tmp_path / "train.tsv"))] == [r["rewards"] for r in rows]
     out = run("convert", "--in", "trajs.jsonl", "--out", "train.tsv")
     assert out.returncode != 0 and "trajs.jsonl:1" in out.stderr and "annotate" in out.stderr
     out = run("bench", "--n", "20", "--runs", "1")
@@ -392,9 +398,9 @@ def test_command_line_annotate_convert_and_bench(tmp_path):
 
 # ---- bad input: one line naming the file (and line), status 2, before any work ----------------
 def refused(capsys, *argv):
-    """reward.main(argv) -> its one stderr line; it must exit with status 2 (any other exception is a traceback)."""
+    """annotate.main(argv) -> its one stderr line; it must exit with status 2 (any other exception is a traceback)."""
     with pytest.raises(SystemExit) as e:
-        reward.main(list(argv))
+        annotate.main(list(argv))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
     return err[0]
@@ -415,12 +421,12 @@ def test_convert_refuses_a_bad_tsv_naming_file_and_line_and_writes_nothing(tmp_p
     data, expected = BAD_TSV[case]
     (tmp_path / "bad.tsv").write_bytes(data)
     msg = refused(capsys, "convert", "--in", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "t.jsonl"))
-    assert msg.startswith("reward.py convert: error: ") and re.search(expected, msg), msg
+    assert msg.startswith("harness.annotate convert: error: ") and re.search(expected, msg), msg
     assert not (tmp_path / "t.jsonl").exists()
 
 
 def trajectory_line(**kw):
-    d = {**env.Trajectory(1, "q", "tsv").to_dict(), "prompt": ["p"], "response": ["r"], "rewards": [1.0], **kw}
+    d = {**asdict(env.Trajectory(1, "q", "tsv")), "prompt": ["p"], "response": ["r"], "rewards": [1.0], **kw}
     return json.dumps(d)
 
 
@@ -455,7 +461,7 @@ NOT_TRAJECTORIES = {"a list": ("[1, 2]", "an array"), "a string": ('"a string"',
 @pytest.mark.parametrize("case", NOT_TRAJECTORIES)
 def test_annotate_refuses_a_line_that_is_not_a_trajectory_naming_file_and_line(tmp_path, capsys, case):
     line, expected = NOT_TRAJECTORIES[case]
-    (tmp_path / "in.jsonl").write_text(json.dumps(env.Trajectory(1, "q", "g").to_dict()) + "\n" + line + "\n")
+    (tmp_path / "in.jsonl").write_text(json.dumps(asdict(env.Trajectory(1, "q", "g"))) + "\n" + line + "\n")
     msg = refused(capsys, "annotate", "--in", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"))
     assert "in.jsonl:2: " in msg and expected in msg, msg
     assert not (tmp_path / "out.jsonl").exists()
@@ -466,27 +472,27 @@ def test_annotate_refuses_a_line_that_is_not_a_trajectory_naming_file_and_line(t
                                    ["--workers", "0"], ["--mode", "stepgrainy"], ["--mode", "no_such_module_xyz.fn"],
                                    ["--judge-url", "http://127.0.0.1:9/v1"], ["--tasks", "no_such_tasks.json"]])
 def test_annotate_refuses_a_flag_out_of_range_naming_it_before_reading(tmp_path, capsys, flags):
-    (tmp_path / "in.jsonl").write_text(json.dumps(env.Trajectory(1, "q", "g").to_dict()) + "\n")
+    (tmp_path / "in.jsonl").write_text(json.dumps(asdict(env.Trajectory(1, "q", "g"))) + "\n")
     msg = refused(capsys, "annotate", "--in", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"), *flags)
     assert flags[0] in msg, msg
     assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_read_tsv_and_read_jsonl_raise_one_error_class_naming_file_and_line(tmp_path):
-    assert issubclass(reward.DataFileError, ValueError)
+    assert issubclass(formats.DataFileError, ValueError)
     (tmp_path / "bad.tsv").write_text(HEADER + ROW + "[]\t[]\t[]\n")
-    with pytest.raises(reward.DataFileError, match=r"bad.tsv:3: "):
-        reward.read_tsv(str(tmp_path / "bad.tsv"))
-    with pytest.raises(reward.DataFileError, match=r"nosuch.tsv: cannot read"):
-        reward.read_tsv(str(tmp_path / "nosuch.tsv"))
+    with pytest.raises(formats.DataFileError, match=r"bad.tsv:3: "):
+        formats.read_tsv(str(tmp_path / "bad.tsv"))
+    with pytest.raises(formats.DataFileError, match=r"nosuch.tsv: cannot read"):
+        formats.read_tsv(str(tmp_path / "nosuch.tsv"))
     (tmp_path / "bad.jsonl").write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n')
-    with pytest.raises(reward.DataFileError, match=r"bad.jsonl:2: not UTF-8"):
-        reward.read_jsonl(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(formats.DataFileError, match=r"bad.jsonl:2: not UTF-8"):
+        formats.read_jsonl(str(tmp_path / "bad.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n7\n')
-    with pytest.raises(reward.DataFileError, match=r"bad.jsonl:2: a number"):
-        reward.read_jsonl(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(formats.DataFileError, match=r"bad.jsonl:2: a number"):
+        formats.read_jsonl(str(tmp_path / "bad.jsonl"))
     (tmp_path / "ok.tsv").write_bytes(b"\xef\xbb\xbf" + (HEADER + ROW).replace("\n", "\r\n").encode())
-    assert reward.read_tsv(str(tmp_path / "ok.tsv")) == [{"prompt": ["p"], "response": ["r"], "reward": [1.0]}]
+    assert formats.read_tsv(str(tmp_path / "ok.tsv")) == [{"prompt": ["p"], "response": ["r"], "reward": [1.0]}]
 
 
 def test_a_reward_function_that_is_missing_or_not_finite_is_a_value_error(tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ def test_a_second_claim_of_a_folder_in_use_is_refused_naming_the_pid_until_the_f
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     from harness import runs
     d = str(tmp_path / "run")
-    code = f"import sys, time; sys.path.insert(0, {ROOT!r}); import runs; runs.claim({d!r}, 'steptool'); print('held', flush=True); time.sleep(60)"
+    code = f"import sys, time; sys.path.insert(0, {ROOT!r}); from harness import runs; runs.claim({d!r}, 'steptool'); print('held', flush=True); time.sleep(60)"
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
     assert p.stdout.readline().strip() == "held"
     with pytest.raises(runs.RunError, match=f"pid {p.pid}"):
@@ -135,13 +135,12 @@ def test_sft_output_dot_in_a_non_empty_folder_is_refused(tmp_path, small_model):
 
 
 def test_sft_writes_a_checkpoint_that_loads_and_replaces_it_only_with_overwrite(tmp_path, small_model, capsys):
-    import policy as P
-    from harness import runs
+    from harness import models, runs
     import sft
     d = str(tmp_path / "sft")
     argv = ["--model", small_model, "--data", TSV, "--epochs", "1", "--output", d]
     sft.main(argv)
-    P.load_policy(d)                                            # DIR/policy.json: our checkpoint
+    models.load_policy(d)                                            # DIR/policy.json: our checkpoint
     assert not os.path.exists(os.path.join(d, ".partial"))      # the temporary sub-folder is gone
     assert set(os.listdir(d)) - {".lock", runs.MARKER} <= set(runs.read_marker(d)["entries"])
     before = snapshot(d)
@@ -151,7 +150,7 @@ def test_sft_writes_a_checkpoint_that_loads_and_replaces_it_only_with_overwrite(
     sft.main(argv + ["--overwrite"])
     after = snapshot(d)
     assert after.keys() == before.keys() and after["policy.json"][1] != before["policy.json"][1]  # written again
-    P.load_policy(d)
+    models.load_policy(d)
 
 
 # ---- steptool.py --------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import pytest
 
 from conftest import ROOT, SHARED, STB_QUERIES
 import env
+from harness import formats
+from harness import toolclient
 from harness import server
 from harness import world
 
@@ -263,10 +265,10 @@ def test_a_corrupt_cache_file_is_an_error_record_naming_it_never_a_5xx_or_api_no
     (cache / QUOTES).write_bytes(content)
     url = serve(cache=str(cache)).url
     status, record = call(url, "Data", "Quotes Hub", "Random Quote", '{"lang": "en"}')
-    assert status == 200 and record["response"] == ""  # a 5xx is retried by env.ToolClient as a server fault
+    assert status == 200 and record["response"] == ""  # a 5xx is retried by toolclient.ToolClient as a server fault
     assert record["error"].startswith(f"response cache file {QUOTES}: ") and says in record["error"], record
     assert str(cache) not in record["error"]  # named under the cache folder, not by the server's full path
-    client = env.ToolClient(url, retries=0)  # a 5xx raises ToolServerError
+    client = toolclient.ToolClient(url, retries=0)  # a 5xx raises ToolServerError
     assert client.call("Data", "Quotes Hub", "Random Quote", {"lang": "en"}) == record
     hit = call(url, "Business Software", "Quill Lookup", "id", '{"is_id": 42}')[1]
     assert hit["response"] == {"record": "the cached one"}  # other cache files still answer
@@ -398,7 +400,7 @@ def test_eight_parallel_clients_get_every_answer_right(tool_server, test_tasks):
               ("Travel", "RailNet", "ticket_price", {"train_id": "TR123", "travel_class": "economy"}),
               ("Food", "DineSpot", "book_table", {"restaurant_id": "R1", "people": 40})]
     expected = [direct(tool, api, args) for _, tool, api, args in calls]
-    client = env.ToolClient(tool_server.url, timeout=10, retries=0)  # a lost request raises
+    client = toolclient.ToolClient(tool_server.url, timeout=10, retries=0)  # a lost request raises
     n_threads, n_requests = 8, 200
 
     def worker(k):
@@ -685,8 +687,8 @@ def test_stabletoolbench_sample_queries_answer_every_relevant_api_the_same_twice
     url = serve(queries=[path]).url
     with open(path) as f:
         queries = json.load(f)
-    tasks = env.load_tasks(path)
-    client = env.ToolClient(url, retries=0)
+    tasks = formats.load_tasks(path)
+    client = toolclient.ToolClient(url, retries=0)
     n = 0
     for q, task in zip(queries, tasks):
         assert len(q["relevant APIs"]) == len(task.relevant) > 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, ROOT
+from harness import toolclient
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SMALL_RUN = ["--quick", "--threads", "1", "--eval-limit", "1", "--episodes-per-iteration", "2",
@@ -103,14 +104,14 @@ def test_a_tool_server_lost_mid_run_stops_the_run_with_its_last_checkpoint_intac
     test_env's ToolClient tests show): the run stops with an error that points to --resume, and the
     checkpoint of iteration 1 is whole. (In-process: a random model makes no tool call of its own.)"""
     import env
-    import policy as P
     import rollout
     import steptool
+    from harness import models
     real = rollout.rollout
 
     def dying(policy, tasks, client, iteration=0, **kw):
         if iteration == 2:
-            raise env.ToolServerError(f"tool server at {client.url} unreachable after 4 tries: HTTP 503")
+            raise toolclient.ToolServerError(f"tool server at {client.url} unreachable after 4 tries: HTTP 503")
         return real(policy, tasks, client, iteration=iteration, **kw)
 
     monkeypatch.setattr(rollout, "rollout", dying)
@@ -118,7 +119,7 @@ def test_a_tool_server_lost_mid_run_stops_the_run_with_its_last_checkpoint_intac
     with pytest.raises(SystemExit) as e:
         steptool.main(["--model", small_model, *SMALL_RUN, "--iterations", "3", "--save-every", "1", "--output", out])
     assert "unreachable" in str(e.value) and f"--resume {out}" in str(e.value)
-    P.load_policy(os.path.join(out, "checkpoint"))  # the checkpoint is whole
+    models.load_policy(os.path.join(out, "checkpoint"))  # the checkpoint is whole
     assert torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)["iteration"] == 1
     assert [m["iteration"] for m in metrics(out)] == [0, 1]
 
@@ -160,15 +161,20 @@ def test_a_model_that_cannot_be_loaded_fails_fast(tmp_path):
     assert time.time() - t0 < 60
 
 
-def test_readme_documents_every_flag_and_the_two_commands():
-    import steptool
-    from dataclasses import fields
+def test_the_flags_table_in_docs_is_the_one_help_gives_today():
+    """docs/flags.md is generated from steptool.py's --help (python -m harness.launch --flags-table > docs/flags.md):
+    a flag added, removed or changed without regenerating it fails here."""
+    from harness import launch
+    with open(os.path.join(ROOT, "docs", "flags.md")) as f:
+        assert f.read() == launch.flags_table(), "docs/flags.md is stale: python -m harness.launch --flags-table > docs/flags.md"
+
+
+def test_readme_gives_the_two_commands_and_links_the_flags_table():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    missing = [f.name for f in fields(steptool.Config) if f"`--{f.name.replace('_', '-')}`" not in readme]
-    assert not missing, f"README lacks flags {missing}"
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     test_cmd = ci.strip().splitlines()[-1]
     assert test_cmd in readme and "pip install -r requirements.txt && python steptool.py" in readme
+    assert "docs/flags.md" in readme and len(readme.splitlines()) <= 250
 
 
 def test_sft_episodes_sample_every_group_in_turn(train_tasks):
@@ -182,12 +188,13 @@ def test_tasks_without_expert_trajectories_skip_the_sft_warm_start_and_say_so(tm
     """A user's own tasks (StableToolBench queries) have answers but no expert trajectory: the paper's
     schedule asks for an SFT epoch, which is skipped with one line; PPO starts from --model as given."""
     import steptool
+    from harness import launch
     data = json.load(open(os.path.join(ROOT, "data", "bench_train.json")))
     data["tasks"] = [{k: v for k, v in t.items() if k != "expert"} for t in data["tasks"][:3]]
     tasks = tmp_path / "tasks.json"
     tasks.write_text(json.dumps(data))
     out = str(tmp_path / "run")
-    assert steptool.parse_args(["--model", small_model]).sft_epochs == 1
+    assert launch.parse_args(["--model", small_model]).sft_epochs == 1
     steptool.main(["--model", small_model, "--tasks", str(tasks), "--iterations", "0", "--no-eval-start",
                    "--threads", "1", "--output", out])
     assert ("sft: the training tasks carry no usable expert trajectories; no SFT warm start, PPO starts from --model as given"
