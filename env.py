@@ -8,7 +8,7 @@
     transition  the tool server's answer {"error": ..., "response": ...} -> ToolEnv.step, through a
                 client (harness/toolclient.py: HTTP, retries, calls of many episodes at once)
 
-A finished episode is a `Trajectory`; reward.py scores its steps and eval.py its answer.
+A finished episode is a `Trajectory`; reward.py scores its steps, a judge its answer (eval.py: Pass Rate).
 
     python -m harness.formats --tasks data/bench_test.json --show 1    # render one task's prompt
 

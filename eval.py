@@ -9,7 +9,7 @@ Pass Rate (StableToolBench's solvable pass rate, its eval_pass_rate.py): for eac
     score_r = (#Solved + 0.5 * #Unsure) / #queries,
 reported as the mean over r (%) and the population std over r (%) -- judge noise -- beside a 95%
 bootstrap CI over queries (each query's mean over the repeats, resampled) -- task sampling; with the
-Solved / Unsure / Unsolved counts and, from judge.py's chain, the majority pass rate. Recall (the
+Solved / Unsure / Unsolved counts and, from harness/judge.py's chain, the majority pass rate. Recall (the
 paper's second column; the original never released its code): per query |relevant APIs called at
 least once| / |relevant APIs|, by ToolBench function name (env.function_name), averaged (%). Groups
 as the paper: I1 = mean of G1_instruction, G1_category, G1_tool; I2 = mean of G2_instruction,
@@ -162,7 +162,7 @@ def score_labels(labels, group="", relevant=None, judge_errors=0):
             counts["Unsolved" if not ends_with_answer(e["final_step"]) else s.split(".")[-1]] += 1
     mean, std = pass_rate([sum(q[r] for q in each) / len(each) for r in range(R)])
     votes = [e["failed"] <= e["passed"] for e in labels.values() if isinstance(e.get("passed"), int)]
-    majority = votes if len(votes) == len(labels) else None                             # step 6 (judge.py)
+    majority = votes if len(votes) == len(labels) else None                             # step 6 (harness/judge.py)
     recalls = [recall(step_names(e["answer_steps"]), rel) for qid, e in labels.items()
                if relevant and (rel := relevant(group, qid))]  # departure 4: no relevant APIs, no Recall
     return {**out, "pass_rate": mean, "pass_rate_std": std, "pass_rate_ci": bootstrap_ci([sum(q) / R for q in each]),
@@ -228,7 +228,7 @@ def run_policy(policy, tasks, client, temperature=0.0, max_steps=12, seed=0, bat
     """Roll the policy (a policy.Policy) out on tasks -> [env.Trajectory], one per task, in task order.
 
     client: the tool server's (harness/toolclient.py); temperature 0 = greedy (the paper's evaluation).
-    first_episode: the index of tasks[0] in the whole evaluation (a rank's block of it, steptool.py):
+    first_episode: the index of tasks[0] in the whole evaluation (a rank's block of it under torchrun, harness/dist.py):
     episode i samples from the generator of (seed, eval, first_episode + i)."""
     import rollout  # here: `python eval.py --labels` never imports torch
     client.check()

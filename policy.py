@@ -15,6 +15,8 @@ Departures from the original code:
    lines here so a reader sees exactly which weights train.
 2. `tiny` is a random ~1.6 M-parameter Qwen2 with a BPE tokenizer trained on the embedded
    benchmark's train split: the CPU stand-in for Qwen2-7B (same code path; no download).
+3. One policy whatever the dtype: bf16 weights are never merged with an adapter (rollout.generate samples
+   through the same two-path sum; freeze_reference stacks the SFT adapter under the trainable one).
 """
 import contextlib
 import copy
@@ -241,7 +243,7 @@ class Policy(nn.Module):
 
     def forward(self, ids, mask, act_idx, act_tok, v_idx, entropy=False):
         """ids, mask [B, T] (any padding side); act_idx ([N], [N]) (row, position) of each action token, act_tok [N]
-        its id; v_idx ([M], [M]) where V is read (a state's last token) -> logp [N], values [M], ent [N] or None."""
+        its id; v_idx ([U], [U]) where V is read (a state's last token) -> logp [N], values [U], ent [N] or None."""
         # right padding needs no mask (a real token never sees the pads after it): without one, and with
         # plain 0..T-1 positions, attention takes its causal kernel, which skips the masked half
         if bool((mask[:, 1:] <= mask[:, :-1]).all()):                         # right padded (or none)
@@ -261,7 +263,7 @@ class Policy(nn.Module):
                      for i in range(0, len(act_tok), n)]
         logp = torch.cat([p[0] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)   # [N]
         ent = (torch.cat([p[1] for p in parts]) if parts else logp.clone()) if entropy else None     # [N]
-        values = self.v_head(h[v_idx].float()).squeeze(-1)                    # [M]
+        values = self.v_head(h[v_idx].float()).squeeze(-1)                    # [U]
         return logp, values, ent
 
     def logits(self, h):

@@ -2,7 +2,7 @@
 
 Letters used in shape comments: B episodes, S steps (tool-call turns) of an episode, T tokens,
 N action tokens (sampled by the policy), U advantage units (steps, or action tokens with
---advantage token), V vocabulary.
+--advantage token), Vocab vocabulary.
 
 For a batch of episodes with step rewards r_t (reward.py) and, from `prepare`, old log-probs
 log pi_old, reference log-probs log pi_ref and values V(s_t) read at the last token of each state:
@@ -266,5 +266,5 @@ def update(policy, optimizer, eps, cfg, kl_ctl, gen=None):
 
 
 def make_optimizer(policy, cfg):
-    """AdamW on the trainable weights; on several ranks built after dist.Ranks.wrap (FSDP2 shards them)."""
+    """AdamW on the trainable weights; on several ranks built after harness.dist's Ranks.wrap (FSDP2 shards them)."""
     return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)

@@ -14,11 +14,8 @@ Modes: `stepgrained`, `final` (0 for each call, then IsSolved: the paper's "PPO 
 baseline and its "without step reward" ablation), or "module.function": fn(task, traj) -> [r_t].
 
 A judge (harness.judge.Judge, an OpenAI-compatible endpoint) gives means(task, traj) -> ((mean SuccCalling_t,
-mean Contribution_t / 5, mean IsSolved) over its repeats, "") or (None, why it failed). Files, by the harness:
-
-    python -m harness.annotate annotate --in trajs.jsonl --out annotated.jsonl [--judge-url URL --judge-model M]
-    python -m harness.annotate convert --in step_grained_for_ppo.tsv --out trajs.jsonl   # and .jsonl -> .tsv
-    python -m harness.annotate bench        # time the shaping of 1,000 embedded-benchmark episodes
+mean Contribution_t / 5, mean IsSolved) over its repeats, "") or (None, why it failed). Annotating files
+and the original's TSV: `python -m harness.annotate` (docs/stabletoolbench.md).
 
 Departures from the paper and the original code:
 1. r_t is divided by (1 + alpha), which keeps it in [0, 1] as in the original's released training

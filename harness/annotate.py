@@ -17,9 +17,10 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import env
+from harness.checks import opt
 from harness import toolclient
 import reward
 from harness.formats import TASK_FILES, convert, load_task_index, load_tasks, read_trajectories
@@ -101,11 +102,6 @@ def bench(n=1000, runs=3, seed=0):
 # ---- command line ---------------------------------------------------------------------------
 def _fmt(stats):
     return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
-
-
-def opt(default, help, ok=None, need=""):
-    """A Config field: its default, its --help text, and the range its value must lie in (ok, in words)."""
-    return field(default=default, metadata={"help": help, "ok": ok, "need": need})
 
 
 @dataclass

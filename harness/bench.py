@@ -498,7 +498,7 @@ def bench_sampling(args):
     """How a bf16 policy samples, three ways, on --shape with a LoRA as after training (B of std 1e-3):
     the exact two-path sum (what rollout.generate does), a merged fp32 copy (W + (alpha / r) B A in fp32,
     computed in fp32: exact adapter, another rounding of everything else, twice the weights' memory) and
-    the bf16 merge the sampler used to make (rounds most of a small B A away). For each: sampled tokens/s
+    a bf16 merge of W + B A (rounds most of a small B A away: what a sampler that merges would sample). For each: sampled tokens/s
     of one turn (median of --reps after a warm-up), the largest |log p| difference from PPO's forward of
     the bf16 policy over the sampled tokens, and the weight memory it adds."""
     import contextlib

@@ -8,6 +8,7 @@ checked there and in formats.load_tasks (field types, plain group names, integer
     check_inputs(cfg, ..)  the task files, the offline TSV and the reward function, read once
 """
 import os
+from dataclasses import field
 
 from harness import formats
 from harness import models
@@ -16,6 +17,12 @@ import reward
 
 class InputError(ValueError):
     """A flag or input file that would make a run fail late or train nothing."""
+
+
+def opt(default, help, ok=None, need=""):
+    """A harness command's option (harness/annotate.py, harness/evaluate.py): its default, its --help text,
+    and the range its value must lie in (ok, in words: need). steptool.Config has its own two-line opt."""
+    return field(default=default, metadata={"help": help, "ok": ok, "need": need})
 
 
 def rule(lo=None, hi=None, lo_open=False, hi_open=False):

@@ -256,7 +256,7 @@ def compare(args, base, extra, argv):
         json.dump(summary, f, indent=1)
     text = table(summary, args.methods) + ci_table(summary)
     with open(os.path.join(args.output, "table.md"), "w") as f:
-        f.write(f"Seeds {args.seeds}; embedded benchmark test split; `python compare.py {' '.join(argv)}`\n\n" + text)
+        f.write(f"Seeds {args.seeds}; embedded benchmark test split; `python -m harness.compare {' '.join(argv)}`\n\n" + text)
     plot(curves, os.path.join(args.output, "curves.png"))
     print(text)
     print(f"compare: {args.output}/table.md and summary.json in {(time.time() - t0) / 60:.1f} min")

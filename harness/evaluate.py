@@ -4,7 +4,7 @@
     (python eval.py -h lists the flags; eval.py's docstring defines the numbers and its departures)
 
 --judge (judge.py): `facts`, the embedded benchmark's answer facts, locally (tasks without facts:
-reward.py's annotator at --judge-url, our prompt); `stabletoolbench`, StableToolBench's decision chain
+harness/judge.py's step annotator at --judge-url, our prompt); `stabletoolbench`, StableToolBench's decision chain
 at --judge-url, with its own prompts from --stb-dir (else ours, every output marked not comparable);
 `auto`: stabletoolbench when --judge-url is given and a task lacks facts. --answers judges saved
 answers with the chain: StableToolBench's converted answers or label files (ours or theirs; their
@@ -40,10 +40,11 @@ import sys
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
 import env
+from harness.checks import opt
 import eval as E
 from harness import formats, toolclient
 from harness import judge as J
@@ -241,13 +242,9 @@ def bench(runs=5):
 
 
 # ---- command line ----------------------------------------------------------------------------
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class Args:
-    model: str = opt("", "policy: what policy.load_policy accepts, or a checkpoint folder of ours")
+    model: str = opt("", "policy: what harness.models.load_policy accepts, or a checkpoint folder of ours")
     adapters: tuple = opt((), "adapter files (LoRA + value head) put on --model in order, each but the last merged")
     tasks: tuple = opt((), "task files: StableToolBench query files or data/bench_test.json")
     tool_server: str = opt("", "tool server URL; empty: start the embedded one")

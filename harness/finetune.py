@@ -66,7 +66,7 @@ def main(argv=None):
 
 def run(argv):
     ap = argparse.ArgumentParser(description=sft.__doc__.split("\n")[0])   # `python sft.py -h`
-    ap.add_argument("--model", required=True, help="what policy.load_policy accepts")
+    ap.add_argument("--model", required=True, help="what harness.models.load_policy accepts")
     ap.add_argument("--data", required=True, help="StepTool TSV, or a task file with expert trajectories")
     ap.add_argument("--output", required=True, help="checkpoint folder (ours; load_policy reads it): new or empty")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier sft.py output (only what it wrote)")
@@ -116,7 +116,7 @@ def run(argv):
             eps = load_episodes(pol, data, a.max_tokens)
             losses = sft.sft(pol, eps, a.epochs, a.lr, a.batch_size, a.micro_batch_size, a.seed)
             print("sft: loss per epoch " + " ".join(f"{x:.4f}" for x in losses))
-        except ValueError as e:   # a model that cannot be loaded (policy.load_policy): bad input, exit 2
+        except ValueError as e:   # a model that cannot be loaded (models.load_policy): bad input, exit 2
             runs.fail("sft", e)
         try:
             runs.install(claimed[0], lambda path: models.save_policy(pol, path), last="policy.json")   # policy.json last: no half checkpoint loads

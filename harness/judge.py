@@ -3,7 +3,7 @@
     Judge(url, model).annotate(task, traj)               StepTool's step annotation (paper Sec. 4.1)
     Judge(url, model).means(task, traj)                  its means, or (None, the error): reward.py's judge
     FactsJudge(url, model)(task, traj) -> 1 | 0.5 | 0    eval.py's `facts` judge: answer facts, else the annotator
-    judge_trajectories(trajs, tasks, judge_fn, repeats)  eval.evaluate: trajectories x repeats -> label entries
+    judge_trajectories(trajs, tasks, judge_fn, repeats)  evaluate's judging: trajectories x repeats -> label entries
     PassRateJudge(url, model, stb_dir).judge(example, rng)  one repeat of the pass-rate decision (eval.py)
     judge_answers(items, judge, repeats, seed)           answers x repeats -> label entries, judge errors
 

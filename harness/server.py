@@ -1,8 +1,8 @@
 """A local tool server that speaks StableToolBench's "virtual" protocol (the paper's Sec. 5.1 setup).
 
-    python server.py [--host 127.0.0.1] [--port 8081] [--cache DIR] [--queries FILE ...]
+    python -m harness.server [--host 127.0.0.1] [--port 8081] [--cache DIR] [--queries FILE ...]
                      [--timeout 10] [--max-threads 64] [--max-connections 512]
-    python server_bench.py        # the load test: this server in a separate process, many clients
+    python -m harness.server_bench   # the load test: this server in a separate process, many clients
 
 POST /virtual  {"category", "tool_name", "api_name", "tool_input": JSON text or object, ...}
             -> {"error": str, "response": ...}          GET /health -> 200 {"status": "ok"}
@@ -27,9 +27,9 @@ Departures from StableToolBench's server:
 Bad input and load (Server below). Threads serve requests, not sockets: a connection with no
 request in flight (a new one not yet sending, or a keep-alive one LINGER = 50 ms after its last
 answer) is parked in one selector thread and holds no handler thread, so idle sockets cannot
-starve clients that are sending (python server_bench.py measures it).
+starve clients that are sending (python -m harness.server_bench measures it).
 - Query files and the cache folder are checked when the server is made: ConfigError (a ValueError),
-  one line naming the file and the query; `python server.py` prints it and exits with status 2.
+  one line naming the file and the query; `python -m harness.server` prints it and exits with status 2.
 - A template that cannot be filled (say a `_list_length` of "many") is the protocol's error record
   with HTTP 200: the query file is at fault, and toolclient.ToolClient retries a 5xx as a server fault.
 - So is a cache file that cannot be used (unreadable, not UTF-8, not JSON or cut short, nested too

@@ -1,12 +1,12 @@
 """Load test of the tool server (server.py): many clients, keep-alive or not, with idle sockets held open.
 
-    python server_bench.py                 # 64 clients x 50 requests, a new connection per request;
+    python -m harness.server_bench         # 64 clients x 50 requests, a new connection per request;
                                            # then 16 clients x 300 on one keep-alive connection each;
                                            # 300 idle sockets opened first and held open
-    python server_bench.py --clients 4 --requests 5 --keepalive-clients 2 --keepalive-requests 10 --idle 5
-    python server_bench.py --rounds 3      # the same again on the same server: does RSS keep growing?
+    python -m harness.server_bench --clients 4 --requests 5 --keepalive-clients 2 --keepalive-requests 10 --idle 5
+    python -m harness.server_bench --rounds 3   # the same again on the same server: does RSS keep growing?
 
-The server runs as a separate process (`python server.py --port 0 --timeout T`) on a loopback
+The server runs as a separate process (`python -m harness.server --port 0 --timeout T`) on a loopback
 ephemeral port; the clients are threads of this process, each request a POST /virtual of one
 embedded-world call (http.client). A request is an error when it raises (a reset, a refused or
 timed-out connection) or its answer is anything but HTTP 200 with the world's record; latency is
@@ -185,7 +185,7 @@ def main(a):
         m = re.search(r"http://127\.0\.0\.1:(\d+)/virtual", line)
         if not m:
             log.seek(0)
-            sys.exit(f"server_bench.py: the server did not start: {line}{log.read()[-500:]}")
+            sys.exit(f"harness.server_bench: the server did not start: {line}{log.read()[-500:]}")
         port = int(m.group(1))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # the warm-up request
         conn.request("POST", "/virtual", BODY, HEADERS)

@@ -17,7 +17,7 @@ from train entities, so a model must read the tool responses rather than memoris
 
 Regenerate the committed task files (deterministic; seed 0):
 
-    python world.py --out data/
+    python -m harness.world --out data/
 
 Departures from StableToolBench:
 1. Tool responses are small JSON objects (< 200 characters) so episodes stay short on a CPU.

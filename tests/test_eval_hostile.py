@@ -60,7 +60,7 @@ def judge_url(fake_openai):
 
 @pytest.fixture
 def rollouts(monkeypatch):
-    """eval.evaluate_model replaced: each task answered at once with Finish give_answer; calls counted."""
+    """harness.evaluate.evaluate_model replaced: each task answered at once with Finish give_answer; calls counted."""
     calls = []
 
     def fake(a, tasks):

@@ -92,7 +92,7 @@ def test_a_real_model_warms_up_with_sft_on_every_expert_episode_by_default():
     assert (cfg.sft_epochs, cfg.sft_lr, cfg.sft_episodes) == (1, 1e-4, 0)
 
 
-# ---- the schedule follows what the model is: fake folders in the formats models.py and Policy.save write ----
+# ---- the schedule follows what the model is: fake folders in the formats harness.models writes ----
 def write_json(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -120,7 +120,7 @@ def saved(d, config):
 
 
 def checkpoint(d, base, relative=None):
-    """Policy.save's policy.json; relative=None: an older one, without base_relative."""
+    """models.save_policy's policy.json; relative=None: an older one, without base_relative."""
     meta = {"base": base, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": list(P.LORA_TARGETS)},
             "full_finetune": False, "dtype": "float32", "gradient_checkpointing": False}
     write_json(os.path.join(d, "policy.json"), meta if relative is None else {**meta, "base_relative": relative})
@@ -141,7 +141,7 @@ def older_checkpoint(t):
 def symlinked_checkpoint(t):
     run_checkpoint(t, SMOL_CONFIG)
     os.symlink(t / "run" / "checkpoint", t / "link")
-    return str(t / "link")   # its ../base is beside the real folder, as policy.load_policy reads it
+    return str(t / "link")   # its ../base is beside the real folder, as models.load_policy reads it
 
 
 def unreadable(t):

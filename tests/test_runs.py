@@ -32,7 +32,7 @@ def snapshot(d):
 
 
 def foreign_folder(d):
-    """A folder of the user's: what issue 12's sft.py run deleted."""
+    """A folder of the user's: which sft.py must never delete."""
     os.makedirs(os.path.join(d, "sub"))
     open(os.path.join(d, "IMPORTANT.txt"), "w").write("keep me\n")
     open(os.path.join(d, "sub", "notes.txt"), "w").write("and me\n")
