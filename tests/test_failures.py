@@ -84,8 +84,10 @@ def stop(tmp_path, sig, after, small_model, extra=()):
     out = str(tmp_path / "run")
     args = ["--model", small_model, "--quick", "--threads", "1", "--eval-limit", "1", "--episodes-per-iteration", "2",
             "--max-new-tokens", "24", "--max-steps", "3", "--iterations", "4", "--save-every", "1", *extra]
+    # SIGINT at its default even when these tests run in a background job (which starts with it ignored)
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "steptool.py"), *args, "--output", out], cwd=ROOT,
-                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:
         if line.startswith(after):
             p.send_signal(sig)
