@@ -76,3 +76,26 @@ def test_the_sampling_benchmark_prints_each_ways_speed_agreement_and_memory(caps
     assert all(w["sampled_tokens_per_s"] > 0 and w["max_logp_gap"] >= 0 for w in out)
     assert out[0]["extra_weights_gb"] == 0 < out[1]["extra_weights_gb"]
     assert "max |d log p| vs PPO forward" in capsys.readouterr().out
+
+
+def test_the_decode_benchmark_reports_both_samplers_against_the_bandwidth_limit(capsys):
+    from harness import decode_bench
+    rows = decode_bench.main(["--model", "tiny", "--batches", "1", "2", "--contexts", "16", "--new", "2",
+                              "--bandwidth-mib", "8", "--threads", "1"])
+    assert [(r["sampler"], r["batch"]) for r in rows] == [("ours", 1), ("transformers", 1), ("ours", 2), ("transformers", 2)]
+    for r in rows:
+        assert r["ms_per_step"] > 0 and r["limit_ms"] > 0 and r["gb_per_step"] > 0 and 0 < r["share_of_peak"]
+        assert abs(r["tokens_per_s"] - r["batch"] * 1000 / r["ms_per_step"]) < 1e-6 * r["tokens_per_s"]
+    out = capsys.readouterr().out
+    assert "read bandwidth" in out and "% of limit" in out and '"read_bandwidth_gbs"' in out.strip().splitlines()[-1]
+
+
+def test_a_decode_step_moves_every_weight_and_every_rows_keys_and_values():
+    from harness import decode_bench
+    import policy as P
+    from harness import models
+    model, _ = P.build_tiny(0, models.tiny_tokenizer())
+    c = model.config
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    one, two = decode_bench.step_bytes(model, 1, 100), decode_bench.step_bytes(model, 3, 100)
+    assert two - one == 2 * 100 * kv and one - 100 * kv == sum(p.numel() * 4 for p in model.parameters())

@@ -1,0 +1,141 @@
+"""Decoding against the machine's limit: our sampler (rollout.generate) and transformers' own generate.
+
+    python -m harness.decode_bench --model smollm2                       # batches 1 16 32, contexts 128 1000
+    python -m harness.decode_bench --model smollm2 --batches 32 --contexts 1000 --threads 2
+
+A decode step reads every weight once and every row's keys and values once, so its floor is
+    bytes moved = weights + batch x context x (layers x 2 x KV heads x head dim x bytes)
+    limit       = bytes moved / read bandwidth
+with the read bandwidth measured in the same run (a median `torch.sum` over --bandwidth-mib of fp32
+on --threads threads), beside the matmul peak (bench_trl.matmul_peak_gflops) and the step's FLOPs
+over it. Our step is the slope between two runs of the same rows, --new tokens and twice as many
+(every row forced to decode them all), so prefill, the turn's cache set-up and the kept cache
+cancel out; transformers' step is the median time between its steps (a stopping criterion as the
+clock). tokens/s = batch / step. One JSON line at the end with every figure.
+
+Left out: llama.cpp (llama-cpp-python 0.3.36 is only a source distribution on the package index, no wheel
+for this platform; building it needs CMake and a C++ compiler, not tried); bf16 (the model's own dtype).
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+import rollout
+from harness import models
+from harness.bench_trl import matmul_peak_gflops
+
+
+def read_bandwidth_gbs(mib=1024, reps=7):
+    """Median GB/s of summing `mib` MiB of fp32 (one read of each byte) on the current threads."""
+    x = torch.ones(mib * (1 << 20) // 4)
+    for _ in range(2):
+        x.sum()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def step_bytes(model, batch, context):
+    """What one decode step reads at least: every weight once, every row's keys and values once."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    size = next(model.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return weights + batch * context * c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * size
+
+
+def step_flops(model, batch, context):
+    """2 x (parameters except the input embedding) x rows, plus attention: 4 x heads x head dim x context x rows."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    n -= 0 if tied else model.get_input_embeddings().weight.numel()
+    return batch * (2 * n + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * context)
+
+
+def ours(policy, prompts, new):
+    """Seconds of decoding `new` tokens in every row (stops off), prefill excluded: rollout.generate's own clock."""
+    stop, policy.stop_ids = policy.stop_ids, []
+    try:
+        s0 = policy.gen_stats["decode_s"]
+        rollout.generate(policy, prompts, new, 1.0, 1.0, [torch.Generator().manual_seed(i) for i in range(len(prompts))])
+        return policy.gen_stats["decode_s"] - s0
+    finally:
+        policy.stop_ids = stop
+
+
+def theirs(model, prompts, new):
+    """transformers' generate (greedy, KV cache, left padding) making 2 x `new` tokens a row -> the median
+    time between consecutive steps (a stopping criterion that never stops, called once a step, is the clock)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Clock(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            ticks.append(time.perf_counter())
+            return torch.zeros(len(input_ids), dtype=torch.bool)
+    L, ticks = max(map(len, prompts)), []
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2 * new, min_new_tokens=2 * new, do_sample=False,
+                   pad_token_id=0, stopping_criteria=StoppingCriteriaList([Clock()]))
+    return statistics.median(b - a for a, b in zip(ticks, ticks[1:]))
+
+
+def per_step(policy, prompts, new, reps):
+    """Our sampler: median over reps of (decode time of 2 new - of new) / new: one step, fixed costs cancelled."""
+    return statistics.median((ours(policy, prompts, 2 * new) - ours(policy, prompts, new)) / new for _ in range(reps))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m harness.decode_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", help="what harness.models.load_policy accepts")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1000], help="tokens already in each row")
+    ap.add_argument("--new", type=int, default=8, help="tokens of the shorter run (the longer makes twice as many)")
+    ap.add_argument("--reps", type=int, default=1, help="slopes per figure (their median)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bandwidth-mib", type=int, default=1024)
+    ap.add_argument("--no-transformers", dest="transformers", action="store_false", help="our sampler only")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    bw = read_bandwidth_gbs(a.bandwidth_mib)
+    peak = matmul_peak_gflops(threads=a.threads, n=1024, reps=5)
+    policy = models.load_policy(a.model)
+    base = models.load_policy(a.model, full_finetune=True).model.eval()   # the plain model, no adapter: transformers' own
+    print(f"{a.model}: read bandwidth {bw:.1f} GB/s, fp32 matmul peak {peak:.0f} GFLOP/s, {a.threads} threads")
+    print(f"{'sampler':13s} {'batch':>5s} {'context':>7s} {'ms/step':>8s} {'tok/s':>7s} {'GB/step':>8s} "
+          f"{'limit ms':>8s} {'% of limit':>10s} {'% of peak':>9s}")
+    rows, g = [], torch.Generator().manual_seed(0)
+    vocab = policy.model.config.vocab_size
+    for ctx in a.contexts:
+        for b in a.batches:
+            prompts = [torch.randint(100, vocab - 100, (ctx,), generator=g).tolist() for _ in range(b)]
+            runs = [("ours", lambda: per_step(policy, prompts, a.new, a.reps))]
+            runs += [("transformers", lambda: statistics.median(theirs(base, prompts, a.new) for _ in range(a.reps)))] \
+                if a.transformers else []
+            for name, run in runs:
+                s = run()
+                moved, flops = step_bytes(policy.model, b, ctx + a.new), step_flops(policy.model, b, ctx + a.new)
+                limit = moved / (bw * 1e9)
+                rows.append(dict(sampler=name, batch=b, context=ctx, ms_per_step=s * 1e3, tokens_per_s=b / s,
+                                 gb_per_step=moved / 1e9, limit_ms=limit * 1e3, share_of_limit=limit / s,
+                                 share_of_peak=flops / s / (peak * 1e9)))
+                r = rows[-1]
+                print(f"{name:13s} {b:5d} {ctx:7d} {r['ms_per_step']:8.1f} {r['tokens_per_s']:7.1f} {r['gb_per_step']:8.2f} "
+                      f"{r['limit_ms']:8.1f} {100 * r['share_of_limit']:9.0f}% {100 * r['share_of_peak']:8.0f}%", flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"model": a.model, "threads": a.threads, "read_bandwidth_gbs": bw, "matmul_peak_gflops": peak,
+                      "peak_rss_mib": rss, "rows": rows}))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
