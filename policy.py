@@ -58,11 +58,13 @@ class LoRALinear(nn.Module):
         self.register_buffer("B0", torch.zeros(base.out_features, 0, dtype=torch.float32, device=dev))
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
-    merged = None   # W + (alpha / r) (B A + B0 A0) while an fp32 policy samples (rollout.merged_lora)
+    merged, transposed = None, False   # W + (alpha/r)(B A + B0 A0) while fp32 samples (rollout.merged_lora); CPU: [in, out]
 
     def forward(self, x):
-        if self.merged is not None:
+        if self.merged is not None and not self.transposed:
             return F.linear(x, self.merged, self.base.bias)
+        if self.merged is not None:
+            return x @ self.merged if self.base.bias is None else x @ self.merged + self.base.bias
         y = self.base(x)
         if not self.A0.numel():                                               # no frozen adapter
             if not self.enabled:

@@ -558,6 +558,8 @@ def test_sampling_merges_each_lora_projection_into_one_matrix_up_to_rounding_and
         with rollout.merged_lora(pol):
             raise RuntimeError
     assert all(m.merged is None for m in pol.lora_modules())
-    fresh = make_policy()                    # B = 0: W itself, no copy, and the adapter's matmuls skipped
+    fresh = make_policy()                    # B = 0: W itself (on CPU laid out [in, out]), the adapter's matmuls skipped
     with rollout.merged_lora(fresh):
-        assert all(m.merged.data_ptr() == m.base.weight.data_ptr() for m in fresh.lora_modules())
+        assert all(m.transposed and torch.equal(m.merged, m.base.weight.t()) and m.merged.is_contiguous()
+                   for m in fresh.lora_modules())
+    assert not any(m.transposed for m in fresh.lora_modules())
