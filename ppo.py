@@ -164,7 +164,7 @@ def unit_rewards(e, beta, mode):
     kl_tok = e.old_logp - e.ref_logp                                    # [N] k1 estimate of KL per token
     _, vpos, unit_of, last_tok = units(e, mode)
     r = torch.zeros(len(vpos))
-    r.index_add_(0, unit_of, -beta * kl_tok)                            # KL penalty, summed over each unit's tokens
+    r.index_add_(0, unit_of, -beta * kl_tok)                            # KL penalty (Sec. 4.2), summed per unit
     step_r = torch.tensor(e.rewards, dtype=torch.float)                # [S]
     if mode == "step":
         r += step_r                                                     # r_t on step t

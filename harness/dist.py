@@ -401,7 +401,7 @@ class Ranks:
 
     def evaluate(self, policy, tasks, client, cfg, judge):
         """steptool.evaluate on N ranks: each rolls out and judges its block of the tasks; rank 0 scores
-        the gathered labels -> ({group: {pass_rate, recall}}, eval.per_query) there, (None, None) elsewhere."""
+        the gathered labels -> (scored, groups, eval.per_query) there, as steptool.evaluate, (None,) * 3 elsewhere."""
         lo, hi = self.block(len(tasks))
         with self.sampling(policy):
             trajs = evaluation.run_policy(policy, tasks[lo:hi], client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
@@ -414,13 +414,9 @@ class Ranks:
                 for g, entries in part.items():
                     into.setdefault(g, {}).update(entries)
         if not self.main:
-            return None, None
+            return None, None, None
         labels = dict(sorted(labels.items()))
-        scored, groups = evaluation.score_groups(labels, errors, tasks)
-        out = {g: {"pass_rate": m["pass_rate"], "recall": m["recall"]} for _, g, m in scored}
-        if "Avg" in groups:
-            out["overall"] = {"pass_rate": groups["Avg"]["pass_rate"], "recall": groups["Avg"]["recall"]}
-        return out, evaluation.per_query(labels, tasks)
+        return (*evaluation.score_groups(labels, errors, tasks), evaluation.per_query(labels, tasks))
 
     def close(self):
         if self.world > 1:

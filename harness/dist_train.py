@@ -62,11 +62,8 @@ def train(cfg, policy, client, judge, eval_judge, tasks, eval_tasks, offline, ru
 def evaluate(policy, tasks, client, cfg, judge, ranks):
     """steptool.evaluate sharded: Ranks.evaluate's numbers as steptool.evaluate's record on rank 0 ({} elsewhere)."""
     t0 = time.time()
-    out, each = ranks.evaluate(policy, tasks, client, cfg, judge)
-    if not ranks.main:
-        return {}
-    return {**{f"eval/{g}/{k}": v for g, m in out.items() for k, v in m.items()}, "eval/tasks": each,
-            "time/eval_s": time.time() - t0}
+    scored, groups, each = ranks.evaluate(policy, tasks, client, cfg, judge)
+    return steptool.eval_record(scored, groups, each, t0) if ranks.main else {}
 
 
 def rollout_stats(eps, trajs, rstats, policy, run):

@@ -160,8 +160,11 @@ def run_evaluate(ranks, url, out):
     tasks = launch.limit_per_group(formats.load_tasks(os.path.join(ROOT, "data", "bench_test.json")), 4)
     cfg, client, eval_judge = steptool.Config(output=out), toolclient.ToolClient(url), judge.labeller(judge.FactsJudge("", "x"))
     if ranks.world > 1:
-        return ranks.evaluate(None, tasks, client, cfg, eval_judge)
-    rec, scores = steptool.evaluate(None, tasks, client, cfg, eval_judge), {}
+        scored, groups, each = ranks.evaluate(None, tasks, client, cfg, eval_judge)
+        rec = steptool.eval_record(scored, groups, each, 0.0) if ranks.main else {"eval/tasks": None}
+    else:
+        rec = steptool.evaluate(None, tasks, client, cfg, eval_judge)
+    scores = {}
     for k, v in rec.items():          # eval/GROUP/pass_rate, eval/GROUP/recall
         if k.startswith("eval/") and k != "eval/tasks":
             group, metric = k[len("eval/"):].rsplit("/", 1)
