@@ -1,36 +1,33 @@
 """Batched multi-turn rollouts: many tool-use episodes at once, sampled from the policy (paper Sec. 3, 4.2).
 
-Each turn, the next assistant turn of every live episode is sampled in one batch (`generate`), the
-environments step with their tool calls running concurrently (env.step_all), and each episode's
-token ids grow by the sampled action and the observation. An episode ends at Finish, at max_steps, or
-when its next turn could not fit in max_context tokens (then it ends unsolved and keeps every
-completed step; nothing is dropped silently).
+Every live episode samples its next token and all are fed in one batch; an episode's keys and values stay
+in its slot of one KV cache for all its turns (`_sample_turns`). When a turn ends, the environment steps
+(the tool calls of turns that end together run concurrently, env.step_all), the episode's ids grow by the
+action and the observation, and the observation is prefilled into its slot. An episode ends at Finish, at
+max_steps, or when its next turn could not fit in max_context tokens (unsolved, its completed steps kept).
 
     Episode.ids        [T] prompt, action and observation tokens, in order
     Episode.act        [T] True where the policy sampled the token: the only tokens with gradient
     Episode.step       [T] step index t of each action token, -1 elsewhere
     Episode.state_end  [S] position of the last token of state s_t, where V(s_t) is read
 
-The sampler, `generate`: the KV cache with left padding, temperature / top-p, one uniform draw per
-token from each episode's own generator, so an episode's randomness depends on (seed, iteration,
-episode) only, not on what else is in the batch; given each episode's cache from its previous turn,
-a turn computes only its new tokens. It samples what PPO's forward computes: fp32 weights through
-W + B A merged once per batch of rollouts (`merged_lora`), bf16/fp16 weights never merged (most of a
-small B A would round away) but through the same two-path sum as the update.
+The sampler: temperature / top-p, one uniform draw per token from each episode's own generator, so its
+randomness depends on (seed, iteration, episode) only, not on the batch. It samples what PPO's forward
+computes: fp32 weights through W + B A merged once per batch of rollouts (`merged_lora`), bf16/fp16
+weights never merged (most of a small B A would round away) but through the update's two-path sum.
 
 Departures from the original code:
 1. The original trains offline only, on fixed trajectories; here rollouts are online and the same
    episodes carry the old log-probs (computed by ppo.prepare) that PPO's ratio needs.
 """
 import contextlib
-import itertools
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 import env
 
@@ -64,55 +61,44 @@ def episode_generator(seed, iteration, episode):
 def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_steps=12, max_new_tokens=256,
             max_context=4096, temperature=1.0, top_p=1.0, obs_chars=1024, observation_role=None, batch_size=0,
             on_done=None):
-    """Run `tasks` as parallel episodes -> (episodes, trajectories), in task order.
-    Tool responses go in the chat template's role for them (policy.obs_role) unless told otherwise.
-    batch_size: at most this many episodes at once (0 = all); a finished episode's place goes to the
-    next task at the next turn, so a few long episodes do not leave the batch nearly empty.
-    on_done(n): called with the number of episodes that ended at each turn (a progress bar)."""
+    """Run `tasks` as parallel episodes -> (episodes, trajectories), in task order. Tool responses go in the chat
+    template's role for them (policy.obs_role) unless told otherwise. batch_size: at most this many episodes at
+    once (0 = all), an ended one's place going to the next task at once. on_done(n): n episodes ended (a progress bar)."""
     envs = [env.ToolEnv(client, max_steps, obs_chars, observation_role or policy.obs_role) for _ in tasks]
     eps = [Episode() for _ in tasks]
     gens = [episode_generator(seed, iteration, first_episode + i) for i in range(len(tasks))]
-    live, waiting = [], iter(range(len(tasks)))
-    caches = [None] * len(tasks)  # each episode's keys and values: a turn computes only its new tokens
+    waiting = iter(range(len(tasks)))
+
+    def fits(i):  # the next turn fits in max_context, else the episode ends unsolved, its completed steps kept
+        return len(eps[i].ids) + max_new_tokens <= max_context or envs[i].end("max_context")
+
+    def start():  # the next task whose first turn fits: (i, its prompt), or None
+        for i in waiting:
+            eps[i].add_context(policy.encode_prompt(envs[i].reset(tasks[i])))
+            if fits(i):
+                return i, eps[i].ids
+            on_done and on_done(1)
+
+    def finish(turns):  # [(i, sampled turn, _)]: the environments step together -> each one's next context or None
+        results, nxt = env.step_all(client, [envs[i] for i, _, _ in turns], [policy.decode_action(t) for _, t, _ in turns]), []
+        for (i, t, _), (_, done, _) in zip(turns, results):
+            eps[i].add_action(t)
+            n = len(eps[i].ids)
+            if not done:  # a turn ended by max_new_tokens or an eos that is not the template's end of turn gets it
+                eps[i].add_context(policy.encode_observation(envs[i].messages, ended=t[-1] == policy.eot_id))
+            nxt.append(eps[i].ids[n:] if not done and fits(i) else None)
+        on_done and None in nxt and on_done(nxt.count(None))
+        return nxt
+
     was_training = policy.training
     policy.eval()
-    try:
-        # fp32 weights: one merged copy of the adapted weights for every turn of the batch (merged_lora)
-        with merged_lora(policy):
-            while True:
-                for i in itertools.islice(waiting, max(0, (batch_size or len(tasks)) - len(live))):
-                    eps[i].add_context(policy.encode_prompt(envs[i].reset(tasks[i])))
-                    live.append(i)
-                for i in live:
-                    if len(eps[i].ids) + max_new_tokens > max_context:
-                        envs[i].end("max_context")  # the next turn cannot fit: unsolved, completed steps kept
-                live = _still_live(live, envs, on_done)
-                if not live:
-                    if len(envs) == sum(e.done for e in envs):
-                        break
-                    continue
-                kv = [caches[i] for i in live]
-                outs = generate(policy, [eps[i].ids for i in live], max_new_tokens, temperature, top_p,
-                                [gens[i] for i in live], kv)
-                results = env.step_all(client, [envs[i] for i in live], [policy.decode_action(o) for o in outs])
-                for i, out, c, (_, done, _) in zip(live, outs, kv, results):
-                    eps[i].add_action(out)
-                    caches[i] = None if done else c
-                    if not done:
-                        # a turn that stopped at max_new_tokens, or at an eos that is not the template's end of turn,
-                        # gets the template's end-of-turn token as context
-                        eps[i].add_context(policy.encode_observation(envs[i].messages, ended=out[-1] == policy.eot_id))
-                live = _still_live(live, envs, on_done)
+    try:  # fp32 weights: one merged copy of the adapted weights for every turn of the batch (merged_lora)
+        with torch.no_grad(), policy.autocast(), merged_lora(policy):
+            _sample_turns(policy, batch_size or len(tasks), start, finish, max_new_tokens, temperature, top_p,
+                          gens, max_context)
     finally:
         policy.train(was_training)
     return eps, [e.traj for e in envs]
-
-
-def _still_live(live, envs, on_done):
-    out = [i for i in live if not envs[i].done]
-    if on_done and len(out) < len(live):
-        on_done(len(live) - len(out))
-    return out
 
 
 def expert_episode(policy, task, client):
@@ -130,21 +116,21 @@ def expert_episode(policy, task, client):
 
 # ---- the sampler ------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(policy, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, generators=None, caches=None,
-             logprobs=False):
-    """Next turn of each prompt (lists of token ids), batched with the KV cache and left padding.
+def generate(policy, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, generators=None, logprobs=False):
+    """One turn for each prompt (lists of token ids), sampled together -> the sampled ids of each, ending with
+    a stop token unless max_new_tokens hit. temperature 0 = greedy. generators: one torch.Generator per row.
+    logprobs: also return each sampled token's log-probability under the policy (temperature 1, no top-p),
+    as PPO computes it: (ids, logps), the check that sampler and update agree."""
+    outs, lps, todo = [None] * len(prompts), [None] * len(prompts), iter(enumerate(prompts))
 
-    Returns the sampled ids of each row, ending with a stop token unless max_new_tokens hit.
-    temperature 0 = greedy. generators: one torch.Generator per row (CPU), for sampling.
-    caches: optional list, one entry per row, None or (n, [(k, v)] per layer) holding the keys and
-    values of the row's first n prompt tokens (its earlier turns); on return each entry holds the
-    row's prompt and sampled turn (all but the last token), ready for the row's next turn.
-    logprobs: also return each sampled token's log-probability under the policy (temperature 1,
-    no top-p), as PPO computes it: (ids, logps), the check that sampler and update agree.
-    Adds its time and tokens to policy.gen_stats.
-    """
+    def finish(turns):
+        for i, t, lp in turns:
+            outs[i], lps[i] = t, lp
+        return [None] * len(turns)
     with policy.autocast(), merged_lora(policy):
-        return _generate(policy, prompts, max_new_tokens, temperature, top_p, generators, caches, logprobs)
+        _sample_turns(policy, len(prompts), lambda: next(todo, None), finish, max_new_tokens, temperature, top_p,
+                      generators, None, logprobs)
+    return (outs, lps) if logprobs else outs
 
 
 @contextlib.contextmanager
@@ -168,98 +154,112 @@ def merged_lora(policy):
             m.merged, m.transposed = None, False
 
 
-def _generate(policy, prompts, max_new_tokens, temperature, top_p, generators, caches, logprobs=False):
-    dev, B = policy.device, len(prompts)
-    caches = caches if caches is not None else [None] * B
-    # prefill one row at a time: without padding, attention takes its causal kernel; a cached row
-    # computes only its new tokens (the last sampled token of its previous turn and the observation)
-    rows_kv, logits = [], []
-    t0 = time.perf_counter()
-    for p, c in zip(prompts, caches):
-        n, past = c if c is not None else (0, None)
-        if n >= len(p):
-            raise ValueError(f"a row's cache holds {n} tokens but its prompt has only {len(p)}: caches are for a next turn")
-        cache = DynamicCache(past) if past else DynamicCache()
-        out = policy.model(input_ids=torch.tensor([p[n:]], device=dev), position_ids=torch.arange(n, len(p), device=dev)[None],
-                           cache=cache, use_cache=True, logits_to_keep=1)
-        logits.append(out.logits[0, -1].float())
-        rows_kv.append([(layer.keys, layer.values) for layer in cache.layers])
-    # stack the rows left-padded into buffers sized for the whole turn: decoding copies no cache
-    L, lens = max(map(len, prompts)), [len(p) for p in prompts]
-    layers = []
-    for kv in zip(*rows_kv):                                           # one layer, every row
-        k0 = kv[0][0]
-        bk = k0.new_zeros(B, k0.shape[1], L + max_new_tokens, k0.shape[3]); bv = torch.zeros_like(bk)
-        for r, (k, v) in enumerate(kv):
-            bk[r, :, L - lens[r]:L], bv[r, :, L - lens[r]:L] = k[0], v[0]
-        layers.append(_TurnBuffer(bk, bv, L))
-    cache = Cache(layers=layers)
-    mask = torch.tensor([[0] * (L - n) + [1] * n for n in lens], device=dev)   # [B, L]
-    logits, pos = torch.stack(logits), torch.tensor(lens, device=dev)[:, None] - 1  # [B, V], [B, 1]
-    rows, outs, lps = list(range(B)), [[] for _ in range(B)], [[] for _ in range(B)]
-    stop = torch.tensor(policy.stop_ids, device=dev)
-    t1 = time.perf_counter()
-    policy.gen_stats["prefill_s"] += t1 - t0
-    policy.gen_stats["prefill_tokens"] += sum(len(p) - (c[0] if c is not None else 0) for p, c in zip(prompts, caches))
+def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top_p, gens, max_context, logprobs=False):
+    """The sampler's loop over up to `slots` episodes at once, each in a slot of one KV cache (_Slots) for all its
+    turns. Each step samples one token of every episode, from its own generator, and feeds them in one batch;
+    an episode whose turn ends leaves the step and finish() gives its next context, prefilled alone (no padding)
+    before the next step, or ends it, its slot going to start()'s next episode: no episode waits for another.
+    start() -> (i, prompt ids) or None; finish([(i, turn ids, their log-probs)]) -> [next context ids or None]."""
+    dev, kv, stats, stops = policy.device, _Slots(policy, slots, max_context), policy.gen_stats, set(policy.stop_ids)
+    slot, turn, lps, logits = {}, {}, {}, {}                                   # of each live episode i
 
-    def keep_cache(j, r):  # row r (at batch index j) is done: its keys and values for the next turn
-        m = layers[0].n
-        caches[r] = (m - (L - lens[r]), [(l.bk[j:j + 1, :, L - lens[r]:m].clone(), l.bv[j:j + 1, :, L - lens[r]:m].clone())
-                                         for l in layers])
-
-    for step in range(max_new_tokens):
-        nxt = _sample(logits, temperature, top_p, [generators[r] for r in rows] if generators else None)  # [b]
-        done = torch.isin(nxt, stop).tolist()
-        for r, tok_id in zip(rows, nxt.tolist()):
-            outs[r].append(tok_id)
+    def prefill(i, ids):
+        t = time.perf_counter()
+        logits[i], turn[i], lps[i] = _forward(policy, kv, [slot[i]], torch.tensor([ids], device=dev), max_new_tokens)[0], [], []
+        stats["prefill_s"] += time.perf_counter() - t; stats["prefill_tokens"] += len(ids)
+    while True:
+        while len(slot) < slots and (nxt := start()) is not None:
+            slot[nxt[0]] = min(set(range(slots)) - set(slot.values()))
+            prefill(*nxt)
+        if not slot:
+            return
+        kv.compact(slot)
+        t, live = time.perf_counter(), sorted(slot, key=slot.get)
+        z = torch.stack([logits[i] for i in live])                             # [b, V]
+        tok = _sample(z, temperature, top_p, [gens[i] for i in live] if gens else None)   # [b]
         if logprobs:
-            for r, lp in zip(rows, F.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1).tolist()):
-                lps[r].append(lp)
-        if step == max_new_tokens - 1:
-            done = [True] * len(rows)
-        for j, d in enumerate(done):
-            if d:
-                keep_cache(j, rows[j])
-        keep = [i for i, d in enumerate(done) if not d]
-        if not keep:
-            break
-        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-            k = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(k)
-            nxt, mask, pos, rows = nxt[k], mask[k], pos[k], [rows[i] for i in keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-        pos = pos + 1
-        out = policy.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                           cache=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
-    policy.gen_stats["decode_s"] += time.perf_counter() - t1
-    policy.gen_stats["decode_tokens"] += sum(map(len, outs))
-    return (outs, lps) if logprobs else outs
+            for i, lp in zip(live, F.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1).tolist()):
+                lps[i].append(lp)
+        for i, k in zip(live, tok.tolist()):
+            turn[i].append(k)
+        ended = [i for i in live if turn[i][-1] in stops or len(turn[i]) == max_new_tokens]
+        go = [i for i in live if i not in set(ended)]
+        if go:
+            logits.update(zip(go, _forward(policy, kv, [slot[i] for i in go], torch.tensor([[turn[i][-1]] for i in go], device=dev))))
+        stats["decode_s"] += time.perf_counter() - t; stats["decode_tokens"] += len(live)
+        for i, nxt in zip(ended, finish([(i, turn[i], lps[i]) for i in ended]) if ended else []):
+            if nxt is None:
+                kv.n[slot.pop(i)] = 0
+            else:
+                prefill(i, turn[i][-1:] + nxt)                                 # the turn's last token: sampled, not yet fed
 
 
-class _TurnBuffer(DynamicLayer):
-    """One layer's keys and values for a turn: a buffer with room for every new token, filled up to n
-    (transformers' DynamicCache concatenates, copying the whole cache for every sampled token)."""
+def _forward(policy, kv, rows, ids, room=0):
+    """ids [b, q] fed to the episodes in slots `rows` (ascending; q > 1 for one row only), leaving room for `room`
+    more -> each row's next-token logits [b, V], as PPO's forward makes them (policy.logits). Several rows: one
+    token each at its own position, the rest masked; a slot between them not in `rows` gets a token 0 at its
+    next position (its next real token overwrites it)."""
+    lo, hi, q = rows[0], rows[-1] + 1, ids.shape[1]
+    pick = [r - lo for r in rows]
+    ids = ids.new_zeros(hi - lo, 1).index_copy_(0, torch.tensor(pick, device=ids.device), ids) if hi - lo > len(rows) else ids
+    pos = torch.tensor(kv.n[lo:hi], device=ids.device)[:, None] + torch.arange(q, device=ids.device)   # [b, q]
+    kv.at, kv.L = (lo, hi, pos[:, 0]), int(pos.max()) + 1
+    kv.past = kv.L - q if hi - lo == 1 else kv.L - 1                      # tokens before the query (mask sizes)
+    kv.grow(kv.L + room)
+    mask = torch.arange(kv.L, device=ids.device) <= pos if hi - lo > 1 else None   # [b, L]; one row needs none
+    h = policy.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True).last_hidden_state
+    for r in rows:
+        kv.n[r] += q
+    return policy.logits(h[pick, -1])
 
-    def __init__(self, bk, bv, n):  # bk, bv: [B, H, capacity, D]
+
+class _Slots(Cache):
+    """Keys and values of up to S episodes for all their turns: per layer [S, H, capacity, D] buffers, slot s
+    holding its episode's first n[s] tokens (right padding), grown 1.5x when a turn needs more room (up to
+    max_context). Sliding-window attention is exact while contexts fit in the window."""
+
+    def __init__(self, policy, S, max_context):
+        self.S, self.n, self.cap, self.limit, self.at, self.L, self.past = S, [0] * S, 0, max_context or 1 << 62, None, 0, 0
+        super().__init__(layers=[_SlotLayer(self) for _ in range(policy.model.config.get_text_config().num_hidden_layers)])
+
+    def grow(self, need):
+        if need > self.cap:
+            self.cap = max(need, min(self.cap * 3 // 2, self.limit))
+
+    def compact(self, slot):
+        """Live slots back to 0..m-1: each in a slot at or above m moves into a free one below (a copy of its tokens)."""
+        m = len(slot)
+        holes = sorted(set(range(m)) - set(slot.values()))
+        for i, s in zip([i for i in slot if slot[i] >= m], holes):
+            a, n = slot[i], self.n[slot[i]]
+            for layer in self.layers:
+                layer.bk[s, :, :n], layer.bv[s, :, :n] = layer.bk[a, :, :n], layer.bv[a, :, :n]
+            self.n[s], self.n[a], slot[i] = n, 0, s
+
+
+class _SlotLayer(DynamicLayer):
+    """One layer of _Slots: writes each fed token's keys and values at its row's position, returns the rows' buffers."""
+
+    def __init__(self, kv):
         super().__init__()
-        self.bk, self.bv, self.n, self.is_initialized = bk, bv, n, True
-        self.dtype, self.device = bk.dtype, bk.device
-        self.keys, self.values = bk[:, :, :n], bv[:, :, :n]
+        self.kv, self.bk, self.bv, self.is_initialized = kv, None, None, True
 
     def update(self, k, v, *args, **kwargs):
-        q = k.shape[2]
-        self.bk[:, :, self.n:self.n + q], self.bv[:, :, self.n:self.n + q] = k, v
-        self.n += q
-        self.keys, self.values = self.bk[:, :, :self.n], self.bv[:, :, :self.n]
-        return self.keys, self.values
+        kv, (lo, hi, at) = self.kv, self.kv.at
+        if self.bk is None or self.bk.shape[2] < kv.cap:  # zeros: a masked position must not hold a NaN (0 x NaN)
+            bk = k.new_zeros(kv.S, k.shape[1], kv.cap, k.shape[3]); bv = torch.zeros_like(bk)
+            if self.bk is not None:
+                bk[:, :, :self.bk.shape[2]], bv[:, :, :self.bk.shape[2]] = self.bk, self.bv
+            self.bk, self.bv = bk, bv
+        if hi - lo == 1:                                   # one row, its q tokens after its kv.past
+            self.bk[lo, :, kv.past:kv.L], self.bv[lo, :, kv.past:kv.L] = k[0], v[0]
+        else:                                              # one token per row, each at its own position
+            rows = torch.arange(lo, hi, device=k.device)
+            self.bk[rows, :, at], self.bv[rows, :, at] = k[:, :, 0], v[:, :, 0]
+        return self.bk[lo:hi, :, :kv.L], self.bv[lo:hi, :, :kv.L]
 
     def get_seq_length(self):
-        return self.n
-
-    def batch_select_indices(self, idx):
-        self.bk, self.bv = self.bk[idx], self.bv[idx]
-        self.keys, self.values = self.bk[:, :, :self.n], self.bv[:, :, :self.n]
+        return self.kv.past
 
 
 def _sample(logits, temperature, top_p, gens):

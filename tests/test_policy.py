@@ -102,23 +102,37 @@ def test_greedy_generate_equals_a_no_cache_loop_alone_and_inside_a_left_padded_b
     assert rollout.generate(pol, [short, mid], 12, temperature=0)[1] == ref
 
 
+def two_turns(pol, prompts, observations, new, slots=None):
+    """Each prompt's first and second turns through the sampler's loop, the second from the cached first:
+    finish() gives each episode its observation once, then ends it."""
+    turns, seen, todo = {}, set(), iter(enumerate(prompts))
+
+    def finish(ended):
+        out = []
+        for i, t, _ in ended:
+            turns.setdefault(i, []).append(list(t))
+            out.append(None if i in seen else observations[i])
+            seen.add(i)
+        return out
+    with torch.no_grad(), rollout.merged_lora(pol):
+        rollout._sample_turns(pol, slots or len(prompts), lambda: next(todo, None), finish, new, 0, 1.0, None, None)
+    return [turns[i] for i in range(len(prompts))]
+
+
 def test_a_turn_from_the_cached_earlier_turns_equals_one_from_the_whole_dialogue(make_policy):
     pol = make_policy().eval()
     randomize_lora(pol, scale=1.0)
     g = torch.Generator().manual_seed(8)
-    a, b, obs_a, obs_b = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (9, 17, 6, 3))
-    caches = [None, None]
-    first = rollout.generate(pol, [a, b], 7, temperature=0, caches=caches)
-    assert [c[0] for c in caches] == [len(a) + len(first[0]) - 1, len(b) + len(first[1]) - 1]
-    assert all(k.shape[2] == c[0] for c in caches for k, v in c[1])
-    second = [a + first[0] + obs_a, b + first[1] + obs_b]
+    a, b, c, obs_a, obs_b, obs_c = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (9, 17, 5, 6, 3, 11))
+    got = two_turns(pol, [a, b, c], [obs_a, obs_b, obs_c], 7)
+    first = rollout.generate(pol, [a, b, c], 7, temperature=0)
+    assert [t[0] for t in got] == first
+    second = [a + first[0] + obs_a, b + first[1] + obs_b, c + first[2] + obs_c]
     ref = [greedy_without_cache(pol.model, p, 7, pol.stop_ids) for p in second]
     assert len(set(ref[0])) > 1
-    assert rollout.generate(pol, second, 7, temperature=0) == ref
-    assert rollout.generate(pol, second[::-1], 7, temperature=0, caches=[caches[1], None]) == ref[::-1]  # cached beside not
-    assert rollout.generate(pol, second, 7, temperature=0, caches=caches) == ref
-    with pytest.raises(ValueError, match="cache"):  # caches now cover more than these prompts
-        rollout.generate(pol, second, 7, temperature=0, caches=caches)
+    assert [t[1] for t in got] == ref
+    # two slots: b ends after one turn, c takes its slot, a ends, c moves down to slot 0 and goes on
+    assert two_turns(pol, [a, b, c], [obs_a, None, obs_c], 7, slots=2) == [got[0], got[1][:1], got[2]]
 
 
 def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(make_policy):
@@ -385,11 +399,9 @@ def test_lora_targets_that_match_no_module_are_an_error_naming_the_models_linear
 def test_generation_uses_the_cache_api_that_transformers_keeps(make_policy):
     pol = make_policy()
     prompt = pol.encode_prompt([{"role": "user", "content": "hi"}])
-    caches = [None]
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        out = rollout.generate(pol, [prompt], 3, temperature=0, caches=caches)[0]
-        rollout.generate(pol, [prompt + out + IDS[:5]], 3, temperature=0, caches=caches)  # a next turn from the cache
+        two_turns(pol, [prompt, prompt[:-1]], [IDS[:5], IDS[:3]], 3)   # a next turn from the cache, two rows
     assert not [str(x.message) for x in w if "deprecated" in str(x.message)]
 
 

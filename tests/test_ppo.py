@@ -475,27 +475,29 @@ def test_a_bounded_batch_refills_as_episodes_end_and_samples_the_same_episodes(r
     pol, client = rollout_policy, toolclient.ToolClient(tool_server.url)
     tasks = test_tasks[:5]
     whole, _ = rollout.rollout(pol, tasks, client, seed=7, **{**KW, "max_steps": 3})
-    sizes, done, generate = [], [], rollout.generate
-    def spy(policy, prompts, *a, **k):
-        sizes.append(len(prompts))
-        return generate(policy, prompts, *a, **k)
-    monkeypatch.setattr(rollout, "generate", spy)
+    slots, done, forward = [], [], rollout._forward
+    def spy(policy, kv, rows, *a, **k):
+        slots.append((kv.S, rows[-1] + 1))
+        return forward(policy, kv, rows, *a, **k)
+    monkeypatch.setattr(rollout, "_forward", spy)
     bounded, trajs = rollout.rollout(pol, tasks, client, seed=7, batch_size=2, on_done=done.append, **{**KW, "max_steps": 3})
-    assert max(sizes) == 2 and sum(sizes) == sum(e.n_steps for e in bounded)  # never more than 2 live
-    assert len(sizes) > 3 and sum(done) == 5 and [t.query_id for t in trajs] == [t.query_id for t in tasks]
+    assert {s for s, _ in slots} == {2} and max(hi for _, hi in slots) == 2  # never more than 2 live
+    assert sum(done) == 5 and [t.query_id for t in trajs] == [t.query_id for t in tasks]
     assert [e.ids for e in bounded] == [e.ids for e in whole] and [e.act for e in bounded] == [e.act for e in whole]
 
 
 def test_a_turn_ended_by_an_eos_that_is_not_the_end_of_turn_gets_the_templates_end_of_turn(
         rollout_policy, tiny_tok, tool_server, test_tasks, monkeypatch):
     import copy
+    import itertools
     import policy as P
     tok = copy.deepcopy(tiny_tok)
     tok.eos_token = "<|endoftext|>"  # as a base model: eos ends generation, <|im_end|> ends a turn
     pol = P.Policy(rollout_policy.model, tok, "tiny")
     assert pol.stop_ids == sorted([pol.eot_id, tok.eos_token_id]) and tok.eos_token_id != pol.eot_id
     turn = tok("Thought: hm\nAction: nothing_here", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(rollout, "generate", lambda policy, prompts, *a, **k: [turn + [tok.eos_token_id] for _ in prompts])
+    seq = itertools.cycle(turn + [tok.eos_token_id])    # every turn samples exactly this
+    monkeypatch.setattr(rollout, "_sample", lambda logits, *a: torch.tensor([next(seq)] * len(logits)))
     (ep,), (traj,) = rollout.rollout(pol, test_tasks[:1], toolclient.ToolClient(tool_server.url), **KW)
     a0_end = max(p for p, s in enumerate(ep.step) if s == 0)
     assert traj.steps[0].text == "Thought: hm\nAction: nothing_here"
