@@ -14,7 +14,7 @@ Departures from the original code:
 1. The original wraps peft + trl's AutoModelForCausalLMWithValueHead; both are replaced by ~60
    lines here so a reader sees exactly which weights train.
 2. `tiny` is a random ~1.6 M-parameter Qwen2 with a BPE tokenizer trained on the embedded
-   benchmark's train split: the CPU stand-in for Qwen2-7B (same code path; no download).
+   benchmark's train split (harness/models.py): the CPU stand-in for Qwen2-7B (same code path).
 3. One policy whatever the dtype: bf16 weights are never merged with an adapter (rollout.generate samples
    through the same two-path sum; freeze_reference stacks the SFT adapter under the trainable one).
 """
@@ -33,8 +33,6 @@ from torch.utils.checkpoint import checkpoint
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # the log-softmax runs over chunks of at most this many logits (2^26 fp32 = 256 MB: 441 tokens of a 152k vocabulary)
 LOGIT_CHUNK_ELEMENTS = 1 << 26
-TINY = dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=512, max_position_embeddings=2048, tie_word_embeddings=True)
 # ChatML, for models that ship no template (base models); the original's Qwen2 data is ChatML
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -139,36 +137,6 @@ def shows(content, text):
     enc = [json.dumps(content, ensure_ascii=False), json.dumps(content)]
     enc.append(enc[1].replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027"))
     return any(v in text for v in [c] + enc)
-
-
-# ---- the tiny model -------------------------------------------------------------------------
-def build_tiny_tokenizer(texts, vocab_size=2048):
-    """Byte-level BPE trained on `texts` (harness.models.tiny_tokenizer: the benchmark's train split)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    # words ([A-Za-z0-9_]+) never carry a space or punctuation, so a name (forecast_for_skycast,
-    # Velmora) is the same tokens in the prompt, in an action and in an observation: easy to copy
-    word = Regex(r"[A-Za-z0-9_]+|[^A-Za-z0-9_]+")
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(word, "isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE)
-
-
-def build_tiny(seed, tok, **overrides):
-    """A random Qwen2 (TINY, with config overrides) for the tokenizer `tok` -> (model, tok)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-    cfg = Qwen2Config(vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **{**TINY, **overrides})
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg)
-    return model, tok
 
 
 # ---- the policy -----------------------------------------------------------------------------

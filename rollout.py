@@ -159,13 +159,15 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
     turns. Each step samples one token of every episode, from its own generator, and feeds them in one batch;
     an episode whose turn ends leaves the step and finish() gives its next context, prefilled alone (no padding)
     before the next step, or ends it, its slot going to start()'s next episode: no episode waits for another.
+    A lone greedy row (a batch's tail) feeds its token with a prompt-lookup draft (_draft) in one forward.
     start() -> (i, prompt ids) or None; finish([(i, turn ids, their log-probs)]) -> [next context ids or None]."""
     dev, kv, stats, stops = policy.device, _Slots(policy, slots, max_context), policy.gen_stats, set(policy.stop_ids)
-    slot, turn, lps, logits = {}, {}, {}, {}                                   # of each live episode i
+    slot, turn, lps, logits, fed = {}, {}, {}, {}, {}                          # of each live episode i
 
     def prefill(i, ids):
         t = time.perf_counter()
         logits[i], turn[i], lps[i] = _forward(policy, kv, [slot[i]], torch.tensor([ids], device=dev), max_new_tokens)[0], [], []
+        fed[i] = fed.get(i, []) + ids                                          # the tokens in its slot
         stats["prefill_s"] += time.perf_counter() - t; stats["prefill_tokens"] += len(ids)
     while True:
         while len(slot) < slots and (nxt := start()) is not None:
@@ -184,17 +186,32 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
             turn[i].append(k)
         ended = [i for i in live if turn[i][-1] in stops or len(turn[i]) == max_new_tokens]
         go = [i for i in live if i not in set(ended)]
-        if go:
+        if len(go) == 1 and temperature == 0 and not logprobs:  # a lone greedy row (a batch's tail): prompt lookup
+            i = go[0]
+            draft = _draft(fed[i] + turn[i][-1:], max_new_tokens - len(turn[i]) - 1)
+            z = _forward(policy, kv, [slot[i]], torch.tensor([turn[i][-1:] + draft], device=dev), every=True)  # [1 + d, V]
+            n = next((j for j, (d, g) in enumerate(zip(draft, z.argmax(-1).tolist())) if d != g or d in stops), len(draft))
+            fed[i] += turn[i][-1:] + draft[:n]; turn[i] += draft[:n]; logits[i] = z[n]
+            kv.n[slot[i]] -= len(draft) - n; stats["decode_tokens"] += n      # the rejected drafts' keys: overwritten
+        elif go:
             logits.update(zip(go, _forward(policy, kv, [slot[i] for i in go], torch.tensor([[turn[i][-1]] for i in go], device=dev))))
+            for i in go:
+                fed[i].append(turn[i][-1])
         stats["decode_s"] += time.perf_counter() - t; stats["decode_tokens"] += len(live)
         for i, nxt in zip(ended, finish([(i, turn[i], lps[i]) for i in ended]) if ended else []):
             if nxt is None:
-                kv.n[slot.pop(i)] = 0
+                kv.n[slot.pop(i)] = 0; del fed[i]
             else:
                 prefill(i, turn[i][-1:] + nxt)                                 # the turn's last token: sampled, not yet fed
 
 
-def _forward(policy, kv, rows, ids, room=0):
+def _draft(seq, k, n=3):
+    """Prompt lookup decoding (Saxena, 2023): the <= k tokens that followed the last earlier occurrence of seq's
+    last n tokens. Each one the greedy choice confirms is a token decoded without a forward of its own."""
+    return next((seq[j + n:j + n + k] for j in range(len(seq) - n - 1, -1, -1) if seq[j:j + n] == seq[-n:]), []) if k > 0 else []
+
+
+def _forward(policy, kv, rows, ids, room=0, every=False):
     """ids [b, q] fed to the episodes in slots `rows` (ascending; q > 1 for one row only), leaving room for `room`
     more -> each row's next-token logits [b, V], as PPO's forward makes them (policy.logits). Several rows: one
     token each at its own position, the rest masked; a slot between them not in `rows` gets a token 0 at its
@@ -210,7 +227,7 @@ def _forward(policy, kv, rows, ids, room=0):
     h = policy.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True).last_hidden_state
     for r in rows:
         kv.n[r] += q
-    return policy.logits(h[pick, -1])
+    return policy.logits(h[0] if every else h[pick, -1])            # every: one row's logits at each of its q
 
 
 class _Slots(Cache):

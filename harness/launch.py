@@ -24,7 +24,6 @@ import torch
 from tqdm import tqdm
 
 import env
-import policy as P
 import steptool
 from harness import checks, dist, dist_train, memory, models, offline as O, runs, server, toolclient
 from harness import judge as J
@@ -79,12 +78,12 @@ def defaults(model):
 
 
 def model_kind(name):
-    """'tiny' (or a saved model of policy.TINY's sizes, such as a tiny run's base/), an alias of models.py
+    """'tiny' (or a saved model of models.TINY's sizes, such as a tiny run's base/), an alias of models.py
     (`smollm2`, its converted folder or a copy), or None for any other model. Small JSON files only: no
     weights, no network, and a Hub id or a missing path is just another model (checks.py reports the latter)."""
     config = models.json_of(os.path.join(str(name), "config.json"))
     sizes = ("hidden_size", "num_hidden_layers", "intermediate_size")
-    if name == "tiny" or (config.get("model_type") == "qwen2" and all(config.get(k) == P.TINY[k] for k in sizes)):
+    if name == "tiny" or (config.get("model_type") == "qwen2" and all(config.get(k) == models.TINY[k] for k in sizes)):
         return "tiny"
     return models.alias_of(name)
 

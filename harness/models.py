@@ -51,9 +51,43 @@ def default_device(device=None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+# ---- the tiny model (the default: a random ~1.6 M-parameter Qwen2) ----------------------------------
+TINY = dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=512, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+def build_tiny_tokenizer(texts, vocab_size=2048):
+    """Byte-level BPE trained on `texts` (tiny_tokenizer: the benchmark's train split)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    # words ([A-Za-z0-9_]+) never carry a space or punctuation, so a name (forecast_for_skycast,
+    # Velmora) is the same tokens in the prompt, in an action and in an observation: easy to copy
+    word = Regex(r"[A-Za-z0-9_]+|[^A-Za-z0-9_]+")
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(word, "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=P.CHAT_TEMPLATE)
+
+
+def build_tiny(seed, tok, **overrides):
+    """A random Qwen2 (TINY, with config overrides) for the tokenizer `tok` -> (model, tok)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    cfg = Qwen2Config(vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, **{**TINY, **overrides})
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model, tok
+
+
 # ---- loading ------------------------------------------------------------------------------------
 def tiny_tokenizer():
-    """The tiny model's tokenizer: policy.build_tiny_tokenizer on the embedded benchmark's train split."""
+    """The tiny model's tokenizer: build_tiny_tokenizer on the embedded benchmark's train split."""
     tasks = formats.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))
     def texts():
         for t in tasks:
@@ -61,7 +95,7 @@ def tiny_tokenizer():
             for s in t.expert:
                 yield env.format_action(s["thought"], s["name"], s["arguments"])
                 yield json.dumps({"error": "", "response": {"status": 404, "message": "Not found."}})
-    return P.build_tiny_tokenizer(texts())
+    return build_tiny_tokenizer(texts())
 
 
 def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dropout=0.0,
@@ -96,7 +130,7 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     weights = torch.float32 if full_finetune else dtype  # full fine-tuning: fp32 master weights, `dtype` compute
     if base == "tiny":
-        model, tok = P.build_tiny(seed, tiny_tokenizer(), **(tiny or {}))  # tiny: size overrides of TINY
+        model, tok = build_tiny(seed, tiny_tokenizer(), **(tiny or {}))  # tiny: size overrides of TINY
     else:
         path = resolve(base)  # `smollm2` or a .gguf file: a plain folder in the cache, converted once
         # a name that is no folder is a Hub id: without network only the local cache is tried, so we
@@ -501,7 +535,7 @@ def fetch(name):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--save-tiny":
-        m, t = P.build_tiny(0, tiny_tokenizer())
+        m, t = build_tiny(0, tiny_tokenizer())
         m.save_pretrained(sys.argv[2]); t.save_pretrained(sys.argv[2])
         print(f"tiny Qwen2 ({sum(p.numel() for p in m.parameters()) / 1e6:.1f} M params, vocab {len(t)}) -> {sys.argv[2]}")
         sys.exit(0)

@@ -12,7 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from harness import formats  # noqa: E402
+from harness import formats, models  # noqa: E402
 from harness import server  # noqa: E402
 
 # The test models are tiny: one thread is ~100x faster than OpenMP threads spin-waiting on a busy
@@ -61,7 +61,7 @@ def make_policy(tiny_tok):
     import torch
 
     def make(seed=0, lora_dropout=0.0, full_finetune=False):
-        model, tok = P.build_tiny(seed, tok=tiny_tok, **SMALL)
+        model, tok = models.build_tiny(seed, tok=tiny_tok, **SMALL)
         model.config.use_cache = False
         lora = None if full_finetune else dict(r=4, alpha=8, dropout=lora_dropout, targets=list(P.LORA_TARGETS))
         if lora:
@@ -76,9 +76,8 @@ def make_policy(tiny_tok):
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory, tiny_tok):
     """A ~0.2 M-parameter Qwen2 (SMALL) and its tokenizer, written by save_pretrained: the --model DIR path."""
-    import policy as P
     d = str(tmp_path_factory.mktemp("model"))
-    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    model, tok = models.build_tiny(0, tok=tiny_tok, **SMALL)
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d

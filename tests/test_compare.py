@@ -8,7 +8,7 @@ import sys
 import torch
 
 from conftest import ROOT, SMALL
-from harness import toolclient
+from harness import models, toolclient
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 BUDGET = ["--threads", "1", "--iterations", "1", "--episodes-per-iteration", "2", "--sft-epochs", "1",
@@ -21,9 +21,8 @@ def compare(*args):
 
 
 def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_redo_finished_runs(tmp_path, tiny_tok):
-    import policy as P
     model_dir, out = str(tmp_path / "model"), str(tmp_path / "results")
-    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    model, tok = models.build_tiny(0, tok=tiny_tok, **SMALL)
     model.save_pretrained(model_dir); tok.save_pretrained(model_dir)
     args = ["--seeds", "3", "--output", out, "--methods", "sft", "rft", "steptool", "--model", model_dir, "--full-finetune", *BUDGET]
     r = compare(*args)

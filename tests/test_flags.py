@@ -42,7 +42,7 @@ def another(value):
 def nothing_is_fetched_or_loaded(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("parsing the flags fetched or loaded a model")
-    for module, name in ((models, "fetch"), (models, "from_gguf"), (models, "load_policy"), (P, "build_tiny")):
+    for module, name in ((models, "fetch"), (models, "from_gguf"), (models, "load_policy"), (models, "build_tiny")):
         monkeypatch.setattr(module, name, refuse)
 
 
@@ -101,7 +101,7 @@ def write_json(path, obj):
 
 SMOL_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
                "num_hidden_layers": 30, "vocab_size": 49152, "num_attention_heads": 9}
-TINY_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 2048, **P.TINY}
+TINY_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 2048, **models.TINY}
 
 
 def converted(d, config=None):

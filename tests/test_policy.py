@@ -102,6 +102,24 @@ def test_greedy_generate_equals_a_no_cache_loop_alone_and_inside_a_left_padded_b
     assert rollout.generate(pol, [short, mid], 12, temperature=0)[1] == ref
 
 
+def test_prompt_lookup_drafts_follow_the_last_earlier_occurrence_of_the_last_three_tokens():
+    assert rollout._draft([1, 2, 3, 9, 9, 1, 2, 3, 4, 1, 2, 3], 2) == [4, 1]   # the later occurrence, not the first
+    assert rollout._draft([1, 2, 3, 9, 1, 2, 3], 8) == [9, 1, 2, 3]            # up to the end
+    assert rollout._draft([5, 6, 7, 8], 4) == [] and rollout._draft([1, 2, 3, 1, 2, 3], 0) == []
+
+
+def test_a_lone_greedy_row_decodes_through_prompt_lookup_exactly_as_one_token_at_a_time(make_policy, monkeypatch):
+    pol = make_policy().eval()
+    randomize_lora(pol, scale=0.3)
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(3, 2048, (6,), generator=g).tolist() * 3           # a repeated stretch: drafts to find
+    ref = greedy_without_cache(pol.model, prompt, 40, pol.stop_ids)
+    forwards, real = [], rollout._forward
+    monkeypatch.setattr(rollout, "_forward", lambda *a, **k: forwards.append(k.get("every", False)) or real(*a, **k))
+    assert rollout.generate(pol, [prompt], 40, temperature=0) == [ref]
+    assert sum(forwards) < len(ref) - 1 and len(forwards) < len(ref)         # fewer forwards than tokens: drafts taken
+
+
 def two_turns(pol, prompts, observations, new, slots=None):
     """Each prompt's first and second turns through the sampler's loop, the second from the cached first:
     finish() gives each episode its observation once, then ends it."""
@@ -167,7 +185,7 @@ def test_top_p_keeps_only_the_smallest_set_of_tokens_with_mass_top_p():
 @pytest.fixture
 def base_model(tiny_tok):
     """base_model(seed): the random Qwen2 that make_policy(seed) wraps, without LoRA."""
-    return lambda seed: P.build_tiny(seed, tok=tiny_tok, **SMALL)[0].eval()
+    return lambda seed: models.build_tiny(seed, tok=tiny_tok, **SMALL)[0].eval()
 
 
 IDS = list(range(3, 40))
@@ -329,7 +347,7 @@ def templated_policy(tiny_tok, name):
     if spec["bos"]:
         tok.bos_token = spec["bos"]
     tok.chat_template = spec["template"]
-    model, tok = P.build_tiny(0, tok=tok, **SMALL)
+    model, tok = models.build_tiny(0, tok=tok, **SMALL)
     return P.Policy(model, tok, "tiny")
 
 
@@ -344,7 +362,7 @@ def test_a_template_with_no_role_for_tool_responses_falls_back_to_user(tiny_tok)
     tok.chat_template = ("{% for m in messages %}{% if m['role'] in ['system', 'user', 'assistant'] %}<|im_start|>"
                          "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    assert P.Policy(P.build_tiny(0, tok=tok, **SMALL)[0], tok, "tiny").obs_role == "user"
+    assert P.Policy(models.build_tiny(0, tok=tok, **SMALL)[0], tok, "tiny").obs_role == "user"
 
 
 @pytest.mark.parametrize("name", list(k for k in TEMPLATES if not k.startswith("_")))
@@ -469,7 +487,7 @@ def test_a_full_finetune_checkpoint_holds_the_trained_weights_once_and_the_refer
 
 def test_full_finetuning_a_bf16_model_keeps_fp32_master_weights_that_small_steps_change(tiny_tok):
     import sft
-    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    model, tok = models.build_tiny(0, tok=tiny_tok, **SMALL)
     pol = P.Policy(model.to(torch.bfloat16), tok, "tiny", full_finetune=True)
     assert all(p.dtype == torch.float32 for p in pol.model.parameters())             # master weights
     assert pol.compute_dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in pol.ref_model.parameters())
@@ -514,7 +532,7 @@ def test_a_checkpoint_reached_through_a_symlink_loads_the_base_beside_it(make_po
 
 
 def test_float16_full_finetuning_is_refused_for_want_of_a_loss_scaler(tiny_tok):
-    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    model, tok = models.build_tiny(0, tok=tiny_tok, **SMALL)
     with pytest.raises(ValueError, match="loss scaler"):
         P.Policy(model.to(torch.float16), tok, "tiny", full_finetune=True)
 

@@ -13,7 +13,7 @@ import policy as P
 import ppo
 import rollout
 from conftest import FIXTURES, SMALL
-from harness import dist, formats, offline
+from harness import dist, formats, models, offline
 from harness import toolclient
 
 
@@ -356,7 +356,7 @@ def test_a_finite_update_counts_no_skips_and_changes_the_lora_weights(make_polic
 
 
 def test_a_bf16_model_trains_fp32_adapters_and_value_head_and_its_base_stays_frozen(tiny_tok):
-    model, tok = P.build_tiny(0, tok=tiny_tok, **SMALL)
+    model, tok = models.build_tiny(0, tok=tiny_tok, **SMALL)
     model.to(torch.bfloat16).requires_grad_(False)
     P.inject_lora(model, 4, 8, 0.0)
     pol = P.Policy(model, tok, "tiny", dict(r=4, alpha=8, dropout=0.0, targets=list(P.LORA_TARGETS)))
@@ -422,7 +422,7 @@ KW = dict(max_steps=2, max_new_tokens=16)
 @pytest.fixture(scope="module")
 def rollout_policy(tiny_tok):
     import policy as P
-    model, tok = P.build_tiny(3, tok=tiny_tok, **SMALL)
+    model, tok = models.build_tiny(3, tok=tiny_tok, **SMALL)
     model.config.use_cache = False
     torch.manual_seed(3)
     return P.Policy(model, tok, "tiny")

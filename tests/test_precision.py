@@ -18,7 +18,7 @@ BF16 = torch.bfloat16
 
 def bf16_policy(tiny_tok, seed=0, **size):
     """A random Qwen2 with bf16 weights and fp32 LoRA (r 4), built as load_policy builds one on a GPU."""
-    model, tok = P.build_tiny(seed, tok=tiny_tok, **{**SMALL, **size})
+    model, tok = models.build_tiny(seed, tok=tiny_tok, **{**SMALL, **size})
     model.to(BF16)
     model.config.use_cache = False
     model.requires_grad_(False)
