@@ -9,9 +9,9 @@ A decode step reads every weight once and every row's keys and values once, so i
 with the read bandwidth measured in the same run (a median `torch.sum` over --bandwidth-mib of fp32
 on --threads threads), beside the matmul peak (bench_trl.matmul_peak_gflops) and the step's FLOPs
 over it. Our step is the slope between two runs of the same rows, --new tokens and twice as many
-(every row forced to decode them all), so prefill, the turn's cache set-up and the kept cache
-cancel out; transformers' step is the median time between its steps (a stopping criterion as the
-clock). tokens/s = batch / step. One JSON line at the end with every figure.
+(every row forced to decode them all), so prefill and the cache's set-up cancel out; transformers'
+step is the median time between its steps (a stopping criterion as the clock). tokens/s = batch / step.
+One JSON line at the end with every figure.
 
 Left out: llama.cpp (llama-cpp-python 0.3.36 is only a source distribution on the package index, no wheel
 for this platform; building it needs CMake and a C++ compiler, not tried); bf16 (the model's own dtype).
