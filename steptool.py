@@ -211,12 +211,15 @@ def warm_start(policy, tasks, client, cfg, run):
 
 
 def rft_update(policy, optimizer, solved, cfg):
-    """RFT (the paper's baseline): --ppo-epochs SFT steps on the Solved episodes of the batch, at PPO's
-    learning rate, so both spend the same sampled episodes and the same number of passes."""
+    """RFT (the paper's baseline): SFT steps on the Solved episodes of the batch at PPO's learning rate, --ppo-epochs
+    passes of as many steps as PPO takes in one (batch / (mini-batch x grad-accum); one a Solved episode at most):
+    both spend the same sampled episodes, passes and optimizer steps."""
     if not solved:
         return {"rft/solved": 0.0}
     policy.train()
-    losses = [SFT.sft_step(policy, optimizer, solved, cfg.mini_batch_size) for _ in range(cfg.ppo_epochs)]
+    k = min(len(solved), -(-cfg.episodes_per_iteration // (cfg.mini_batch_size * cfg.grad_accum)))
+    parts = [solved[j * len(solved) // k:(j + 1) * len(solved) // k] for j in range(k)]
+    losses = [SFT.sft_step(policy, optimizer, part, cfg.mini_batch_size) for _ in range(cfg.ppo_epochs) for part in parts]
     ok = [x for x in losses if x is not None]
     return {"rft/solved": float(len(solved)), "ppo/skipped_updates": float(len(losses) - len(ok)),
             **({"loss/sft": sum(ok) / len(ok)} if ok else {})}

@@ -138,6 +138,24 @@ def test_rft_update_trains_on_the_solved_episodes_only(make_policy, tool_server,
     assert nll() < start - 0.1
 
 
+def test_rft_takes_as_many_optimizer_steps_per_iteration_as_ppo(make_policy, tool_server, test_tasks, monkeypatch):
+    import rollout
+    import sft
+    import steptool
+    pol = make_policy(full_finetune=True)
+    client = toolclient.ToolClient(tool_server.url)
+    eps = [rollout.expert_episode(pol, t, client)[0] for t in test_tasks[:5]]
+    cfg = steptool.Config(episodes_per_iteration=16, mini_batch_size=2, grad_accum=4, ppo_epochs=2)  # PPO: 2 x 2 steps
+    steps, real = [], sft.sft_step
+    monkeypatch.setattr(sft, "sft_step", lambda pol, opt, part, mbs: steps.append(len(part)) or real(pol, opt, part, mbs))
+    opt = torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-4)
+    steptool.rft_update(pol, opt, eps, cfg)
+    assert steps == [2, 3, 2, 3]                        # 4 steps, each pass over all 5 Solved episodes once
+    steps.clear()
+    steptool.rft_update(pol, opt, eps[:1], cfg)
+    assert steps == [1, 1]                              # one Solved episode: one step a pass
+
+
 def test_parallel_processes_share_the_cores_and_a_resumed_run_keeps_its_share(monkeypatch, tmp_path):
     from harness import compare as C
     jobs = [("a", ["--seed", "0"]), ("b", ["--seed", "1"]), ("c", ["--seed", "2"])]
