@@ -8,9 +8,14 @@ method from that same checkpoint, with the same budget: the same number of sampl
 updates. The schedule is steptool.py's for --model (harness.launch.defaults: by what the model is).
     sft                 the warm start itself
     rft                 SFT on the policy's own Solved rollouts (steptool.py --algo rft)
-    ppo_final           PPO with the final reward only (--reward final)
+    ppo                 PPO (final reward): the paper's baseline, IsSolved on the last token and the original
+                        code's per-token GAE (--reward final --advantage token)
     steptool            step-grained rewards and step-grained optimization (the defaults)
-    steptool_token_adv  step-grained rewards, the original code's per-token GAE (--advantage token)
+    ppo_final           StepTool w/o step-grained reward shaping: the final reward, GAE over steps
+                        (--reward final; its folder name is older than its name)
+    steptool_token_adv  StepTool w/o step-grained optimization: step rewards, per-token GAE (--advantage token);
+                        per-token GAE keeps the original's gamma 0.99 and lambda 0.95 per token, so it tests the
+                        original's granularity, horizon included, not the granularity alone
 Outputs: OUTPUT/table.md (Pass Rate and Recall per group, mean ± std over seeds), OUTPUT/summary.json
 ({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}, "ci": {"a-b": {group:
 [lo, hi]}}}: paired bootstrap 95 % CIs of pass-rate differences over the test tasks, paired_bootstrap), OUTPUT/curves.png
@@ -38,19 +43,21 @@ from harness import runs
 import steptool
 
 METHODS = {"rft": ["--algo", "rft", "--reward", "final"],
-           "ppo_final": ["--reward", "final"],
+           "ppo": ["--reward", "final", "--advantage", "token"],
+           "ppo_final": ["--reward", "final", "--advantage", "step"],
            "steptool": ["--reward", "stepgrained", "--advantage", "step"],
            "steptool_token_adv": ["--reward", "stepgrained", "--advantage", "token"]}
-NAMES = {"sft": "SFT", "rft": "RFT", "ppo_final": "PPO (final reward)", "steptool": "StepTool",
-         "steptool_token_adv": "StepTool w/o step-grained optimization (token GAE)"}
+NAMES = {"sft": "SFT", "rft": "RFT", "ppo": "PPO (final reward)", "steptool": "StepTool",
+         "ppo_final": "StepTool w/o step-grained reward shaping (final reward, step GAE)",
+         "steptool_token_adv": "StepTool w/o step-grained optimization (step rewards, token GAE)"}
 GROUPS = ("G1", "G2", "G3", "overall")
 # the schedule every run of a comparison shares, spelled out on its command line
 SCHEDULE = ("sft_epochs", "sft_lr", "sft_episodes", "iterations", "episodes_per_iteration", "eval_every", "eval_limit",
             "save_every", "lr", "mini_batch_size", "grad_accum", "ppo_epochs", "init_kl_coef", "max_steps",
             "max_new_tokens", "full_finetune")
-# the paper's claims: StepTool over SFT, PPO (final reward) and RFT (Table 2) and over its ablation (Table 4)
-CI_PAIRS = (("steptool", "sft"), ("steptool", "ppo_final"), ("ppo_final", "sft"), ("steptool", "rft"),
-            ("steptool", "steptool_token_adv"))
+# the paper's claims: StepTool over SFT, PPO (final reward) and RFT (Table 2) and over its two ablations (Table 4)
+CI_PAIRS = (("steptool", "sft"), ("steptool", "ppo"), ("ppo", "sft"), ("steptool", "rft"),
+            ("steptool", "ppo_final"), ("steptool", "steptool_token_adv"))
 
 
 def paired_bootstrap(a, b, n=10000, seed=0, level=0.95):

@@ -55,19 +55,20 @@ def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_re
 
 def test_lora_methods_start_from_the_sft_runs_adapter_file_and_the_summary_has_paired_cis(tmp_path, small_model):
     out = str(tmp_path / "results")
-    r = compare("--seeds", "0", "--output", out, "--methods", "sft", "steptool", "ppo_final", "--model", small_model,
+    r = compare("--seeds", "0", "--output", out, "--methods", "sft", "steptool", "ppo", "--model", small_model,
                 "--no-full-finetune", *BUDGET)
     assert r.returncode == 0, r.stderr[-3000:]
     adapter = os.path.join(out, "seed0", "sft", "sft_adapter.safetensors")
-    for m in ("steptool", "ppo_final"):
+    for m, reward, advantage in (("steptool", "stepgrained", "step"), ("ppo", "final", "token")):   # ppo: the paper's
         run = os.path.join(out, "seed0", m)
         cfg = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["config"]
         assert cfg["model"] == small_model and cfg["adapters"] == [adapter] and not cfg["eval_start"]
+        assert (cfg["reward"], cfg["advantage"]) == (reward, advantage)
         assert os.path.isfile(os.path.join(run, "adapter.safetensors"))
         tasks = json.load(open(os.path.join(run, "eval_tasks.json")))
         assert tasks["iteration"] == 1 and len(tasks["tasks"]) == 3   # --eval-limit 1: one task per group
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert set(summary["ci"]) == {"steptool-sft", "steptool-ppo_final", "ppo_final-sft"}
+    assert set(summary["ci"]) == {"steptool-sft", "steptool-ppo", "ppo-sft"}
     assert "Pass Rate differences" in open(os.path.join(out, "table.md")).read()
     # the same SFT start given as a file: evaluated as the run that trained it, the methods start from it
     again = str(tmp_path / "again")
