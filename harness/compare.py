@@ -18,7 +18,8 @@ updates. The schedule is steptool.py's for --model (harness.launch.defaults: by 
                         original's granularity, horizon included, not the granularity alone
 Outputs: OUTPUT/table.md (Pass Rate and Recall per group, mean ± std over seeds), OUTPUT/summary.json
 ({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}, "ci": {"a-b": {group:
-[lo, hi]}}}: paired bootstrap 95 % CIs of pass-rate differences over the test tasks, paired_bootstrap), OUTPUT/curves.png
+[lo, hi]}}, "ci_seeds_tasks": the same}: 95 % CIs of pass-rate differences, paired bootstrap over the test tasks
+(paired_bootstrap), and with each method's seeds resampled too (hierarchical_bootstrap)), OUTPUT/curves.png
 (test Pass Rate against sampled episodes), and each run in OUTPUT/seed<S>/<method>/ (steptool.py's
 metrics.jsonl, checkpoint, final model). Resumable: a finished (method, seed) run is not redone, an
 unfinished one continues from its last checkpoint. OUTPUT must be new, empty, or a compare.py folder
@@ -73,6 +74,27 @@ def paired_bootstrap(a, b, n=10000, seed=0, level=0.95):
         d = np.array([a[k] - b[k] for k in sorted(a) if k[0] == g]) * 100
         means[g] = evaluation.resampled_means(d, n, rng)             # [n] resampled mean differences
     means["overall"] = np.mean([means[g] for g in groups], axis=0)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {g: [float(x) for x in np.percentile(m, q)] for g, m in means.items()}
+
+
+def hierarchical_bootstrap(a_runs, b_runs, n=10000, seed=0, level=0.95):
+    """CI of Pass Rate(a) - Pass Rate(b), in points, with training variance in it: a_runs, b_runs = one
+    {(group, query id): pass} per seed, on the same tasks. Each draw resamples each method's seeds with
+    replacement (its seeds' mean pass per task), then the tasks within each group, the same tasks for
+    both (paired). One seed each: the task-only paired bootstrap. -> {group: [lo, hi], "overall": ...}"""
+    keys = sorted(a_runs[0])
+    if any(set(r) != set(keys) for r in [*a_runs, *b_runs]):
+        raise ValueError("hierarchical bootstrap: the runs were evaluated on different tasks")
+    rng = np.random.default_rng(seed)
+    a, b = (np.array([[r[k] for k in keys] for r in runs], dtype=float) for runs in (a_runs, b_runs))   # [seeds, T]
+    d = (a[rng.integers(len(a), size=(n, len(a)))].mean(1) - b[rng.integers(len(b), size=(n, len(b)))].mean(1)) * 100
+    means = {}
+    for g in sorted({g for g, _ in keys}):
+        idx = np.array([i for i, k in enumerate(keys) if k[0] == g])
+        pick = idx[rng.integers(len(idx), size=(n, len(idx)))]                 # [n, tasks of g]
+        means[g] = np.take_along_axis(d, pick, 1).mean(1)
+    means["overall"] = np.mean([means[g] for g in means], axis=0)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     return {g: [float(x) for x in np.percentile(m, q)] for g, m in means.items()}
 
@@ -136,14 +158,17 @@ def table(summary, methods):
 
 
 def ci_table(summary):
-    lines = ["", "**Pass Rate differences** (points), paired bootstrap 95 % CI over test tasks", "",
-             "| difference | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS) + " |",
-             "|---|" + "---:|" * len(GROUPS)]
-    for pair, ci in summary["ci"].items():
-        a, b = pair.split("-")
-        diff = {g: summary[a][g]["pass_rate_mean"] - summary[b][g]["pass_rate_mean"] for g in GROUPS}
-        lines.append(f"| {NAMES[a]} − {NAMES[b]} | " + " | ".join(
-            f"{diff[g]:+.1f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in GROUPS) + " |")
+    lines = []
+    for key, how in (("ci", "paired bootstrap 95 % CI over test tasks"),
+                     ("ci_seeds_tasks", "hierarchical bootstrap 95 % CI over seeds and test tasks")):
+        lines += ["", f"**Pass Rate differences** (points), {how}", "",
+                  "| difference | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS) + " |",
+                  "|---|" + "---:|" * len(GROUPS)]
+        for pair, ci in summary.get(key, {}).items():
+            a, b = pair.split("-")
+            diff = {g: summary[a][g]["pass_rate_mean"] - summary[b][g]["pass_rate_mean"] for g in GROUPS}
+            lines.append(f"| {NAMES[a]} − {NAMES[b]} | " + " | ".join(
+                f"{diff[g]:+.1f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in GROUPS) + " |")
     return "\n".join(lines + [""]) if summary["ci"] else ""
 
 
@@ -259,6 +284,9 @@ def compare(args, base, extra, argv):
     # paired over test tasks (both models on the same tasks), each task's pass averaged over the seeds
     summary["ci"] = {f"{a}-{b}": paired_bootstrap(mean_over_seeds(per_task[a]), mean_over_seeds(per_task[b]))
                      for a, b in CI_PAIRS if a in per_task and b in per_task}
+    # the same differences with training variance in them: each method's seeds resampled, then the tasks
+    summary["ci_seeds_tasks"] = {f"{a}-{b}": hierarchical_bootstrap(per_task[a], per_task[b])
+                                 for a, b in CI_PAIRS if a in per_task and b in per_task}
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     text = table(summary, args.methods) + ci_table(summary)

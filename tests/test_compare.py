@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import torch
 
 from conftest import ROOT, SMALL
@@ -28,9 +30,10 @@ def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_re
     r = compare(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert set(summary) == {"sft", "rft", "steptool", "ci"} and set(summary["ci"]) == {"steptool-sft", "steptool-rft"}
-    ci = summary.pop("ci")["steptool-sft"]
-    assert set(ci) == {"G1", "G2", "G3", "overall"} and all(lo <= hi for lo, hi in ci.values())
+    assert set(summary) == {"sft", "rft", "steptool", "ci", "ci_seeds_tasks"}
+    assert set(summary["ci"]) == set(summary["ci_seeds_tasks"]) == {"steptool-sft", "steptool-rft"}
+    for ci in (summary.pop("ci")["steptool-sft"], summary.pop("ci_seeds_tasks")["steptool-sft"]):
+        assert set(ci) == {"G1", "G2", "G3", "overall"} and all(lo <= hi for lo, hi in ci.values())
     for m in summary.values():
         assert set(m) == {"G1", "G2", "G3", "overall"}
         for g in m.values():
@@ -155,6 +158,24 @@ def test_rft_takes_as_many_optimizer_steps_per_iteration_as_ppo(make_policy, too
     steps.clear()
     steptool.rft_update(pol, opt, eps[:1], cfg)
     assert steps == [1, 1]                              # one Solved episode: one step a pass
+
+
+def test_the_ci_over_seeds_and_tasks_holds_training_variance_the_task_only_ci_leaves_out():
+    from harness import compare as C
+    r = np.random.default_rng(1)
+    keys = [(g, i) for g in ("G1", "G2", "G3") for i in range(120)]
+    base = {k: float(r.random() < 0.6) for k in keys}
+    lucky = {k: max(v, float(r.random() < 0.4)) for k, v in base.items()}        # one seed far better than the others
+    a = [lucky, base, base]
+    width = lambda ci: ci["overall"][1] - ci["overall"][0]
+    tasks_only, both = C.paired_bootstrap(C.mean_over_seeds(a), base), C.hierarchical_bootstrap(a, [base])
+    assert width(both) > 2 * width(tasks_only)
+    one = C.hierarchical_bootstrap([lucky], [base])                             # one seed each: the task-only CI
+    assert all(abs(x - y) < 1.0 for x, y in zip(one["overall"], C.paired_bootstrap(lucky, base)["overall"]))
+    assert C.hierarchical_bootstrap(a, a) != C.hierarchical_bootstrap([base], [base]) == {g: [0.0, 0.0] for g in (
+        "G1", "G2", "G3", "overall")}
+    with pytest.raises(ValueError, match="different tasks"):
+        C.hierarchical_bootstrap(a, [dict(list(base.items())[1:])])
 
 
 def test_parallel_processes_share_the_cores_and_a_resumed_run_keeps_its_share(monkeypatch, tmp_path):
