@@ -162,12 +162,12 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
     A lone greedy row (a batch's tail) feeds its token with a prompt-lookup draft (_draft) in one forward.
     start() -> (i, prompt ids) or None; finish([(i, turn ids, their log-probs)]) -> [next context ids or None]."""
     dev, kv, stats, stops = policy.device, _Slots(policy, slots, max_context), policy.gen_stats, set(policy.stop_ids)
-    slot, turn, lps, logits, fed = {}, {}, {}, {}, {}                          # of each live episode i
+    slot, turn, lps, logits, past = {}, {}, {}, {}, {}                         # of each live episode i
 
-    def prefill(i, ids):
+    def prefill(i, ids):  # past: the tokens before its turn (the slot holds them and all but the turn's last)
         t = time.perf_counter()
+        past[i] = past.get(i, []) + turn.get(i, [])[:-1] + ids
         logits[i], turn[i], lps[i] = _forward(policy, kv, [slot[i]], torch.tensor([ids], device=dev), max_new_tokens)[0], [], []
-        fed[i] = fed.get(i, []) + ids                                          # the tokens in its slot
         stats["prefill_s"] += time.perf_counter() - t; stats["prefill_tokens"] += len(ids)
     while True:
         while len(slot) < slots and (nxt := start()) is not None:
@@ -184,23 +184,23 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
                 lps[i].append(lp)
         for i, k in zip(live, tok.tolist()):
             turn[i].append(k)
-        ended = [i for i in live if turn[i][-1] in stops or len(turn[i]) == max_new_tokens]
-        go = [i for i in live if i not in set(ended)]
+        done = {i for i in live if turn[i][-1] in stops or len(turn[i]) == max_new_tokens}   # turns that end here
+        ended, go = [i for i in live if i in done], [i for i in live if i not in done]
         if len(go) == 1 and temperature == 0 and not logprobs:  # a lone greedy row (a batch's tail): prompt lookup
             i = go[0]
-            draft = _draft(fed[i] + turn[i][-1:], max_new_tokens - len(turn[i]) - 1)
+            draft = _draft(past[i] + turn[i], max_new_tokens - len(turn[i]) - 1)
             z = _forward(policy, kv, [slot[i]], torch.tensor([turn[i][-1:] + draft], device=dev), every=True)  # [1 + d, V]
             n = next((j for j, (d, g) in enumerate(zip(draft, z.argmax(-1).tolist())) if d != g or d in stops), len(draft))
-            fed[i] += turn[i][-1:] + draft[:n]; turn[i] += draft[:n]; logits[i] = z[n]
+            turn[i] += draft[:n]; logits[i] = z[n]
             kv.n[slot[i]] -= len(draft) - n; stats["decode_tokens"] += n      # the rejected drafts' keys: overwritten
         elif go:
             logits.update(zip(go, _forward(policy, kv, [slot[i] for i in go], torch.tensor([[turn[i][-1]] for i in go], device=dev))))
-            for i in go:
-                fed[i].append(turn[i][-1])
         stats["decode_s"] += time.perf_counter() - t; stats["decode_tokens"] += len(live)
         for i, nxt in zip(ended, finish([(i, turn[i], lps[i]) for i in ended]) if ended else []):
-            if nxt is None:
-                kv.n[slot.pop(i)] = 0; del fed[i]
+            if nxt is None:                                                    # ended: its slot and state freed
+                kv.n[slot.pop(i)] = 0
+                for state in (turn, lps, logits, past):
+                    del state[i]
             else:
                 prefill(i, turn[i][-1:] + nxt)                                 # the turn's last token: sampled, not yet fed
 
@@ -220,7 +220,7 @@ def _forward(policy, kv, rows, ids, room=0, every=False):
     pick = [r - lo for r in rows]
     ids = ids.new_zeros(hi - lo, 1).index_copy_(0, torch.tensor(pick, device=ids.device), ids) if hi - lo > len(rows) else ids
     pos = torch.tensor(kv.n[lo:hi], device=ids.device)[:, None] + torch.arange(q, device=ids.device)   # [b, q]
-    kv.at, kv.L = (lo, hi, pos[:, 0]), int(pos.max()) + 1
+    kv.at, kv.L = (lo, hi, torch.arange(lo, hi, device=ids.device), pos[:, 0]), int(pos.max()) + 1
     kv.past = kv.L - q if hi - lo == 1 else kv.L - 1                      # tokens before the query (mask sizes)
     kv.grow(kv.L + room)
     mask = torch.arange(kv.L, device=ids.device) <= pos if hi - lo > 1 else None   # [b, L]; one row needs none
@@ -262,7 +262,7 @@ class _SlotLayer(DynamicLayer):
         self.kv, self.bk, self.bv, self.is_initialized = kv, None, None, True
 
     def update(self, k, v, *args, **kwargs):
-        kv, (lo, hi, at) = self.kv, self.kv.at
+        kv, (lo, hi, rows, at) = self.kv, self.kv.at
         if self.bk is None or self.bk.shape[2] < kv.cap:  # zeros: a masked position must not hold a NaN (0 x NaN)
             bk = k.new_zeros(kv.S, k.shape[1], kv.cap, k.shape[3]); bv = torch.zeros_like(bk)
             if self.bk is not None:
@@ -271,7 +271,6 @@ class _SlotLayer(DynamicLayer):
         if hi - lo == 1:                                   # one row, its q tokens after its kv.past
             self.bk[lo, :, kv.past:kv.L], self.bv[lo, :, kv.past:kv.L] = k[0], v[0]
         else:                                              # one token per row, each at its own position
-            rows = torch.arange(lo, hi, device=k.device)
             self.bk[rows, :, at], self.bv[rows, :, at] = k[:, :, 0], v[:, :, 0]
         return self.bk[lo:hi, :, :kv.L], self.bv[lo:hi, :, :kv.L]
 
