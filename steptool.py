@@ -211,7 +211,7 @@ def warm_start(policy, tasks, client, cfg, run):
 
 
 def rft_update(policy, optimizer, solved, cfg):
-    """RFT (the paper's baseline): SFT steps on the Solved episodes of the batch at PPO's learning rate, --ppo-epochs
+    """RFT (a baseline of Sec. 5.1): SFT steps on the Solved episodes of the batch at PPO's learning rate, --ppo-epochs
     passes of as many steps as PPO takes in one (batch / (mini-batch x grad-accum); one a Solved episode at most):
     both spend the same sampled episodes, passes and optimizer steps."""
     if not solved:

@@ -25,7 +25,7 @@ import time
 import torch
 
 import rollout
-from harness import models
+from harness import memory, models
 from harness.bench_trl import matmul_peak_gflops
 
 
@@ -42,13 +42,10 @@ def read_bandwidth_gbs(mib=1024, reps=7):
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
-def step_bytes(model, batch, context):
-    """What one decode step reads at least: every weight once, every row's keys and values once."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    size = next(model.parameters()).element_size()
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    return weights + batch * context * c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * size
+def step_bytes(policy, batch, context):
+    """What one decode step reads at least: every weight once, every row's keys and values once (memory.kv_bytes)."""
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in policy.model.parameters()}.values())
+    return weights + memory.kv_bytes(policy, batch, context)
 
 
 def step_flops(model, batch, context):
@@ -123,7 +120,7 @@ def main(argv=None):
                 if a.transformers else []
             for name, run in runs:
                 s = run()
-                moved, flops = step_bytes(policy.model, b, ctx + a.new), step_flops(policy.model, b, ctx + a.new)
+                moved, flops = step_bytes(policy, b, ctx + a.new), step_flops(policy.model, b, ctx + a.new)
                 limit = moved / (bw * 1e9)
                 rows.append(dict(sampler=name, batch=b, context=ctx, ms_per_step=s * 1e3, tokens_per_s=b / s,
                                  gb_per_step=moved / 1e9, limit_ms=limit * 1e3, share_of_limit=limit / s,

@@ -93,8 +93,9 @@ def test_the_decode_benchmark_reports_both_samplers_against_the_bandwidth_limit(
 def test_a_decode_step_moves_every_weight_and_every_rows_keys_and_values():
     from harness import decode_bench
     from harness import models
-    model, _ = models.build_tiny(0, models.tiny_tokenizer())
-    c = model.config
+    import policy as P
+    model, tok = models.build_tiny(0, models.tiny_tokenizer())
+    pol, c = P.Policy(model, tok, "tiny"), model.config
     kv = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
-    one, two = decode_bench.step_bytes(model, 1, 100), decode_bench.step_bytes(model, 3, 100)
+    one, two = decode_bench.step_bytes(pol, 1, 100), decode_bench.step_bytes(pol, 3, 100)
     assert two - one == 2 * 100 * kv and one - 100 * kv == sum(p.numel() * 4 for p in model.parameters())
