@@ -161,15 +161,17 @@ def ci_table(summary):
     lines = []
     for key, how in (("ci", "paired bootstrap 95 % CI over test tasks"),
                      ("ci_seeds_tasks", "hierarchical bootstrap 95 % CI over seeds and test tasks")):
+        if not summary.get(key):
+            continue
         lines += ["", f"**Pass Rate differences** (points), {how}", "",
                   "| difference | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS) + " |",
                   "|---|" + "---:|" * len(GROUPS)]
-        for pair, ci in summary.get(key, {}).items():
+        for pair, ci in summary[key].items():
             a, b = pair.split("-")
             diff = {g: summary[a][g]["pass_rate_mean"] - summary[b][g]["pass_rate_mean"] for g in GROUPS}
             lines.append(f"| {NAMES[a]} − {NAMES[b]} | " + " | ".join(
                 f"{diff[g]:+.1f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in GROUPS) + " |")
-    return "\n".join(lines + [""]) if summary["ci"] else ""
+    return "\n".join(lines + [""]) if lines else ""
 
 
 def plot(curves, path):
