@@ -157,17 +157,23 @@ def _contribution(step, final_answer, threshold, max_chars=1024):  # for a call 
 # ---- IsSolved -------------------------------------------------------------------------------
 def is_solved(task, traj, judge=None, judged=None):
     """IsSolved(q, a_T) (Sec. 4.1): 1 Solved, 0.5 Unsure, 0 Unsolved. No Finish, a give-up or an empty
-    answer -> 0. With answer facts (the embedded benchmark): all facts in the answer (case-insensitive)
-    -> 1, some -> 0.5, none -> 0. Without: the judge's mean status `judged[2]` (asked here if given), or 0.5 (departure 5)."""
+    answer -> 0. With answer facts (the embedded benchmark): all facts in the answer (`mentions`) -> 1,
+    some -> 0.5, none -> 0. Without: the judge's mean status `judged[2]` (asked here if given), or 0.5 (departure 5)."""
     if traj.finish != "give_answer" or not traj.final_answer.strip():
         return 0.0
     if task.answer:
-        answer = traj.final_answer.lower()
-        found = sum(a.lower() in answer for a in task.answer)
+        found = sum(mentions(traj.final_answer, a) for a in task.answer)
         return 1.0 if found == len(task.answer) else 0.5 if found else 0.0
     if judged is None and judge is not None:
         judged = judge.means(task, traj)[0]
     return judged[2] if judged else 0.5
+
+
+def mentions(text, fact):
+    """Is `fact` in `text`, case-insensitive, as a whole token: "2" is in "platform: 2" but not in "TR582",
+    "12", "2.5" or "1.2"; "on time" is in "It is on time."."""
+    f = re.escape(str(fact).strip().lower())
+    return re.search(rf"(?<![0-9a-z])(?<![0-9]\.){f}(?![0-9a-z])(?!\.[0-9])", text.lower()) is not None
 
 
 # ---- step rewards ---------------------------------------------------------------------------

@@ -17,7 +17,8 @@ updates. The schedule is steptool.py's for --model (harness.launch.defaults: by 
                         per-token GAE keeps the original's gamma 0.99 and lambda 0.95 per token, so it tests the
                         original's granularity, horizon included, not the granularity alone
 Outputs: OUTPUT/table.md (Pass Rate and Recall per group, mean ± std over seeds), OUTPUT/summary.json
-({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}, "ci": {"a-b": {group:
+({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}, "benchmark": the task files'
+benchmark and version (formats.benchmark), "ci": {"a-b": {group:
 [lo, hi]}}, "ci_seeds_tasks": the same}: 95 % CIs of pass-rate differences, paired bootstrap over the test tasks
 (paired_bootstrap), and with each method's seeds resampled too (hierarchical_bootstrap)), OUTPUT/curves.png
 (test Pass Rate against sampled episodes), and each run in OUTPUT/seed<S>/<method>/ (steptool.py's
@@ -113,6 +114,13 @@ def read_tasks(run):
     """{(group, query id): pass} of the run's last evaluation (steptool.py's eval_tasks.json)."""
     with open(os.path.join(run, "eval_tasks.json")) as f:
         return {(t["group"], t["query_id"]): t["pass"] for t in json.load(f)["tasks"]}
+
+
+def read_benchmark(run):
+    """The benchmark and version the run's last evaluation used (eval_tasks.json; runs before versions were recorded
+    say nothing: the embedded benchmark's v1)."""
+    with open(os.path.join(run, "eval_tasks.json")) as f:
+        return json.load(f).get("benchmark", "embedded v1 (not recorded)")
 
 
 def mean_over_seeds(runs_):
@@ -289,11 +297,13 @@ def compare(args, base, extra, argv):
     # the same differences with training variance in them: each method's seeds resampled, then the tasks
     summary["ci_seeds_tasks"] = {f"{a}-{b}": hierarchical_bootstrap(per_task[a], per_task[b])
                                  for a, b in CI_PAIRS if a in per_task and b in per_task}
+    summary["benchmark"] = ", ".join(sorted({read_benchmark(os.path.join(roots[s], m)) for s in args.seeds for m in args.methods}))
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     text = table(summary, args.methods) + ci_table(summary)
     with open(os.path.join(args.output, "table.md"), "w") as f:
-        f.write(f"Seeds {args.seeds}; embedded benchmark test split; `python -m harness.compare {' '.join(argv)}`\n\n" + text)
+        f.write(f"Seeds {args.seeds}; benchmark {summary['benchmark']}, evaluation tasks of the runs' --eval-tasks "
+                f"(default: the test split); `python -m harness.compare {' '.join(argv)}`\n\n" + text)
     plot(curves, os.path.join(args.output, "curves.png"))
     print(text)
     print(f"compare: {args.output}/table.md and summary.json in {(time.time() - t0) / 60:.1f} min")

@@ -172,15 +172,17 @@ def format_table(scored, groups, judge=None):
     return "\n".join(lines)
 
 
-def to_json(scored, groups, judge=None, errors=None):
+def to_json(scored, groups, judge=None, errors=None, benchmark=None):
     out = {"files": {name: {k: m[k] for k in JSON_KEYS} for name, _, m in scored}, "groups": groups,
            "detail": {name: {k: m.get(k) for k in DETAIL_KEYS} for name, _, m in scored}}
+    if benchmark:  # the task files' benchmark and version (formats.benchmark)
+        out["benchmark"] = benchmark
     if judge:
         out["judge"] = {**judge, "errors": errors or {}}
     return out
 
 
-def write_outputs(out, labels, scored, groups, run=None, judge=None, errors=None):
+def write_outputs(out, labels, scored, groups, run=None, judge=None, errors=None, benchmark=None):
     """<out>/<group>.json label files (StableToolBench's layout: indent 4), results.json, results.csv.
     run: the claimed --out folder (runs.py): each path comes from run.path_of, which lists the file in
     its marker and refuses one that resolves outside the folder. Every name is checked (label_file)
@@ -192,7 +194,7 @@ def write_outputs(out, labels, scored, groups, run=None, judge=None, errors=None
         with open(path[n], "w") as f:
             json.dump(entries, f, ensure_ascii=False, indent=4)
     with open(path["results.json"], "w") as f:
-        json.dump(to_json(scored, groups, judge, errors), f, indent=2)
+        json.dump(to_json(scored, groups, judge, errors, benchmark), f, indent=2)
     with open(path["results.csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "n", "repeats", "pass_rate", "pass_rate_std", "recall"])
@@ -404,12 +406,13 @@ def judge_and_write(a, run, tasks, items, names, chain, judge):
         errors = {}
         labels, scored, groups = J.evaluate(trajectories, tasks, judge, a.repeats, errors=errors)
     info = {**judge.describe(), "repeats": a.repeats, "seed": a.seed}  # the seed of the coin flips
-    write_outputs(a.out, labels, scored, groups, run, info, errors)
+    bench = ", ".join(sorted({formats.benchmark(p) for p in (a.queries if a.answers else a.tasks)}))
+    write_outputs(a.out, labels, scored, groups, run, info, errors, bench)
     print(format_table(scored, groups, info))
     print(f"wrote {a.out}/results.json, results.csv, {'' if a.answers else 'trajectories.jsonl, '}"
           f"{len(labels)} label files")
     if a.json:
-        print(json.dumps(to_json(scored, groups, info, errors)))
+        print(json.dumps(to_json(scored, groups, info, errors, bench)))
     return 1 if errors else 0
 
 

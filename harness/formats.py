@@ -630,6 +630,17 @@ def load_tasks(path):
     return tasks
 
 
+def benchmark(path):
+    """Which benchmark a task file holds, for results files: its `benchmark` field ("embedded v2"), "embedded v1"
+    for the embedded benchmark's files before versions were named, else "task file NAME"."""
+    data = read_json(path, "task file", TaskFileError)
+    if isinstance(data, dict) and isinstance(data.get("benchmark"), str):
+        return data["benchmark"]
+    if isinstance(data, dict) and data.get("format") == "steptool-bench/1":
+        return "embedded v1"
+    return f"task file {os.path.basename(path)}"
+
+
 _WORDS = {str: "text", list: "a list", dict: "an object"}
 
 

@@ -189,8 +189,9 @@ class Run:
         self.metrics.append(rec)
         if self.ranks.main:
             if each is not None:
+                bench = ", ".join(sorted({formats.benchmark(p) for p in input_files(self.cfg)[1]}))
                 runs.write_file(os.path.join(self.cfg.output, "eval_tasks.json"),
-                                lambda f: json.dump({"iteration": it, "tasks": each}, f))
+                                lambda f: json.dump({"iteration": it, "benchmark": bench, "tasks": each}, f))
             log_line(self.metrics_path, rec)
         if it == 0 or it % self.cfg.save_every == 0 or it == self.cfg.iterations:
             self.save(it, policy, optimizer, kl_ctl)

@@ -12,8 +12,14 @@ StableToolBench:
 
 Each task offers its relevant APIs plus distractors (5-10 functions), carries the facts its
 answer must contain (reward.py's IsSolved rule checks them) and an expert trajectory (the SFT
-warm start trains on it; tests replay it through the real server). Test entities are disjoint
-from train entities, so a model must read the tool responses rather than memorise them.
+warm start trains on it; tests replay it through the real server).
+
+Version 2 (the task files say `"benchmark": "embedded v2"`). Three splits, disjoint in everything a
+model could memorise: train (1,200 tasks), validation (120: every choice is made on it) and test (360),
+each with entities of its own (names, and every generated id: restaurants, trains, artists, teams,
+books, ticker symbols), no query of one split repeated in another, and no task whose answer facts can
+be read off its query (reward.mentions, the rule IsSolved matches facts with). Version 1 (until commit
+c5e41f3) drew restaurant and train ids from namespaces shared by the splits and had no validation split.
 
 Regenerate the committed task files (deterministic; seed 0):
 
@@ -44,9 +50,16 @@ NOUN = ["River", "Garden", "Tower", "Harbor", "Winter", "Mirror", "Lantern", "Or
         "Compass", "Meadow", "Engine", "Island", "Letter", "Forest", "Bridge"]
 TEAM_SUFFIX, COMPANY_SUFFIX = ["Rovers", "United", "Falcons", "Tigers"], ["Labs", "Corp", "Works", "Systems"]
 VOCAB = {"The", "League", *ADJ, *NOUN, *TEAM_SUFFIX, *COMPANY_SUFFIX}  # words names share; the rest are invented
-# (kind, train count, test count): test entities are drawn after train ones, never shared.
-KINDS = [("city", 40, 15), ("artist", 40, 15), ("team", 30, 12), ("person", 80, 30),
-         ("book", 40, 15), ("company", 30, 12), ("currency", 8, 5), ("league", 4, 3)]
+VERSION = "embedded v2"
+SPLIT_NAMES = ("train", "validation", "test")
+# (kind, train, validation, test counts): each split's entities are drawn after the one before, never shared.
+KINDS = [("city", 40, 12, 15), ("artist", 40, 12, 15), ("team", 30, 10, 12), ("person", 80, 24, 30),
+         ("book", 40, 12, 15), ("company", 30, 10, 12), ("currency", 8, 4, 5), ("league", 4, 2, 3)]
+# generated ids: each split draws from its own range, so no id (and no fact keyed by an id alone, as a
+# train's status) is shared by two splits; within a split restaurant, artist, team and book ids are unique
+ID_RANGES = {"R": [(10000, 59999), (60000, 69999), (70000, 99999)], "TR": [(100, 599), (600, 699), (700, 999)],
+             "A": [(1000, 5999), (6000, 6999), (7000, 9999)], "T": [(1000, 5999), (6000, 6999), (7000, 9999)],
+             "B": [(1000, 5999), (6000, 6999), (7000, 9999)], "BK": [(1000, 5999), (6000, 6999), (7000, 9999)]}
 
 
 class ApiError(Exception):
@@ -70,9 +83,9 @@ class World:
     def __init__(self):
         rng, seen = _rng("names"), set()
         self.split = {}
-        for kind, n_train, n_test in KINDS:
+        for kind, *counts in KINDS:
             names = []
-            while len(names) < n_train + n_test:
+            while len(names) < sum(counts):
                 name = self._new_name(kind, rng)
                 keys = ({name.lower()} | ({"$" + _symbol(name)} if kind == "company" else set())
                         | {"w:" + w.lower() for w in name.split() if w not in VOCAB})
@@ -80,20 +93,22 @@ class World:
                     # no name hides inside another ("Beldor" the city in "Beldor United" the team)
                     seen |= keys
                     names.append(name)
-            self.split[kind] = {"train": names[:n_train], "test": names[n_train:]}
+            ends = [sum(counts[:k + 1]) for k in range(len(counts))]
+            self.split[kind] = {sp: names[a:b] for sp, a, b in zip(SPLIT_NAMES, [0] + ends, ends)}
         self.index = {kind: {n.lower(): (n, s) for s, names in d.items() for n in names}
                       for kind, d in self.split.items()}
-        self.by_id = {}  # generated ids (restaurants, trains, ...) -> their owner
-        for split in ("train", "test"):
-            for city in self.split["city"][split]:
-                for i in range(3):
-                    self.by_id[self._rest_id(city, i)] = ("restaurant", city, i)
-            for a in self.split["artist"][split]:
-                self.by_id[self._id("A", a)] = ("artist", a)
-            for t in self.split["team"][split]:
-                self.by_id[self._id("T", t)] = ("team", t)
-            for b in self.split["book"][split]:
-                self.by_id[self._id("B", b)] = ("book", b)
+        # generated ids -> their owner, and back; drawn per split from its range, redrawn when taken
+        self.by_id, self.ids = {}, {}
+        for k, split in enumerate(SPLIT_NAMES):
+            owners = ([("restaurant", city, i) for city in self.split["city"][split] for i in range(3)]
+                      + [(kind, n) for kind in ("artist", "team", "book") for n in self.split[kind][split]])
+            for owner in owners:
+                prefix = {"restaurant": "R", "artist": "A", "team": "T", "book": "B"}[owner[0]]
+                lo, hi = ID_RANGES[prefix][k]
+                r, i = _rng("id", *owner), None
+                while i is None or i in self.by_id:
+                    i = f"{prefix}{r.randrange(lo, hi + 1)}"
+                self.by_id[i], self.ids[owner] = owner, i
 
     @staticmethod
     def _new_name(kind, rng):
@@ -111,12 +126,11 @@ class World:
             return f"{_name(rng, 2)} League"
         return _name(rng, rng.choice([2, 3]))
 
-    @staticmethod
-    def _id(prefix, name):
-        return prefix + str(_rng("id", prefix, name).randrange(1000, 9999))
+    def _id(self, prefix, name):
+        return self.ids[{"A": "artist", "T": "team", "B": "book"}[prefix], name]
 
     def _rest_id(self, city, i):
-        return f"R{_rng('rest', city, i).randrange(10000, 99999)}"
+        return self.ids["restaurant", city, i]
 
     def lookup(self, kind, value):
         """Canonical name of an entity (case-insensitive), or a 404 like a real API."""
@@ -150,9 +164,14 @@ class World:
     def person(self, kind, name, role):  # coaches, ceos, authors' names come from the person pool
         return _rng("person", kind, name, role).choice(self.pool("person", kind, name))
 
-    def trains(self, a, b):
+    def id_range(self, prefix, city):
+        """(low, high + 1) of the ids with `prefix` in the split of `city`."""
+        lo, hi = ID_RANGES[prefix][SPLIT_NAMES.index(self.split_of("city", city))]
+        return lo, hi + 1
+
+    def trains(self, a, b):  # ids from the range of the cities' split: a train's status is keyed by its id alone
         r = _rng("train", a, b)
-        return [{"train_id": f"TR{r.randrange(100, 999)}", "depart": f"{r.randrange(6, 22):02d}:{r.choice(['00', '15', '30', '45'])}"}
+        return [{"train_id": f"TR{r.randrange(*self.id_range('TR', a))}", "depart": f"{r.randrange(6, 22):02d}:{r.choice(['00', '15', '30', '45'])}"}
                 for _ in range(2)]
 
 
@@ -225,13 +244,13 @@ def _book_table(w, a):
         people = int(people)
     if not isinstance(people, int) or isinstance(people, bool) or not 1 <= people <= 12:
         raise ApiError(422, "people must be an integer between 1 and 12.")
-    return {"restaurant_id": w._rest_id(city, i), "people": people, "booking_code": f"BK{_rng('bk', city, i, people).randrange(1000, 9999)}"}
+    return {"restaurant_id": w._rest_id(city, i), "people": people, "booking_code": f"BK{_rng('bk', city, i, people).randrange(*w.id_range('BK', city))}"}
 
 def _symbol(name):
     return "".join(ch for ch in name.upper() if ch.isalpha())[:4]
 
 def _company_by_symbol(w, sym):
-    for split in ("train", "test"):
+    for split in SPLIT_NAMES:
         for c in w.split["company"][split]:
             if _symbol(c) == str(sym).strip().upper():
                 return c
@@ -398,7 +417,7 @@ def _g1(rng, w, split, e):
     if kind == 4:
         r = e("RailNet.find_trains", origin=c, destination=c2); e.facts += [("train_id", t["train_id"]) for t in r["trains"]]
         return f"Which trains run from {c} to {c2}?"
-    if kind == 5: e.fact(e("RailNet.train_status", train_id=tid), "status", "platform"); return f"Is train {tid} on time, and from which platform?"
+    if kind == 5: e.fact(e("RailNet.train_status", train_id=tid), "status", "platform"); return f"What is the status of train {tid}, and from which platform does it leave?"
     if kind == 6:
         cls = rng.choice(CLASSES); e.fact(e("RailNet.ticket_price", train_id=tid, travel_class=cls), "price")
         return f"How much is a {cls} ticket on train {tid}?"
@@ -528,10 +547,12 @@ def _g3(rng, w, split, e):
     return f"Who did {team} play last, and what is the weather in the opponent's city?"
 
 
-def make_tasks(world, split, counts, first_id):
-    """Deterministic tasks of one split: {"G1": n1, ...} -> list of task dicts."""
+def make_tasks(world, split, counts, first_id, seen=None):
+    """Deterministic tasks of one split: {"G1": n1, ...} -> list of task dicts. seen: the queries of the
+    splits made before (none is made again); a task whose answer facts its query already shows is redrawn."""
+    from reward import mentions  # IsSolved's matching rule
     names = sorted(function_schemas())
-    tasks, seen = [], set()
+    tasks, seen = [], set() if seen is None else seen
     for group, n in counts.items():
         rng, make, tries = _rng("tasks", split, group), {"G1": _g1, "G2": _g2, "G3": _g3}[group], 0
         while sum(t["group"] == group for t in tasks) < n:
@@ -539,7 +560,7 @@ def make_tasks(world, split, counts, first_id):
             assert tries < 50 * n, f"cannot make {n} distinct {group} tasks"
             e = _Expert(world)
             query = make(rng, world, split, e)
-            if query in seen:
+            if query in seen or any(mentions(query, str(v)) for _, v in e.facts):
                 continue
             seen.add(query)
             relevant = list(dict.fromkeys(s["name"] for s in e.steps))
@@ -556,20 +577,22 @@ def make_tasks(world, split, counts, first_id):
     return tasks
 
 
-SPLITS = {"train": ({"G1": 500, "G2": 350, "G3": 350}, 1), "test": ({"G1": 120, "G2": 120, "G3": 120}, 100000)}
+SPLITS = {"train": ({"G1": 500, "G2": 350, "G3": 350}, 1), "validation": ({"G1": 40, "G2": 40, "G3": 40}, 50000),
+          "test": ({"G1": 120, "G2": 120, "G3": 120}, 100000)}
+FILES = {"train": "bench_train.json", "validation": "bench_val.json", "test": "bench_test.json"}
 
 
 def write_benchmark(out_dir):
-    """Write data/bench_{train,test}.json: the world's function schemas and one task per line."""
-    world, schemas = World(), function_schemas()
+    """Write data/bench_{train,val,test}.json: the world's function schemas and one task per line."""
+    world, schemas, seen = World(), function_schemas(), set()
     os.makedirs(out_dir, exist_ok=True)
     for split, (counts, first_id) in SPLITS.items():
-        tasks = make_tasks(world, split, counts, first_id)
+        tasks = make_tasks(world, split, counts, first_id, seen)
         used = sorted({f for t in tasks for f in t["functions"]})
-        path = os.path.join(out_dir, f"bench_{split}.json")
+        path = os.path.join(out_dir, FILES[split])
         with open(path + ".tmp", "w") as f:
-            f.write('{"format": "steptool-bench/1", "split": "%s",\n "functions": %s,\n "tasks": [\n'
-                    % (split, json.dumps({k: schemas[k] for k in used})))
+            f.write('{"format": "steptool-bench/1", "benchmark": "%s", "split": "%s",\n "functions": %s,\n "tasks": [\n'
+                    % (VERSION, split, json.dumps({k: schemas[k] for k in used})))
             f.write(",\n".join(json.dumps(t) for t in tasks) + "\n]}\n")
         os.replace(path + ".tmp", path)
         print(f"{path}: {len(tasks)} tasks", {g: sum(t['group'] == g for t in tasks) for g in counts})

@@ -39,6 +39,11 @@ def test_tasks():
 
 
 @pytest.fixture(scope="session")
+def val_tasks():
+    return formats.load_tasks(os.path.join(ROOT, "data", "bench_val.json"))
+
+
+@pytest.fixture(scope="session")
 def train_tasks():
     return formats.load_tasks(os.path.join(ROOT, "data", "bench_train.json"))
 

@@ -30,7 +30,8 @@ def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_re
     r = compare(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert set(summary) == {"sft", "rft", "steptool", "ci", "ci_seeds_tasks"}
+    assert set(summary) == {"sft", "rft", "steptool", "ci", "ci_seeds_tasks", "benchmark"}
+    assert summary.pop("benchmark") == "embedded v2"   # the evaluation's task file names its version
     assert set(summary["ci"]) == set(summary["ci_seeds_tasks"]) == {"steptool-sft", "steptool-rft"}
     for ci in (summary.pop("ci")["steptool-sft"], summary.pop("ci_seeds_tasks")["steptool-sft"]):
         assert set(ci) == {"G1", "G2", "G3", "overall"} and all(lo <= hi for lo, hi in ci.values())
@@ -70,6 +71,7 @@ def test_lora_methods_start_from_the_sft_runs_adapter_file_and_the_summary_has_p
         assert os.path.isfile(os.path.join(run, "adapter.safetensors"))
         tasks = json.load(open(os.path.join(run, "eval_tasks.json")))
         assert tasks["iteration"] == 1 and len(tasks["tasks"]) == 3   # --eval-limit 1: one task per group
+        assert tasks["benchmark"] == "embedded v2"
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert set(summary["ci"]) == {"steptool-sft", "steptool-ppo", "ppo-sft"}
     assert "Pass Rate differences" in open(os.path.join(out, "table.md")).read()

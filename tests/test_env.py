@@ -17,6 +17,7 @@ import pytest
 
 from conftest import ROOT, SHARED, STB_QUERIES
 import env
+import reward
 from harness import formats
 from harness import toolclient
 from harness import world
@@ -85,18 +86,66 @@ def test_g3_tasks_chain_a_value_from_an_earlier_response_into_a_later_call(test_
         assert chained, (t.query_id, t.query)
 
 
-def test_test_entities_are_disjoint_from_train_entities():
+def test_each_split_has_entities_of_its_own():
     split = world.World().split
     for kind, d in split.items():
-        train, test = {n.lower() for n in d["train"]}, {n.lower() for n in d["test"]}
-        assert test and not train & test, kind
+        names = {sp: {n.lower() for n in d[sp]} for sp in world.SPLIT_NAMES}
+        assert all(names.values()), kind
+        for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+            assert not names[a] & names[b], (kind, a, b)
 
 
-def test_no_test_query_mentions_a_train_entity_name_even_inside_another_name(test_tasks):
+def generated_ids(w, split):
+    """Every id the world can hand out in a split, by kind: restaurants, artists, teams, books (owned ids), the
+    trains of every pair of its cities, the booking codes of every party size at its restaurants, ticker symbols."""
+    cities = w.split["city"][split]
+    out = {k: {i for o, i in w.ids.items() if o[0] == k and o[1] in w.split["city" if k == "restaurant" else k][split]}
+           for k in ("restaurant", "artist", "team", "book")}
+    out["train"] = {t["train_id"] for a in cities for b in cities if a != b for t in w.trains(a, b)}
+    out["booking"] = {world.call_api(w, "DineSpot", "book_table", {"restaurant_id": i, "people": n})["response"]["booking_code"]
+                      for i in out["restaurant"] for n in range(1, 13)}
+    out["symbol"] = {world._symbol(c) for c in w.split["company"][split]}
+    return out
+
+
+def test_no_generated_id_is_shared_by_two_splits_and_each_id_has_one_owner():
+    w = world.World()
+    ids = {sp: generated_ids(w, sp) for sp in world.SPLIT_NAMES}
+    for kind in ids["train"]:
+        for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+            assert ids[a][kind] and ids[b][kind] and not ids[a][kind] & ids[b][kind], (kind, a, b)
+    assert len(w.by_id) == len(w.ids)  # no id names two owners (a lookup returning another split's entity)
+    # the lookups answer with the entity of the id's own split
+    for sp in world.SPLIT_NAMES:
+        for rid in ids[sp]["restaurant"]:
+            assert w.split_of("city", w.owner("restaurant", rid)[1]) == sp
+
+
+def test_no_query_and_no_expert_call_is_shared_by_two_splits(train_tasks, val_tasks, test_tasks):
+    splits = {"train": train_tasks, "validation": val_tasks, "test": test_tasks}
+    queries = {sp: {t.query.lower() for t in ts} for sp, ts in splits.items()}
+    calls = {sp: {(s["name"], json.dumps(s["arguments"], sort_keys=True)) for t in ts for s in t.expert[:-1]}
+             for sp, ts in splits.items()}
+    for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+        assert not queries[a] & queries[b] and not calls[a] & calls[b], (a, b)
+
+
+def test_no_answer_fact_can_be_read_off_its_query(train_tasks, val_tasks, test_tasks):
+    shown = [(t.query_id, a) for t in train_tasks + val_tasks + test_tasks for a in t.answer if reward.mentions(t.query, a)]
+    assert not shown, shown[:5]
+
+
+def test_validation_split_has_40_tasks_per_group_and_every_file_names_its_version(val_tasks):
+    assert {g: sum(t.group == g for t in val_tasks) for g in ("G1", "G2", "G3")} == {"G1": 40, "G2": 40, "G3": 40}
+    for name in world.FILES.values():
+        assert formats.benchmark(os.path.join(ROOT, "data", name)) == world.VERSION == "embedded v2"
+
+
+def test_no_test_query_mentions_a_train_entity_name_even_inside_another_name(val_tasks, test_tasks):
     split = world.World().split  # all kinds: cities, artists, teams, books, companies, people, ...
     train_only = [n for d in split.values() for n in set(d["train"]) - set(d["test"])]
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, train_only)) + r")\b", re.I)
-    leaks = [(t.query_id, m.group(0)) for t in test_tasks for m in [pattern.search(t.query)] if m]
+    leaks = [(t.query_id, m.group(0)) for t in val_tasks + test_tasks for m in [pattern.search(t.query)] if m]
     assert not leaks, leaks[:5]
     # the pattern is not vacuous: train queries do mention train entities
     assert pattern.search(world.World().split["city"]["train"][0])
@@ -106,14 +155,16 @@ def test_regenerating_the_benchmark_gives_the_committed_files_byte_for_byte(tmp_
     # A subprocess with another hash seed: nothing may depend on Python's str hashing.
     subprocess.run([sys.executable, "-m", "harness.world", "--out", str(tmp_path)], cwd=ROOT, check=True,
                    capture_output=True, env={**os.environ, "PYTHONHASHSEED": "4321"})
-    for split in ("train", "test"):
-        with open(os.path.join(ROOT, "data", f"bench_{split}.json"), "rb") as a, open(tmp_path / f"bench_{split}.json", "rb") as b:
-            assert a.read() == b.read(), split
+    for name in world.FILES.values():
+        with open(os.path.join(ROOT, "data", name), "rb") as a, open(tmp_path / name, "rb") as b:
+            assert a.read() == b.read(), name
 
 
 def test_make_tasks_is_deterministic_in_process(test_tasks):
-    counts, first_id = world.SPLITS["test"]
-    tasks = world.make_tasks(world.World(), "test", counts, first_id)
+    w, seen = world.World(), set()
+    for split in ("train", "validation"):  # the splits made before test: none of their queries is made again
+        world.make_tasks(w, split, *world.SPLITS[split], seen)
+    tasks = world.make_tasks(w, "test", *world.SPLITS["test"], seen)
     assert [(t["query_id"], t["query"], t["functions"], t["answer"]) for t in tasks] == \
            [(t.query_id, t.query, [f["name"] for f in t.functions], t.answer) for t in test_tasks]
 

@@ -297,6 +297,7 @@ def test_cli_model_path_runs_a_saved_model_and_writes_every_output(tmp_path):
         assert os.path.isfile(os.path.join(out, name)), name
     res = json.load(open(os.path.join(out, "results.json")))
     assert set(res["groups"]) >= {"G1", "G2", "G3"}
+    assert res["benchmark"] == "embedded v2"   # the task file's version, in every results file
     assert all(m["n"] == 1 and m["repeats"] == 2 for m in res["files"].values())
     trajs = [json.loads(l) for l in open(os.path.join(out, "trajectories.jsonl"))]
     assert [t["query_id"] for t in trajs] == [t["query_id"] for t in bench["tasks"]]

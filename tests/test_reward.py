@@ -504,3 +504,23 @@ def test_a_reward_function_that_is_missing_or_not_finite_is_a_value_error(tmp_pa
     for mode in ("no_such_module_xyz.fn", "my_bad_rewards.nope"):
         with pytest.raises(ValueError, match=mode):
             reward.step_rewards(TASK, traj, mode=mode)
+
+
+@pytest.mark.parametrize("answer, fact, found", [
+    ("status: cancelled, platform: 2", "2", True),
+    ("train TR582 leaves", "2", False),            # a fact inside an id is no answer
+    ("platform 12", "2", False),
+    ("price 2.5", "2", False), ("price 1.2", "2", False),   # nor inside a number
+    ("It is On Time.", "on time", True),          # case-insensitive, punctuation around it
+    ("aqi: 42.", "42", True),
+    ("the ticker is VENDOR", "VEND", False),
+    ("", "2", False),
+])
+def test_answer_facts_match_at_token_boundaries_only(answer, fact, found):
+    assert reward.mentions(answer, fact) is found
+
+
+def test_is_solved_does_not_credit_a_fact_hidden_inside_another_token():
+    task = env.Task(1, "q", [], [], "G1", {}, answer=["cancelled", "2"])
+    assert reward.is_solved(task, episode(finish("cancelled, see TR582"))) == 0.5
+    assert reward.is_solved(task, episode(finish("cancelled, platform 2"))) == 1.0
