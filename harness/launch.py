@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import env
 import steptool
-from harness import checks, dist, dist_train, memory, models, offline as O, runs, server, toolclient
+from harness import checks, dist, dist_train, formats, memory, models, offline as O, runs, server, toolclient
 from harness import judge as J
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
