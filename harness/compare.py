@@ -20,7 +20,9 @@ Outputs: OUTPUT/table.md (Pass Rate and Recall per group, mean ± std over seeds
 ({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}, "benchmark": the task files'
 benchmark and version (formats.benchmark), "ci": {"a-b": {group:
 [lo, hi]}}, "ci_seeds_tasks": the same}: 95 % CIs of pass-rate differences, paired bootstrap over the test tasks
-(paired_bootstrap), and with each method's seeds resampled too (hierarchical_bootstrap)), OUTPUT/curves.png
+(paired_bootstrap), and with each method's seeds resampled too (hierarchical_bootstrap); "effects", when the
+four RL methods of the 2x2 ran: its two main effects and interaction (EFFECTS), each an estimate and both CIs),
+OUTPUT/curves.png
 (test Pass Rate against sampled episodes), and each run in OUTPUT/seed<S>/<method>/ (steptool.py's
 metrics.jsonl, checkpoint, final model). Resumable: a finished (method, seed) run is not redone, an
 unfinished one continues from its last checkpoint. OUTPUT must be new, empty, or a compare.py folder
@@ -84,12 +86,20 @@ def hierarchical_bootstrap(a_runs, b_runs, n=10000, seed=0, level=0.95):
     {(group, query id): pass} per seed, on the same tasks. Each draw resamples each method's seeds with
     replacement (its seeds' mean pass per task), then the tasks within each group, the same tasks for
     both (paired). One seed each: the task-only paired bootstrap. -> {group: [lo, hi], "overall": ...}"""
-    keys = sorted(a_runs[0])
-    if any(set(r) != set(keys) for r in [*a_runs, *b_runs]):
+    return contrast_bootstrap([a_runs, b_runs], [1, -1], n, seed, level)
+
+
+def contrast_bootstrap(method_runs, weights, n=10000, seed=0, level=0.95):
+    """CI of sum_m weights[m] * Pass Rate(m), in points, resampling seeds then tasks as hierarchical_bootstrap
+    does: method_runs = for each method, one {(group, query id): pass} per seed, all on the same tasks."""
+    keys = sorted(method_runs[0][0])
+    if any(set(r) != set(keys) for runs_ in method_runs for r in runs_):
         raise ValueError("hierarchical bootstrap: the runs were evaluated on different tasks")
     rng = np.random.default_rng(seed)
-    a, b = (np.array([[r[k] for k in keys] for r in runs], dtype=float) for runs in (a_runs, b_runs))   # [seeds, T]
-    d = (a[rng.integers(len(a), size=(n, len(a)))].mean(1) - b[rng.integers(len(b), size=(n, len(b)))].mean(1)) * 100
+    d = 0
+    for runs_, w in zip(method_runs, weights):
+        x = np.array([[r[k] for k in keys] for r in runs_], dtype=float)                 # [seeds, T]
+        d = d + w * x[rng.integers(len(x), size=(n, len(x)))].mean(1) * 100           # [n, T] seeds resampled
     means = {}
     for g in sorted({g for g, _ in keys}):
         idx = np.array([i for i, k in enumerate(keys) if k[0] == g])
@@ -98,6 +108,26 @@ def hierarchical_bootstrap(a_runs, b_runs, n=10000, seed=0, level=0.95):
     means["overall"] = np.mean([means[g] for g in means], axis=0)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     return {g: [float(x) for x in np.percentile(m, q)] for g, m in means.items()}
+
+
+# the 2x2 of the paper's two components: (step rewards?, step GAE?) of each RL method
+FACTORS = {"steptool": (1, 1), "steptool_token_adv": (1, 0), "ppo_final": (0, 1), "ppo": (0, 0)}
+EFFECTS = {  # contrasts over the four cells, in points: main effects average the other factor's two levels
+    "step-grained reward shaping (main effect)": {"steptool": .5, "ppo_final": -.5, "steptool_token_adv": .5, "ppo": -.5},
+    "step-grained optimization (main effect)": {"steptool": .5, "steptool_token_adv": -.5, "ppo_final": .5, "ppo": -.5},
+    "interaction (shaping's effect with step GAE minus with token GAE)":
+        {"steptool": 1, "ppo_final": -1, "steptool_token_adv": -1, "ppo": 1}}
+
+
+def effects(summary, per_task):
+    """The 2x2's two main effects and interaction: estimate (from the seed means) and both CIs, per group."""
+    out = {}
+    for name, w in EFFECTS.items():
+        est = {g: sum(c * summary[m][g]["pass_rate_mean"] for m, c in w.items()) for g in GROUPS}
+        out[name] = {"estimate": est,
+                     "ci": contrast_bootstrap([[mean_over_seeds(per_task[m])] for m in w], list(w.values())),
+                     "ci_seeds_tasks": contrast_bootstrap([per_task[m] for m in w], list(w.values()))}
+    return out
 
 
 def std(xs):  # the sample standard deviation over seeds (0 for one seed)
@@ -179,6 +209,14 @@ def ci_table(summary):
             diff = {g: summary[a][g]["pass_rate_mean"] - summary[b][g]["pass_rate_mean"] for g in GROUPS}
             lines.append(f"| {NAMES[a]} − {NAMES[b]} | " + " | ".join(
                 f"{diff[g]:+.1f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in GROUPS) + " |")
+    for name, e in summary.get("effects", {}).items():
+        if name.startswith("step-grained reward"):
+            lines += ["", "**The 2×2 of the paper's components** (points of Pass Rate): estimate, task-only CI, "
+                      "seeds-and-tasks CI", "", "| effect | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS)
+                      + " |", "|---|" + "---:|" * len(GROUPS)]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{e['estimate'][g]:+.1f} [{e['ci'][g][0]:+.1f}, {e['ci'][g][1]:+.1f}] "
+            f"[{e['ci_seeds_tasks'][g][0]:+.1f}, {e['ci_seeds_tasks'][g][1]:+.1f}]" for g in GROUPS) + " |")
     return "\n".join(lines + [""]) if lines else ""
 
 
@@ -297,6 +335,8 @@ def compare(args, base, extra, argv):
     # the same differences with training variance in them: each method's seeds resampled, then the tasks
     summary["ci_seeds_tasks"] = {f"{a}-{b}": hierarchical_bootstrap(per_task[a], per_task[b])
                                  for a, b in CI_PAIRS if a in per_task and b in per_task}
+    if set(FACTORS) <= set(per_task):   # the whole 2x2 ran: its main effects and interaction
+        summary["effects"] = effects(summary, per_task)
     summary["benchmark"] = ", ".join(sorted({read_benchmark(os.path.join(roots[s], m)) for s in args.seeds for m in args.methods}))
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -180,6 +180,31 @@ def test_the_ci_over_seeds_and_tasks_holds_training_variance_the_task_only_ci_le
         C.hierarchical_bootstrap(a, [dict(list(base.items())[1:])])
 
 
+def test_the_2x2_effects_recover_a_known_interaction_and_its_cis_cover_it():
+    from harness import compare as C
+    r = np.random.default_rng(2)
+    keys = [(g, i) for g in ("G1", "G2", "G3") for i in range(200)]
+    draw = lambda p: {k: float(r.random() < p) for k in keys}
+    # step rewards help by 20 points with step GAE and not at all with token GAE; the rest equal
+    per_task = {"steptool": [draw(0.7) for _ in range(3)], "ppo_final": [draw(0.5) for _ in range(3)],
+                "steptool_token_adv": [draw(0.5) for _ in range(3)], "ppo": [draw(0.5) for _ in range(3)]}
+    summary = {m: {g: {"pass_rate_mean": 100 * np.mean([np.mean([run[k] for k in keys if g in (k[0], "overall")])
+                                                        for run in runs])} for g in C.GROUPS} for m, runs in per_task.items()}
+    e = C.effects(summary, per_task)
+    truth = {"step-grained reward shaping (main effect)": 10, "step-grained optimization (main effect)": 10,
+             "interaction (shaping's effect with step GAE minus with token GAE)": 20}
+    for name, value in truth.items():
+        lo, hi = e[name]["ci_seeds_tasks"]["overall"]
+        assert lo < value < hi and abs(e[name]["estimate"]["overall"] - value) < 4, (name, e[name])
+        assert e[name]["ci"]["overall"][0] <= e[name]["estimate"]["overall"] <= e[name]["ci"]["overall"][1]
+    assert e["interaction (shaping's effect with step GAE minus with token GAE)"]["ci_seeds_tasks"]["overall"][0] > 0
+    # a plain difference through the contrast is the hierarchical bootstrap itself
+    a, b = per_task["steptool"], per_task["ppo"]
+    assert C.contrast_bootstrap([a, b], [1, -1]) == C.hierarchical_bootstrap(a, b)
+    table = C.ci_table({**summary, "effects": e})
+    assert "2×2" in table and table.count("main effect") == 2 and "interaction" in table
+
+
 def test_parallel_processes_share_the_cores_and_a_resumed_run_keeps_its_share(monkeypatch, tmp_path):
     from harness import compare as C
     jobs = [("a", ["--seed", "0"]), ("b", ["--seed", "1"]), ("c", ["--seed", "2"])]
