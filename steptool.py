@@ -228,7 +228,7 @@ def rft_update(policy, optimizer, solved, cfg):
 # ---- evaluation: Pass Rate and Recall (eval.py) -----------------------------------------------
 def evaluate(policy, tasks, client, cfg, judge):
     """Greedy rollouts on the eval tasks -> {eval/GROUP/pass_rate, eval/GROUP/recall, eval/tasks: each task's
-    score and recall (the run writes them to eval_tasks.json: harness.compare's paired CIs), time/eval_s}.
+    score and recall, eval/trajectories (the run writes both to eval_tasks.json), time/eval_s}.
     judge: (trajectories, tasks, repeats) -> StableToolBench label entries (harness/judge.py: answer facts,
     or an LLM judge's chain), and the answers it failed on (judge errors: no score)."""
     t0 = time.time()
@@ -238,7 +238,7 @@ def evaluate(policy, tasks, client, cfg, judge):
     repeats = 1 if all(t.answer for t in tasks) else 3   # answer facts: exact; a judge: StableToolBench's 3 votes
     labels, errors = judge(trajs, tasks, repeats)
     scored, groups = evaluation.score_groups(labels, errors, tasks)
-    return eval_record(scored, groups, evaluation.per_query(labels, tasks), t0)
+    return {**eval_record(scored, groups, evaluation.per_query(labels, tasks), t0), "eval/trajectories": trajs}
 
 
 def eval_record(scored, groups, each, t0):

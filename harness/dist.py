@@ -401,7 +401,8 @@ class Ranks:
 
     def evaluate(self, policy, tasks, client, cfg, judge):
         """steptool.evaluate on N ranks: each rolls out and judges its block of the tasks; rank 0 scores
-        the gathered labels -> (scored, groups, eval.per_query) there, as steptool.evaluate, (None,) * 3 elsewhere."""
+        the gathered labels -> (scored, groups, eval.per_query, the trajectories) there, as steptool.evaluate,
+        (None,) * 4 elsewhere."""
         lo, hi = self.block(len(tasks))
         with self.sampling(policy):
             trajs = evaluation.run_policy(policy, tasks[lo:hi], client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
@@ -409,14 +410,16 @@ class Ranks:
                                           first_episode=lo, progress=self.main, obs_chars=cfg.obs_chars)
         repeats = 1 if all(t.answer for t in tasks) else 3
         labels, errors = {}, {}   # the judging on each rank, the scoring of the gathered labels on rank 0
-        for lab, err in self.gather(judge(trajs, tasks[lo:hi], repeats)):
+        got = self.gather((judge(trajs, tasks[lo:hi], repeats), trajs))
+        for (lab, err), _ in got:
             for into, part in ((labels, lab), (errors, err)):
                 for g, entries in part.items():
                     into.setdefault(g, {}).update(entries)
         if not self.main:
-            return None, None, None
+            return None, None, None, None
         labels = dict(sorted(labels.items()))
-        return (*evaluation.score_groups(labels, errors, tasks), evaluation.per_query(labels, tasks))
+        return (*evaluation.score_groups(labels, errors, tasks), evaluation.per_query(labels, tasks),
+                [t for _, part in got for t in part])
 
     def close(self):
         if self.world > 1:

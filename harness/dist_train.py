@@ -62,8 +62,8 @@ def train(cfg, policy, client, judge, eval_judge, tasks, eval_tasks, offline, ru
 def evaluate(policy, tasks, client, cfg, judge, ranks):
     """steptool.evaluate sharded: Ranks.evaluate's numbers as steptool.evaluate's record on rank 0 ({} elsewhere)."""
     t0 = time.time()
-    scored, groups, each = ranks.evaluate(policy, tasks, client, cfg, judge)
-    return steptool.eval_record(scored, groups, each, t0) if ranks.main else {}
+    scored, groups, each, trajs = ranks.evaluate(policy, tasks, client, cfg, judge)
+    return {**steptool.eval_record(scored, groups, each, t0), "eval/trajectories": trajs} if ranks.main else {}
 
 
 def rollout_stats(eps, trajs, rstats, policy, run):

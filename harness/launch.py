@@ -10,6 +10,7 @@ the adapter file and curves.png; every failure ends in one line naming what to d
 """
 import argparse
 import contextlib
+import gzip
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import env
+import reward
 import steptool
 from harness import checks, dist, dist_train, formats, memory, models, offline as O, runs, server, toolclient
 from harness import judge as J
@@ -34,7 +36,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESUME_MAY_CHANGE = ("tool_server", "device", "threads", "save_every", "eval_every", "iterations")
 # the top-level names a run writes in --output (runs.py: registered in its marker before writing)
 ENTRIES = ("metrics.jsonl", "curves.png", *runs.written_whole("checkpoint", "base", "final_model"),
-           *runs.written_whole("eval_tasks.json", "sft_adapter.safetensors", "adapter.safetensors"))
+           *runs.written_whole("eval_tasks.json", "eval_trajectories.jsonl.gz", "sft_adapter.safetensors", "adapter.safetensors"))
 
 
 # ---- flags: Config's default < the model's preset < --quick < the flag given ------------------
@@ -136,6 +138,20 @@ def limit_per_group(tasks, n):
 
 
 # ---- the run folder as the loop sees it ---------------------------------------------------------
+def write_trajectories(path, it, each, trajs):
+    """An evaluation's episodes, one JSON line each, gzipped (no time stamp: the same episodes, the same bytes):
+    the task's group, id and pass, each step's call (name, arguments, parse error, SuccCalling by the rules, the
+    first 300 characters of its observation), how it ended and its answer."""
+    passed = {(e["group"], str(e["query_id"])): e["pass"] for e in each}   # label files key ids as text
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        for t in trajs:
+            steps = [{"name": s.name, "arguments": s.arguments, "error": s.error, "succ": reward.succ_calling(s),
+                      "observation": s.observation[:300]} for s in t.steps]
+            f.write((json.dumps({"iteration": it, "group": t.group, "query_id": t.query_id,
+                                 "pass": passed.get((t.group, str(t.query_id))), "steps": steps, "finish": t.finish,
+                                 "final_answer": t.final_answer, "end": t.end}) + "\n").encode())
+
+
 class Run:
     """steptool.train's run: where it starts (`start`, `metrics`), what it logs and saves, and the ranks.
     Rank 0 alone writes; under FSDP2 every rank takes part in gathering full tensors first."""
@@ -185,9 +201,12 @@ class Run:
         yield rec
         rec.setdefault("iteration", it)
         rec["time/iteration_s"] = time.time() - self.t0
-        each = rec.pop("eval/tasks", None)
+        each, trajs = rec.pop("eval/tasks", None), rec.pop("eval/trajectories", None)
         self.metrics.append(rec)
         if self.ranks.main:
+            if trajs is not None:   # what each task's episode did, for the failure analysis (harness.analysis)
+                runs.write_file(os.path.join(self.cfg.output, "eval_trajectories.jsonl.gz"),
+                                lambda tmp: write_trajectories(tmp, it, each, trajs), binary=True)
             if each is not None:
                 bench = ", ".join(sorted({formats.benchmark(p) for p in input_files(self.cfg)[1]}))
                 runs.write_file(os.path.join(self.cfg.output, "eval_tasks.json"),

@@ -160,13 +160,14 @@ def run_evaluate(ranks, url, out):
     tasks = launch.limit_per_group(formats.load_tasks(os.path.join(ROOT, "data", "bench_test.json")), 4)
     cfg, client, eval_judge = steptool.Config(output=out), toolclient.ToolClient(url), judge.labeller(judge.FactsJudge("", "x"))
     if ranks.world > 1:
-        scored, groups, each = ranks.evaluate(None, tasks, client, cfg, eval_judge)
+        scored, groups, each, trajs = ranks.evaluate(None, tasks, client, cfg, eval_judge)
+        assert not ranks.main or sorted(t.query_id for t in trajs) == sorted(t.query_id for t in tasks)
         rec = steptool.eval_record(scored, groups, each, 0.0) if ranks.main else {"eval/tasks": None}
     else:
         rec = steptool.evaluate(None, tasks, client, cfg, eval_judge)
     scores = {}
     for k, v in rec.items():          # eval/GROUP/pass_rate, eval/GROUP/recall
-        if k.startswith("eval/") and k != "eval/tasks":
+        if k.startswith("eval/") and k not in ("eval/tasks", "eval/trajectories"):
             group, metric = k[len("eval/"):].rsplit("/", 1)
             scores.setdefault(group, {})[metric] = v
     return scores, rec["eval/tasks"]

@@ -1,5 +1,6 @@
 """steptool.py end to end, as subprocesses: the quick run, the real-model path, offline mode,
 resume after a kill, and a tool server that is down or dies mid-run."""
+import gzip
 import json
 import os
 import signal
@@ -148,6 +149,13 @@ def test_a_run_killed_in_its_first_evaluation_resumes_there_without_redoing_sft(
     assert "eval/overall/pass_rate" in metrics(out)[0]
     each = json.load(open(os.path.join(out, "eval_tasks.json")))
     assert each["iteration"] == 1 and {t["group"] for t in each["tasks"]} == {"G1", "G2", "G3"}
+    with gzip.open(os.path.join(out, "eval_trajectories.jsonl.gz"), "rt") as f:   # each task's episode
+        trajs = [json.loads(line) for line in f]
+    assert sorted((t["group"], str(t["query_id"]), t["pass"]) for t in trajs) == \
+           sorted((t["group"], str(t["query_id"]), t["pass"]) for t in each["tasks"])
+    for t in trajs:
+        assert t["iteration"] == 1 and t["steps"] and {"name", "arguments", "error", "succ", "observation"} <= set(t["steps"][0])
+        assert t["end"] in ("finish", "max_steps", "max_context", "server_error")
     assert os.path.isfile(os.path.join(out, "adapter.safetensors"))
 
 
