@@ -47,3 +47,36 @@ def test_report_counts_each_methods_episodes_over_its_seeds(tmp_path):
     assert m["calls"] == 1.5 and m["steps"] == 2.5 and m["failed_calls"] == 0
     text = A.report(tax, {"steptool": "StepTool"})
     assert "| StepTool | 2 | 2 | 50.0 |" in text
+
+
+# ---- pass@k: discovery against re-weighting (harness/passk.py) ------------------------------
+def test_pass_at_k_is_the_unbiased_estimate():
+    from harness import passk
+    assert passk.pass_at_k(16, 0, 8) == 0.0 and passk.pass_at_k(16, 16, 1) == 1.0
+    assert passk.pass_at_k(16, 4, 1) == 4 / 16
+    assert abs(passk.pass_at_k(4, 1, 2) - (1 - 3 / 6)) < 1e-12        # 1 - C(3,2)/C(4,2)
+    assert passk.pass_at_k(16, 10, 8) == 1.0                           # fewer failures than k: always a pass
+
+
+def test_discovered_tasks_are_those_the_baseline_never_solves():
+    from harness import passk
+    base = {"a": 0, "b": 3, "c": 5, "d": 2, "e": 0}
+    rl = {"a": 2, "b": 9, "c": 5, "d": 0, "e": 0}
+    assert passk.compare_counts(base, rl) == (["a"], ["b"], ["d"])
+
+
+def test_passk_samples_each_policy_once_and_resumes_at_the_next(tmp_path, small_model, monkeypatch):
+    from harness import passk
+    calls = []
+    real = passk.sample
+    monkeypatch.setattr(passk, "sample", lambda *a: calls.append(1) or real(*a))
+    argv = ["--model", small_model, "--policy", "sft=", "--policy", "rl=", "--per-group", "1", "--n", "2",
+            "--max-steps", "2", "--max-new-tokens", "8", "--output", str(tmp_path / "pk")]
+    passk.main(argv)
+    got = json.load(open(tmp_path / "pk" / "rl.json"))
+    assert got["n"] == 2 and len(got["counts"]) == 3 and all(0 <= c <= 2 for c in got["counts"].values())
+    assert got["benchmark"] == "embedded v2" and len(calls) == 2
+    text = open(tmp_path / "pk" / "passk.md").read()
+    assert "pass@1" in text and "pass@2" in text and "rl against sft" in text
+    passk.main(argv)                     # both files there: nothing sampled again
+    assert len(calls) == 2
