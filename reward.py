@@ -159,6 +159,8 @@ def is_solved(task, traj, judge=None, judged=None):
     """IsSolved(q, a_T) (Sec. 4.1): 1 Solved, 0.5 Unsure, 0 Unsolved. No Finish, a give-up or an empty
     answer -> 0. With answer facts (the embedded benchmark): all facts in the answer (`mentions`) -> 1,
     some -> 0.5, none -> 0. Without: the judge's mean status `judged[2]` (asked here if given), or 0.5 (departure 5)."""
+    if task.world:                                                  # a tool world's own check (harness/bfcl.py)
+        return task.world.is_solved(task, traj)
     if traj.finish != "give_answer" or not traj.final_answer.strip():
         return 0.0
     if task.answer:
@@ -222,9 +224,10 @@ def _shape(task, traj, mode, alpha, judge, threshold, obs_chars=1024):
     if judged:
         succ, contrib, _ = judged
     else:
-        offered = {f["name"] for f in task.functions} or None
+        offered = None if task.world else {f["name"] for f in task.functions} or None
         succ = [succ_calling(s, offered) for s in mid]
-        contrib = [_contribution(s, traj.final_answer, threshold, obs_chars) if ok else 0.0 for s, ok in zip(mid, succ)]
+        contrib = [task.world.contribution(s) if task.world else _contribution(s, traj.final_answer, threshold, obs_chars)
+                   if ok else 0.0 for s, ok in zip(mid, succ)]
     solved = is_solved(task, traj, judged=judged)
     r = [0.0] * len(mid) if mode == "final" else shaped(succ, contrib, alpha)  # final: PPO (final reward)
     if traj.finish:

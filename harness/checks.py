@@ -110,8 +110,8 @@ def check_inputs(cfg, train_files, eval_files, given=()):
         raise InputError(str(e)) from None
     if not cfg.judge_url:   # IsSolved of a task without answer facts needs a judge; never a constant 0.5
         for what, files, tasks in (("--tasks", train_files, [] if cfg.data else train), ("--eval-tasks", eval_files, evals)):
-            if any(not t.answer for t in tasks):
-                raise InputError(f"{what} {' '.join(files)}: {sum(not t.answer for t in tasks)} tasks have no answer facts "
+            if any(not (t.answer or t.world) for t in tasks):
+                raise InputError(f"{what} {' '.join(files)}: {sum(not (t.answer or t.world) for t in tasks)} tasks have no answer facts "
                                  "to judge IsSolved by: give --judge-url")
     if "sft_epochs" in given and cfg.sft_epochs and not cfg.data and not any(t.expert for t in train):
         raise InputError(f"--sft-epochs {cfg.sft_epochs}: no task of {' '.join(train_files)} has an expert trajectory "

@@ -408,7 +408,7 @@ class Ranks:
             trajs = evaluation.run_policy(policy, tasks[lo:hi], client, temperature=0.0, max_steps=cfg.max_steps, seed=cfg.seed,
                                           max_new_tokens=cfg.max_new_tokens, max_context=cfg.max_context,
                                           first_episode=lo, progress=self.main, obs_chars=cfg.obs_chars)
-        repeats = 1 if all(t.answer for t in tasks) else 3
+        repeats = 1 if all(t.answer or t.world for t in tasks) else 3
         labels, errors = {}, {}   # the judging on each rank, the scoring of the gathered labels on rank 0
         got = self.gather((judge(trajs, tasks[lo:hi], repeats), trajs))
         for (lab, err), _ in got:

@@ -365,11 +365,11 @@ def run(argv):
             raise checks.InputError(f"--tasks {' '.join(a.tasks)}: no tasks")
         items, names = read_answers(a.answers, a.groups) if a.answers else ([], None)   # every file, whole
         chain = a.judge == "stabletoolbench" or (a.judge == "auto" and a.judge_url and (
-            a.answers or not all(t.answer for t in tasks)))
+            a.answers or not all(t.answer or t.world for t in tasks)))
         if chain and not a.judge_url:
             raise checks.InputError("--judge stabletoolbench needs --judge-url")
-        if not a.judge_url and not all(t.answer for t in tasks):   # never a constant 0.5 called a pass rate
-            raise checks.InputError(f"--tasks {' '.join(a.tasks)}: {sum(not t.answer for t in tasks)} tasks have no answer "
+        if not a.judge_url and not all(t.answer or t.world for t in tasks):   # never a constant 0.5 called a pass rate
+            raise checks.InputError(f"--tasks {' '.join(a.tasks)}: {sum(not (t.answer or t.world) for t in tasks)} tasks have no answer "
                                     "facts to judge by: give --judge-url")
         kw = dict(key_env=a.judge_key_env, timeout=a.judge_timeout, retries=a.judge_retries)
         judge = J.PassRateJudge(a.judge_url, a.judge_model, a.stb_dir, a.judge_temperature, **kw) if chain \

@@ -604,6 +604,12 @@ def load_tasks(path):
     read whole by read_json (a regular file, its size, nesting, no key twice) and every item is
     checked before any is used: each field of its type, the group a plain name (eval.py writes the file
     <group>.json), the query_id an integer, and no query_id twice in one group (one would go unscored)."""
+    if str(path).startswith("bfcl:"):                     # BFCL's multi-turn entries (harness/bfcl.py)
+        from harness import bfcl
+        try:
+            return bfcl.load_tasks(path)
+        except ValueError as e:
+            raise TaskFileError(str(e)) from None
     data = read_json(path, "task file", TaskFileError)
     group = os.path.splitext(os.path.basename(path))[0]
     if isinstance(data, dict) and "tasks" in data:
@@ -633,6 +639,9 @@ def load_tasks(path):
 def benchmark(path):
     """Which benchmark a task file holds, for results files: its `benchmark` field ("embedded v2"), "embedded v1"
     for the embedded benchmark's files before versions were named, else "task file NAME"."""
+    if str(path).startswith("bfcl:"):
+        from harness import bfcl
+        return f"BFCL v4 {path[len('bfcl:'):]} ({bfcl.WHEEL})"
     data = read_json(path, "task file", TaskFileError)
     if isinstance(data, dict) and isinstance(data.get("benchmark"), str):
         return data["benchmark"]

