@@ -5,7 +5,7 @@
 
 For each seed, one SFT warm start (steptool.py without PPO iterations), evaluated once, then each
 method from that same checkpoint, with the same budget: the same number of sampled episodes and of
-updates. The schedule is steptool.py's for --model (harness.launch.defaults: by what the model is).
+updates. `--sft-adapters A A A` gives three seeds one shared start, evaluated once (seed0/sft). The schedule is steptool.py's for --model (harness.launch.defaults: by what the model is).
     sft                 the warm start itself
     rft                 SFT on the policy's own Solved rollouts (steptool.py --algo rft)
     ppo                 PPO (final reward): the paper's baseline, IsSolved on the last token and the original
@@ -299,10 +299,16 @@ def compare(args, base, extra, argv):
     t0 = time.time()
     roots = {seed: os.path.join(args.output, f"seed{seed}") for seed in args.seeds}
     given = dict(zip(args.seeds, map(os.path.abspath, args.sft_adapters)))   # SFT starts trained before
-    # first every seed's SFT start (trained, or given and evaluated), then every method from its seed's start
-    warm = dict(zip(args.seeds, run_all([(os.path.join(roots[s], "sft"), base + extra + [
+    # a start given to several seeds as one file (the RL seeds' shared SFT start) is evaluated once, in the SFT
+    # run of the first of them
+    sft_of = {s: next((r for r in args.seeds[:k] if s in given and given.get(r) == given[s]), s)
+              for k, s in enumerate(args.seeds)}
+    starts = [s for s in args.seeds if sft_of[s] == s]
+    # first every SFT start (trained, or given and evaluated), then every method from its seed's start
+    warm = dict(zip(starts, run_all([(os.path.join(roots[s], "sft"), base + extra + [
         "--model", args.model, "--seed", str(s), "--iterations", "0"]
-        + (["--adapters", given[s], "--sft-epochs", "0"] if s in given else [])) for s in args.seeds], args.parallel)))
+        + (["--adapters", given[s], "--sft-epochs", "0"] if s in given else [])) for s in starts], args.parallel)))
+    warm = {s: warm[sft_of[s]] for s in args.seeds}
     print(f"compare: SFT starts done, {(time.time() - t0) / 60:.1f} min so far")
     jobs = []
     for seed in args.seeds:
@@ -323,7 +329,7 @@ def compare(args, base, extra, argv):
             for rec in ms:
                 if rec.get("eval/overall/pass_rate") is not None:
                     curves[m].setdefault(rec.get("episodes", 0), []).append(rec["eval/overall/pass_rate"])
-            per_task[m].append(read_tasks(os.path.join(roots[seed], m)))
+            per_task[m].append(read_tasks(os.path.join(roots[sft_of[seed] if m == "sft" else seed], m)))
     summary = {m: {g: {"pass_rate_mean": statistics.fmean(r[f"eval/{g}/pass_rate"] for r in final[m]),
                        "pass_rate_std": std(r[f"eval/{g}/pass_rate"] for r in final[m]),
                        "recall_mean": statistics.fmean(r[f"eval/{g}/recall"] for r in final[m]),
@@ -337,7 +343,8 @@ def compare(args, base, extra, argv):
                                  for a, b in CI_PAIRS if a in per_task and b in per_task}
     if set(FACTORS) <= set(per_task):   # the whole 2x2 ran: its main effects and interaction
         summary["effects"] = effects(summary, per_task)
-    summary["benchmark"] = ", ".join(sorted({read_benchmark(os.path.join(roots[s], m)) for s in args.seeds for m in args.methods}))
+    summary["benchmark"] = ", ".join(sorted({read_benchmark(os.path.join(roots[sft_of[s] if m == "sft" else s], m))
+                                             for s in args.seeds for m in args.methods}))
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     text = table(summary, args.methods) + ci_table(summary)

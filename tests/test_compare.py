@@ -84,6 +84,14 @@ def test_lora_methods_start_from_the_sft_runs_adapter_file_and_the_summary_has_p
     assert tasks(again, "sft") == tasks(out, "sft")
     cfg = torch.load(os.path.join(again, "seed0", "steptool", "checkpoint", "state.pt"), weights_only=False)["config"]
     assert cfg["adapters"] == [adapter]
+    # one start given to several RL seeds: evaluated once (the first seed's SFT run), each seed's methods start from it
+    r = compare("--seeds", "0", "1", "--output", again, "--methods", "sft", "steptool", "--model", small_model,
+                "--no-full-finetune", "--sft-adapters", adapter, adapter, *BUDGET)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not os.path.exists(os.path.join(again, "seed1", "sft"))
+    assert os.path.isfile(os.path.join(again, "seed1", "steptool", "eval_tasks.json"))
+    two = json.load(open(os.path.join(again, "summary.json")))
+    assert two["sft"]["overall"]["seeds"] == [0, 1] and two["sft"]["overall"]["pass_rate_std"] == 0.0
     # an SFT start's run is finished with its evaluation: its weights (a no-op LoRA on the merged start) need not be kept
     sft = os.path.join(again, "seed0", "sft")
     shutil.rmtree(os.path.join(sft, "final_model")); os.remove(os.path.join(sft, "adapter.safetensors"))
