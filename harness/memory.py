@@ -28,10 +28,21 @@ FIT = 0.9
 
 
 def device_bytes(device):
-    """What the plan must fit in: a GPU's total memory, or the machine's RAM."""
+    """What the plan must fit in: a GPU's total memory, or the RAM not in use when the run starts (MemAvailable:
+    a run started beside others plans for what they leave; the machine's RAM where /proc/meminfo is absent)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(total, available_bytes() or total)
+
+
+def available_bytes(meminfo="/proc/meminfo"):
+    """MemAvailable of the kernel's meminfo in bytes, or None where it cannot be read."""
+    try:
+        with open(meminfo) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def episode_bytes(policy, tokens):
@@ -101,7 +112,7 @@ def plan(policy, cfg, given=(), log=print):
     else:
         policy.model.activation_checkpointing_disable()
     gb = lambda b: f"{b / 1e9:.1f} GB"
-    where = torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else "CPU RAM"
+    where = torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else "CPU RAM available"
     why = ("given" if "gradient_checkpointing" in given else "fits without it" if not ck else
            f"without it even one episode at a time needs {gb(need(False, 1, 1))}")
     line = (f"memory plan: weights {gb(weights)} + gradients and Adam {gb(optim)}; a {T}-token episode keeps "

@@ -1,8 +1,10 @@
 """memory.py: the run's memory plan picks gradient checkpointing and the micro-batches that fit the
 device, measured on the loaded model; a flag given on the command line is never changed."""
+import os
 import types
 
 import pytest
+import torch
 
 from harness import memory
 import policy as P
@@ -81,3 +83,14 @@ class _Weights:
 
     def element_size(self):
         return 2
+
+
+def test_on_cpu_the_plan_fits_the_ram_left_free_not_the_machines_total(tmp_path, monkeypatch):
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:    3000000 kB\n")
+    assert memory.available_bytes(str(info)) == 3000000 * 1024
+    assert memory.available_bytes(str(tmp_path / "none")) is None
+    monkeypatch.setattr(memory, "available_bytes", lambda: 3000000 * 1024)
+    assert memory.device_bytes(torch.device("cpu")) == 3000000 * 1024       # two other runs hold the rest
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)             # no meminfo: the machine's RAM
+    assert memory.device_bytes(torch.device("cpu")) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
