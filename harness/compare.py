@@ -18,7 +18,7 @@ updates. `--sft-adapters A A A` gives three seeds one shared start, evaluated on
                         original's granularity, horizon included, not the granularity alone
 Outputs: OUTPUT/table.md (Pass Rate and Recall per group, mean ± std over seeds), OUTPUT/summary.json
 ({method: {group: {pass_rate_mean, pass_rate_std, recall_mean, recall_std, seeds}}, "benchmark": the task files'
-benchmark and version (formats.benchmark), "ci": {"a-b": {group:
+benchmark and version (formats.benchmark), "per_seed": {method: {seed: {group: pass rate}}}, "ci": {"a-b": {group:
 [lo, hi]}}, "ci_seeds_tasks": the same}: 95 % CIs of pass-rate differences, paired bootstrap over the test tasks
 (paired_bootstrap), and with each method's seeds resampled too (hierarchical_bootstrap); "effects", when the
 four RL methods of the 2x2 ran: its two main effects and interaction (EFFECTS), each an estimate and both CIs),
@@ -192,6 +192,13 @@ def table(summary, methods):
             cells = [f"{summary[m][g][metric + '_mean']:.1f} ± {summary[m][g][metric + '_std']:.1f}" for g in GROUPS]
             lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
         lines.append("")
+    if len(next(iter(summary.get("per_seed", {None: {}}).values()))) > 1:   # several seeds: each one's row
+        lines += ["**Pass Rate (%) of each seed**", "", "| method | seed | " + " | ".join(
+            g if g != "overall" else "Avg" for g in GROUPS) + " |", "|---|---:|" + "---:|" * len(GROUPS)]
+        for m in methods:
+            for s, rates in summary["per_seed"][m].items():
+                lines.append(f"| {NAMES[m]} | {s} | " + " | ".join(f"{rates[g]:.1f}" for g in GROUPS) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -341,6 +348,8 @@ def compare(args, base, extra, argv):
     # the same differences with training variance in them: each method's seeds resampled, then the tasks
     summary["ci_seeds_tasks"] = {f"{a}-{b}": hierarchical_bootstrap(per_task[a], per_task[b])
                                  for a, b in CI_PAIRS if a in per_task and b in per_task}
+    summary["per_seed"] = {m: {str(s): {g: r[f"eval/{g}/pass_rate"] for g in GROUPS} for s, r in zip(args.seeds, final[m])}
+                           for m in args.methods}
     if set(FACTORS) <= set(per_task):   # the whole 2x2 ran: its main effects and interaction
         summary["effects"] = effects(summary, per_task)
     summary["benchmark"] = ", ".join(sorted({read_benchmark(os.path.join(roots[sft_of[s] if m == "sft" else s], m))

@@ -30,8 +30,9 @@ def test_compare_writes_the_table_and_summary_from_one_sft_start_and_does_not_re
     r = compare(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert set(summary) == {"sft", "rft", "steptool", "ci", "ci_seeds_tasks", "benchmark"}
+    assert set(summary) == {"sft", "rft", "steptool", "ci", "ci_seeds_tasks", "benchmark", "per_seed"}
     assert summary.pop("benchmark") == "embedded v2"   # the evaluation's task file names its version
+    assert summary.pop("per_seed")["steptool"]["3"]["overall"] == summary["steptool"]["overall"]["pass_rate_mean"]
     assert set(summary["ci"]) == set(summary["ci_seeds_tasks"]) == {"steptool-sft", "steptool-rft"}
     for ci in (summary.pop("ci")["steptool-sft"], summary.pop("ci_seeds_tasks")["steptool-sft"]):
         assert set(ci) == {"G1", "G2", "G3", "overall"} and all(lo <= hi for lo, hi in ci.values())
@@ -92,6 +93,8 @@ def test_lora_methods_start_from_the_sft_runs_adapter_file_and_the_summary_has_p
     assert os.path.isfile(os.path.join(again, "seed1", "steptool", "eval_tasks.json"))
     two = json.load(open(os.path.join(again, "summary.json")))
     assert two["sft"]["overall"]["seeds"] == [0, 1] and two["sft"]["overall"]["pass_rate_std"] == 0.0
+    assert set(two["per_seed"]["steptool"]) == {"0", "1"}
+    assert "**Pass Rate (%) of each seed**" in open(os.path.join(again, "table.md")).read()
     # an SFT start's run is finished with its evaluation: its weights (a no-op LoRA on the merged start) need not be kept
     sft = os.path.join(again, "seed0", "sft")
     shutil.rmtree(os.path.join(sft, "final_model")); os.remove(os.path.join(sft, "adapter.safetensors"))
