@@ -226,8 +226,10 @@ def _shape(task, traj, mode, alpha, judge, threshold, obs_chars=1024):
     else:
         offered = None if task.world else {f["name"] for f in task.functions} or None
         succ = [succ_calling(s, offered) for s in mid]
-        contrib = [task.world.contribution(s) if task.world else _contribution(s, traj.final_answer, threshold, obs_chars)
-                   if ok else 0.0 for s, ok in zip(mid, succ)]
+        if task.world:   # a tool world's own Contribution (harness/bfcl.py: a turn's ground-truth calls)
+            contrib = [task.world.contribution(s) for s in mid]
+        else:
+            contrib = [_contribution(s, traj.final_answer, threshold, obs_chars) if ok else 0.0 for s, ok in zip(mid, succ)]
     solved = is_solved(task, traj, judged=judged)
     r = [0.0] * len(mid) if mode == "final" else shaped(succ, contrib, alpha)  # final: PPO (final reward)
     if traj.finish:

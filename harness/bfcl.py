@@ -210,7 +210,8 @@ def scenario(entry_id):
 class BfclTask(env.Task):
     """An entry: env.Task's fields (query = the first user turn, functions = the documented ones at the start,
     relevant = the ground truth's function names, expert = its calls with a Finish closing each turn), plus
-    the entry, its ground truth per turn, the functions a later turn adds, and the world (this module)."""
+    the entry, its ground truth per turn (as text, and as `calls`: [(name, keyword arguments)], read once), the
+    functions a later turn adds, and the world (this module)."""
 
     @classmethod
     def make(cls, e, truth, category, docs):
@@ -224,21 +225,19 @@ class BfclTask(env.Task):
         t.entry, t.truth, t.turns, t.category = e, truth, turns, category
         t.added = {k: [d for d in all_docs if d["name"] in fs] for k, fs in missed.items()}
         t.world = sys.modules[__name__]
+        methods = Instances(e, "long_context" in category).methods   # read once: (name, keyword arguments) per turn
+        t.calls = [[(n, keywords(methods[n], a, kw) if n in methods else kw) for n, a, kw in map(parse_call, turn)]
+                   for turn in truth]
         t.expert = expert_steps(t)
         return t
-
-    def new_env(self, client, max_steps=12, obs_chars=1024, observation_role="function"):
-        return BfclEnv(client, max_steps, obs_chars, observation_role)
 
 
 def expert_steps(task):
     """The ground truth as our expert trajectory: each turn's calls (positional arguments named), then Finish."""
-    inst, steps = Instances(task.entry, "long_context" in task.category), []
-    for k, turn in enumerate(task.truth):
-        for c in turn:
-            name, args, kwargs = parse_call(c)
-            steps.append({"thought": "I call the next function of this request.", "name": name,
-                          "arguments": keywords(inst.methods[name], args, kwargs)})
+    steps = []
+    for k, turn in enumerate(task.calls):
+        for name, arguments in turn:
+            steps.append({"thought": "I call the next function of this request.", "name": name, "arguments": arguments})
         done = "All requests are done." if k == len(task.truth) - 1 else "This request is done."
         steps.append({"thought": done, "name": "Finish", "arguments": {"return_type": "give_answer", "final_answer": done}})
     return steps
@@ -294,10 +293,8 @@ class BfclEnv(env.ToolEnv):
 
     def contribution(self, name, arguments):
         """1 when (name, arguments) is one of this turn's ground-truth calls not matched yet, else 0."""
-        for i, c in enumerate(self.task.truth[self.turn] if self.turn < len(self.task.truth) else []):
-            n, args, kwargs = parse_call(c)
-            if i not in self.matched and n == name and n in self.truth.methods and \
-                    keywords(self.truth.methods[n], args, kwargs) == arguments:
+        for i, (n, kwargs) in enumerate(self.task.calls[self.turn] if self.turn < len(self.task.calls) else []):
+            if i not in self.matched and n == name and kwargs == arguments:
                 self.matched.append(i)
                 return 1.0
         return 0.0
@@ -307,7 +304,8 @@ class BfclEnv(env.ToolEnv):
             act.arguments = {**act.arguments, "return_type": "give_answer"}   # a give-up ends the turn as well
         truth, calls = self.task.truth[self.turn], self.calls_this_turn()
         if truth:   # BFCL fails a turn with ground truth where the model made no call at all
-            self.traj.turn_passed.append(check_turn(self.model, self.truth, truth, self.results) and bool(calls))
+            self.traj.turn_passed.append(check_turn(self.model, self.truth, self.task.calls[self.turn], self.results)
+                                        and bool(calls))
         # Contribution of the Finish that ends a turn: its turn passes (a turn without ground truth: no call made)
         step.contribution = float(self.traj.turn_passed[-1] if truth else not calls)
         self.turn, self.turn_steps, self.matched = self.turn + 1, 0, []
@@ -323,14 +321,11 @@ class BfclEnv(env.ToolEnv):
         return step.observation, False, step
 
 
-def check_turn(model, truth_inst, truth_calls, results):
+def check_turn(model, truth_inst, truth_calls, results):  # truth_calls: [(name, keyword arguments)]
     """BFCL's check of one turn: run its ground-truth calls on the ground-truth instances, then the states equal
     and every ground-truth result among the model's results so far (each used once)."""
-    expected = []
-    for c in truth_calls:
-        name, args, kwargs = parse_call(c)
-        expected.append(truth_inst.call(name, keywords(truth_inst.methods[name], args, kwargs))
-                        if name in truth_inst.methods else f"Error during execution: name '{name}' is not defined")
+    expected = [truth_inst.call(name, copy.deepcopy(kwargs)) if name in truth_inst.methods   # a method may change a list
+                else f"Error during execution: name '{name}' is not defined" for name, kwargs in truth_calls]
     if model.state() != truth_inst.state():
         return False
     left = list(results)
