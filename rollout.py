@@ -264,7 +264,7 @@ class _SlotLayer(DynamicLayer):
     def update(self, k, v, *args, **kwargs):
         kv, (lo, hi, rows, at) = self.kv, self.kv.at
         if self.bk is None or self.bk.shape[2] < kv.cap:  # zeros: a masked position must not hold a NaN (0 x NaN)
-            bk = k.new_zeros(kv.S, k.shape[1], kv.cap, k.shape[3]); bv = torch.zeros_like(bk)
+            bk = k.new_zeros(kv.S, k.shape[1], kv.cap, k.shape[3]); bv = torch.zeros_like(bk, dtype=v.dtype)   # autocast: k fp32 (rotary), v not
             if self.bk is not None:
                 bk[:, :, :self.bk.shape[2]], bv[:, :, :self.bk.shape[2]] = self.bk, self.bv
             self.bk, self.bv = bk, bv

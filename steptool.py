@@ -114,6 +114,7 @@ class Config:  # the defaults are the paper's (Sec. 5.1); PRESETS and QUICK belo
     seed: int = opt(0, "seed of everything")
     device: str = opt("", "cuda or cpu (default: cuda if available)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    dtype: str = opt("auto", "float32, bfloat16, or auto: bf16 on CUDA and on a CPU with native bf16 (measured), else fp32")
     quick: bool = opt(False, "a tiny budget: a smoke run")
 
 
@@ -121,7 +122,7 @@ class Config:  # the defaults are the paper's (Sec. 5.1); PRESETS and QUICK belo
 PRESETS = {
     # the from-scratch tiny model: all of it trained, a long SFT at a high learning rate (it starts knowing nothing)
     "tiny": dict(sft_epochs=7, sft_lr=3e-3, iterations=20, episodes_per_iteration=16, eval_every=0, eval_limit=40,
-                 lr=2e-5, grad_accum=8, init_kl_coef=0.2, max_new_tokens=96, full_finetune=True),
+                 lr=2e-5, grad_accum=8, init_kl_coef=0.2, max_new_tokens=96, full_finetune=True, dtype="float32"),
     # SmolLM2-135M-Instruct with LoRA on a 2-core CPU: SFT on 960 expert episodes at 1e-3, then 12 iterations
     # of 16 episodes, 2 PPO epochs each (the paper: 4) at 1e-4, a checkpoint after every iteration
     "smollm2": dict(sft_lr=1e-3, sft_episodes=960, iterations=12, episodes_per_iteration=16, eval_every=0,

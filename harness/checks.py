@@ -45,7 +45,7 @@ RULES = {  # flag: (test, what it must be)
     "max_new_tokens": ONE_UP, "max_context": ONE_UP, "obs_chars": ONE_UP, "lora_r": ONE_UP, "lora_alpha": POSITIVE,
     "lora_dropout": rule(0, 1, hi_open=True), "threads": NONNEG,
 }
-CHOICES = {"algo": ("ppo", "rft"), "advantage": ("step", "token")}
+CHOICES = {"algo": ("ppo", "rft"), "advantage": ("step", "token"), "dtype": ("auto", "float32", "bfloat16")}
 
 
 def flag(name):

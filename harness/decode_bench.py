@@ -13,8 +13,11 @@ over it. Our step is the slope between two runs of the same rows, --new tokens a
 step is the median time between its steps (a stopping criterion as the clock). tokens/s = batch / step.
 One JSON line at the end with every figure.
 
+--dtypes float32 bfloat16 runs every row in each (weights in that dtype, LoRA fp32, as steptool.py --dtype
+loads them), side by side in one process; which of the two the CPU computes natively decides --dtype auto.
+
 Left out: llama.cpp (llama-cpp-python 0.3.36 is only a source distribution on the package index, no wheel
-for this platform; building it needs CMake and a C++ compiler, not tried); bf16 (the model's own dtype).
+for this platform; building it needs CMake and a C++ compiler, not tried).
 """
 import argparse
 import json
@@ -100,34 +103,39 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=1, help="slopes per figure (their median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bandwidth-mib", type=int, default=1024)
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(models.DTYPES),
+                    help="weights' dtypes, each row measured in each")
     ap.add_argument("--no-transformers", dest="transformers", action="store_false", help="our sampler only")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bw = read_bandwidth_gbs(a.bandwidth_mib)
     peak = matmul_peak_gflops(threads=a.threads, n=1024, reps=5)
-    policy = models.load_policy(a.model)
-    base = models.load_policy(a.model, full_finetune=True).model.eval()   # the plain model, no adapter: transformers' own
+    models_of = {d: (models.load_policy(a.model, dtype=models.DTYPES[d]),   # ours: LoRA on the base, as steptool.py
+                     # the plain model, no adapter: transformers' own (full_finetune: weights fp32, compute `d`)
+                     models.load_policy(a.model, dtype=models.DTYPES[d], full_finetune=True).model.to(models.DTYPES[d]).eval())
+                 for d in a.dtypes}
     print(f"{a.model}: read bandwidth {bw:.1f} GB/s, fp32 matmul peak {peak:.0f} GFLOP/s, {a.threads} threads")
-    print(f"{'sampler':13s} {'batch':>5s} {'context':>7s} {'ms/step':>8s} {'tok/s':>7s} {'GB/step':>8s} "
+    print(f"{'sampler':13s} {'dtype':8s} {'batch':>5s} {'context':>7s} {'ms/step':>8s} {'tok/s':>7s} {'GB/step':>8s} "
           f"{'limit ms':>8s} {'% of limit':>10s} {'% of peak':>9s}")
     rows, g = [], torch.Generator().manual_seed(0)
-    vocab = policy.model.config.vocab_size
+    vocab = next(iter(models_of.values()))[0].model.config.vocab_size
     for ctx in a.contexts:
         for b in a.batches:
             prompts = [torch.randint(100, vocab - 100, (ctx,), generator=g).tolist() for _ in range(b)]
-            runs = [("ours", lambda: per_step(policy, prompts, a.new, a.reps))]
-            runs += [("transformers", lambda: statistics.median(theirs(base, prompts, a.new) for _ in range(a.reps)))] \
-                if a.transformers else []
-            for name, run in runs:
-                s = run()
-                moved, flops = step_bytes(policy, b, ctx + a.new), step_flops(policy.model, b, ctx + a.new)
-                limit = moved / (bw * 1e9)
-                rows.append(dict(sampler=name, batch=b, context=ctx, ms_per_step=s * 1e3, tokens_per_s=b / s,
-                                 gb_per_step=moved / 1e9, limit_ms=limit * 1e3, share_of_limit=limit / s,
-                                 share_of_peak=flops / s / (peak * 1e9)))
-                r = rows[-1]
-                print(f"{name:13s} {b:5d} {ctx:7d} {r['ms_per_step']:8.1f} {r['tokens_per_s']:7.1f} {r['gb_per_step']:8.2f} "
-                      f"{r['limit_ms']:8.1f} {100 * r['share_of_limit']:9.0f}% {100 * r['share_of_peak']:8.0f}%", flush=True)
+            for d, (policy, base) in models_of.items():
+                runs = [("ours", lambda: per_step(policy, prompts, a.new, a.reps))]
+                runs += [("transformers", lambda: statistics.median(theirs(base, prompts, a.new) for _ in range(a.reps)))] \
+                    if a.transformers else []
+                for name, run in runs:
+                    s = run()
+                    moved, flops = step_bytes(policy, b, ctx + a.new), step_flops(policy.model, b, ctx + a.new)
+                    limit = moved / (bw * 1e9)
+                    rows.append(dict(sampler=name, dtype=d, batch=b, context=ctx, ms_per_step=s * 1e3, tokens_per_s=b / s,
+                                     gb_per_step=moved / 1e9, limit_ms=limit * 1e3, share_of_limit=limit / s,
+                                     share_of_peak=flops / s / (peak * 1e9)))
+                    r = rows[-1]
+                    print(f"{name:13s} {d:8s} {b:5d} {ctx:7d} {r['ms_per_step']:8.1f} {r['tokens_per_s']:7.1f} {r['gb_per_step']:8.2f} "
+                          f"{r['limit_ms']:8.1f} {100 * r['share_of_limit']:9.0f}% {100 * r['share_of_peak']:8.0f}%", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"model": a.model, "threads": a.threads, "read_bandwidth_gbs": bw, "matmul_peak_gflops": peak,
                       "peak_rss_mib": rss, "rows": rows}))

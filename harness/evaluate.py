@@ -248,6 +248,7 @@ def bench(runs=5):
 class Args:
     model: str = opt("", "policy: what harness.models.load_policy accepts, or a checkpoint folder of ours")
     adapters: tuple = opt((), "adapter files (LoRA + value head) put on --model in order, each but the last merged")
+    dtype: str = opt("auto", "float32, bfloat16, or auto: bf16 on CUDA and on a CPU with native bf16 (measured), else fp32")
     tasks: tuple = opt((), "task files: StableToolBench query files or data/bench_test.json")
     tool_server: str = opt("", "tool server URL; empty: start the embedded one")
     judge: str = opt("auto", "facts | stabletoolbench | auto (stabletoolbench if --judge-url and a task lacks facts)")
@@ -319,6 +320,8 @@ def check_flags(a):
                             "judge_temperature": checks.NONNEG, "judge_retries": checks.rule(0, 20),
                             "judge_timeout": checks.rule(0, 86400, lo_open=True), "judge_workers": checks.ONE_UP,
                             "repeats": checks.rule(1, MAX_REPEATS - 1), "seed": checks.NONNEG})
+    if a.dtype not in checks.CHOICES["dtype"]:
+        raise checks.InputError(f"--dtype {a.dtype}: use one of {', '.join(checks.CHOICES['dtype'])}")
     if a.judge not in ("auto", "facts", "stabletoolbench"):
         raise checks.InputError(f"--judge {a.judge}: use one of auto, facts, stabletoolbench")
     if a.answers and (a.judge == "facts" or not a.judge_url):
@@ -425,7 +428,9 @@ def evaluate_model(a, tasks):
     try:
         from harness import models
         try:  # a model or adapter file that does not load is bad input (status 2, as sft.py); nothing rolled out yet
-            model = models.load_policy(a.model, adapters=tuple(a.adapters))
+            dtype, why = models.pick_dtype(a.dtype, models.default_device())
+            print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})")
+            model = models.load_policy(a.model, dtype=dtype, adapters=tuple(a.adapters))
         except (ValueError, OSError, runs.RunError) as e:
             refuse(e)
         return E.run_policy(model, tasks, toolclient.ToolClient(a.tool_server or srv.url), a.temperature, a.max_steps, a.seed,

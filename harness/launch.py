@@ -316,10 +316,13 @@ def start(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE, given=()):
         client.check()                                   # a dead server fails here, before any training
         judge = J.Judge(cfg.judge_url, cfg.judge_model, repeats=1) if cfg.judge_url else None
         eval_judge = J.labeller(J.FactsJudge(cfg.judge_url, cfg.judge_model))   # answers -> label entries
-        if cfg.resume:
+        if cfg.resume:   # the dtype it was trained in
             policy = models.load_policy(ckpt, device=device)
         else:
-            policy = models.load_policy(cfg.model, device=device, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+            dtype, why = models.pick_dtype(cfg.dtype, models.default_device(device))
+            if ranks.main:
+                print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})")
+            policy = models.load_policy(cfg.model, device=device, dtype=dtype, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                         lora_dropout=cfg.lora_dropout, lora_targets=tuple(cfg.lora_targets),
                                         full_finetune=cfg.full_finetune, gradient_checkpointing=cfg.gradient_checkpointing,
                                         seed=cfg.seed, adapters=tuple(cfg.adapters))

@@ -81,8 +81,11 @@ def test_the_sampling_benchmark_prints_each_ways_speed_agreement_and_memory(caps
 def test_the_decode_benchmark_reports_both_samplers_against_the_bandwidth_limit(capsys):
     from harness import decode_bench
     rows = decode_bench.main(["--model", "tiny", "--batches", "1", "2", "--contexts", "16", "--new", "2",
-                              "--bandwidth-mib", "8", "--threads", "1"])
-    assert [(r["sampler"], r["batch"]) for r in rows] == [("ours", 1), ("transformers", 1), ("ours", 2), ("transformers", 2)]
+                              "--bandwidth-mib", "8", "--threads", "1", "--dtypes", "float32", "bfloat16"])
+    assert [(r["sampler"], r["dtype"], r["batch"]) for r in rows] == [
+        (s, d, b) for b in (1, 2) for d in ("float32", "bfloat16") for s in ("ours", "transformers")]
+    by = {(r["sampler"], r["dtype"], r["batch"]): r for r in rows}   # bf16 weights: fewer bytes a step
+    assert by["ours", "bfloat16", 2]["gb_per_step"] < by["ours", "float32", 2]["gb_per_step"]
     for r in rows:
         assert r["ms_per_step"] > 0 and r["limit_ms"] > 0 and r["gb_per_step"] > 0 and 0 < r["share_of_peak"]
         assert abs(r["tokens_per_s"] - r["batch"] * 1000 / r["ms_per_step"]) < 1e-6 * r["tokens_per_s"]

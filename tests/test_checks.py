@@ -45,6 +45,7 @@ STB_QUERY = [{"query": "q", "query_id": 1, "api_list": [{"category_name": "C", "
     (["--eval-limit", "-1"], "--eval-limit -1"),
     (["--advantage", "foo"], "--advantage foo"),
     (["--algo", "dpo"], "--algo dpo"),
+    (["--dtype", "half"], "--dtype half"),
     (["--save-every", "0"], "--save-every 0"),
     (["--mini-batch-size", "0"], "--mini-batch-size 0"),
     (["--grad-accum", "0"], "--grad-accum 0"),

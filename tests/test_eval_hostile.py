@@ -195,6 +195,7 @@ BAD_FLAGS = {   # bad input, each refused with status 2 and one line before anyt
     "judge_url_not_a_url": (["--answers", ANSWERS, "--judge-url", "localhost:8000"], "--judge-url localhost:8000"),
     "tool_server_not_a_url": (["--model", "tiny", "--tasks", TASKS, "--tool-server", "localhost:1"], "--tool-server"),
     "tool_server_not_answering": (["--model", "tiny", "--tasks", TASKS, "--tool-server", "CLOSED"], "not reachable"),
+    "dtype": (["--model", "tiny", "--tasks", TASKS, "--dtype", "float16"], "--dtype float16"),
     "not_an_int": (["--repeats", "three"], "--repeats"),
     "unknown_flag": (["--labels", ANSWERS, "--frobnicate"], "--frobnicate"),
 }

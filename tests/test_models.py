@@ -181,3 +181,60 @@ def test_a_stale_conversion_is_redone_and_a_folder_not_ours_is_never_replaced(gg
     with pytest.raises(ValueError, match="not a converted model of ours"):
         models.resolve(path)
     assert (cache / os.path.basename(out) / "mine.txt").read_text() == "keep"
+
+
+# ---- --dtype ----------------------------------------------------------------------------------
+def timing(fp32, bf16):
+    return lambda dtype: fp32 if dtype == torch.float32 else bf16
+
+
+def never(dtype):
+    raise AssertionError("no flag, no measurement")
+
+
+@pytest.mark.parametrize("flags, measure, want, says", [
+    (set(), never, torch.float32, "no native bf16"),                                   # AVX2 / AVX-512 without BF16
+    ({"avx512f", "avx512_bf16"}, timing(1.0, 3.0), torch.float32, "but a bf16 product"),  # flagged, measured slower
+    ({"amx_bf16", "amx_tile"}, timing(2.0, 1.0), torch.bfloat16, "amx_bf16"),           # AMX: measured 2x faster
+    ({"fp asimd bf16"}, never, torch.float32, "no native bf16"),                        # one odd token is no flag
+    ({"bf16"}, timing(1.1, 1.0), torch.float32, "but"),                                # Arm, not 1.2x faster
+])
+def test_auto_takes_bf16_on_a_cpu_only_where_it_is_native_and_measured_faster(flags, measure, want, says):
+    dtype, why = models.pick_dtype("auto", "cpu", flags=flags, measure=measure)
+    assert dtype == want and says in why, why
+
+
+def test_cuda_and_a_named_dtype_need_no_measurement():
+    assert models.pick_dtype("auto", "cuda", flags=set(), measure=never)[0] == torch.bfloat16
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        assert models.pick_dtype(name, "cpu", flags={"amx_bf16"}, measure=never)[0] == dtype
+
+
+def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    x86.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n\nflags\t: other\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\nCPU implementer\t: 0x41\n")
+    assert models.cpu_flags(str(x86)) == {"fpu", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert "bf16" in models.cpu_flags(str(arm))
+    assert models.cpu_flags(str(tmp_path / "none")) == set()
+
+
+def test_the_measurement_times_a_product_in_the_dtype_asked():
+    assert 0 < models.matmul_seconds(torch.float32, rows=8, n=64, reps=3) < 1
+
+
+def test_steptool_loads_the_model_in_the_dtype_dtype_picks(tmp_path, monkeypatch, capsys):
+    import steptool
+
+    class Loaded(Exception):
+        pass
+    seen = {}
+
+    def load_policy(name, **kw):
+        seen.update(kw)
+        raise Loaded
+    monkeypatch.setattr(models, "load_policy", load_policy)
+    monkeypatch.setattr(models, "pick_dtype", lambda choice, device: (torch.bfloat16, f"picked for {choice}"))
+    with pytest.raises(Loaded):
+        steptool.main(["--model", "tiny", "--quick", "--dtype", "auto", "--output", str(tmp_path / "run")])
+    assert seen["dtype"] == torch.bfloat16 and "dtype: bfloat16 (picked for auto)" in capsys.readouterr().out

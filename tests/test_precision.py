@@ -75,6 +75,20 @@ def test_in_bf16_the_sampler_assigns_each_sampled_token_the_log_prob_ppos_forwar
         assert (log_probs(pol, eps) - forward).abs().max() > 0.01
 
 
+def test_under_bf16_autocast_the_sampler_and_the_forward_agree_too(tiny_tok):
+    """Full fine-tuning in bf16 (--dtype bfloat16 on the tiny model, or a GPU): fp32 master weights, bf16
+    compute under autocast, where rotary embedding leaves keys fp32 and values bf16: the sampler's cache
+    keeps each in its own dtype, as the forward has them."""
+    model, tok = models.build_tiny(0, tok=tiny_tok, **{**SMALL, "hidden_size": 256, "intermediate_size": 512})
+    model.config.use_cache = False
+    pol = train_a_few_steps(P.Policy(model, tok, "tiny", full_finetune=True, compute_dtype=BF16))
+    eps, sampled = sample_with_log_probs(pol)
+    forward = log_probs(pol, eps)
+    assert (sampled - forward).abs().max() <= BF16_LOGP_TOL
+    with torch.no_grad(), pol.autocast():
+        assert pol.model.model.layers[0].mlp.up_proj(torch.ones(1, 256)).dtype == BF16   # the products in bf16
+
+
 def test_in_fp32_the_sampler_and_the_forward_agree_to_rounding(make_policy):
     pol = train_a_few_steps(make_policy())
     eps, sampled = sample_with_log_probs(pol)
