@@ -319,7 +319,7 @@ def start(cfg, inputs, ckpt=None, state=None, ranks=dist.ONE, given=()):
         if cfg.resume:   # the dtype it was trained in
             policy = models.load_policy(ckpt, device=device)
         else:
-            dtype, why = models.pick_dtype(cfg.dtype, models.default_device(device))
+            dtype, why = ranks.gather(models.pick_dtype(cfg.dtype, models.default_device(device)))[0]   # rank 0's, on all
             if ranks.main:
                 print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})")
             policy = models.load_policy(cfg.model, device=device, dtype=dtype, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
