@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 import env
 
+DRAFT_ROWS, DRAFT_TOKENS = 4, 64   # prompt lookup when at most this many greedy rows are left, this many tokens each
 
 @dataclass
 class Episode:
@@ -159,7 +160,7 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
     turns. Each step samples one token of every episode, from its own generator, and feeds them in one batch;
     an episode whose turn ends leaves the step and finish() gives its next context, prefilled alone (no padding)
     before the next step, or ends it, its slot going to start()'s next episode: no episode waits for another.
-    A lone greedy row (a batch's tail) feeds its token with a prompt-lookup draft (_draft) in one forward.
+    A greedy batch's tail (<= DRAFT_ROWS rows) feeds each row's token with its prompt-lookup draft (_draft) in one forward.
     start() -> (i, prompt ids) or None; finish([(i, turn ids, their log-probs)]) -> [next context ids or None]."""
     dev, kv, stats, stops = policy.device, _Slots(policy, slots, max_context), policy.gen_stats, set(policy.stop_ids)
     slot, turn, lps, logits, past = {}, {}, {}, {}, {}                         # of each live episode i
@@ -186,13 +187,14 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
             turn[i].append(k)
         done = {i for i in live if turn[i][-1] in stops or len(turn[i]) == max_new_tokens}   # turns that end here
         ended, go = [i for i in live if i in done], [i for i in live if i not in done]
-        if len(go) == 1 and temperature == 0 and not logprobs:  # a lone greedy row (a batch's tail): prompt lookup
-            i = go[0]
-            draft = _draft(past[i] + turn[i], max_new_tokens - len(turn[i]) - 1)
-            z = _forward(policy, kv, [slot[i]], torch.tensor([turn[i][-1:] + draft], device=dev), every=True)  # [1 + d, V]
-            n = next((j for j, (d, g) in enumerate(zip(draft, z.argmax(-1).tolist())) if d != g or d in stops), len(draft))
-            turn[i] += draft[:n]; logits[i] = z[n]
-            kv.n[slot[i]] -= len(draft) - n; stats["decode_tokens"] += n      # the rejected drafts' keys: overwritten
+        if go and len(go) <= DRAFT_ROWS and temperature == 0 and not logprobs:  # a greedy batch's tail: prompt lookup
+            drafts = [_draft(past[i] + turn[i], min(DRAFT_TOKENS, max_new_tokens - len(turn[i]) - 1)) for i in go]
+            ids = [turn[i][-1:] + d + [0] * (max(map(len, drafts)) - len(d)) for i, d in zip(go, drafts)]   # pads: token 0
+            z = _forward(policy, kv, [slot[i] for i in go], torch.tensor(ids, device=dev), every=True)     # [b, q, V]
+            for i, d, zi, g in zip(go, drafts, z, z.argmax(-1).tolist()):
+                n = next((j for j, t in enumerate(d) if t != g[j] or t in stops), len(d))   # the drafts greedy confirms
+                turn[i] += d[:n]; logits[i] = zi[n]
+                kv.n[slot[i]] -= len(ids[0]) - 1 - n; stats["decode_tokens"] += n   # rejected drafts' and pads' keys: overwritten
         elif go:
             logits.update(zip(go, _forward(policy, kv, [slot[i] for i in go], torch.tensor([[turn[i][-1]] for i in go], device=dev))))
         stats["decode_s"] += time.perf_counter() - t; stats["decode_tokens"] += len(live)
@@ -212,22 +214,20 @@ def _draft(seq, k, n=3):
 
 
 def _forward(policy, kv, rows, ids, room=0, every=False):
-    """ids [b, q] fed to the episodes in slots `rows` (ascending; q > 1 for one row only), leaving room for `room`
-    more -> each row's next-token logits [b, V], as PPO's forward makes them (policy.logits). Several rows: one
-    token each at its own position, the rest masked; a slot between them not in `rows` gets a token 0 at its
-    next position (its next real token overwrites it)."""
-    lo, hi, q = rows[0], rows[-1] + 1, ids.shape[1]
-    pick = [r - lo for r in rows]
-    ids = ids.new_zeros(hi - lo, 1).index_copy_(0, torch.tensor(pick, device=ids.device), ids) if hi - lo > len(rows) else ids
+    """ids [b, q] fed to the episodes in slots `rows` (ascending), leaving room for `room` more -> each row's next-token
+    logits [b, V] (every: at each of its q, [b, q, V]) as PPO's forward makes them (policy.logits); each token attends
+    to its row up to it. A slot between the rows gets q tokens 0 at its next positions (its next real tokens overwrite them)."""
+    lo, hi, q, pick = rows[0], rows[-1] + 1, ids.shape[1], [r - rows[0] for r in rows]
+    ids = ids.new_zeros(hi - lo, q).index_copy_(0, torch.tensor(pick, device=ids.device), ids) if hi - lo > len(rows) else ids
     pos = torch.tensor(kv.n[lo:hi], device=ids.device)[:, None] + torch.arange(q, device=ids.device)   # [b, q]
-    kv.at, kv.L = (lo, hi, torch.arange(lo, hi, device=ids.device), pos[:, 0]), int(pos.max()) + 1
-    kv.past = kv.L - q if hi - lo == 1 else kv.L - 1                      # tokens before the query (mask sizes)
-    kv.grow(kv.L + room)
-    mask = torch.arange(kv.L, device=ids.device) <= pos if hi - lo > 1 else None   # [b, L]; one row needs none
+    kv.at, kv.L = (lo, hi, torch.arange(lo, hi, device=ids.device), pos), int(pos.max()) + 1
+    kv.past = kv.L - q                                                     # tokens before the query (mask sizes)
+    kv.grow(kv.L + room)   # a mask: [b, L] (padding) for one token a row, [b, 1, q, L] (used as is) for more; one row: none
+    mask = None if hi - lo == 1 else (torch.arange(kv.L, device=ids.device) <= pos[..., None])[:, 0 if q == 1 else None]
     h = policy.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True).last_hidden_state
     for r in rows:
         kv.n[r] += q
-    return policy.logits(h[0] if every else h[pick, -1])            # every: one row's logits at each of its q
+    return policy.logits(h[pick] if every else h[pick, -1])
 
 
 class _Slots(Cache):
@@ -270,8 +270,8 @@ class _SlotLayer(DynamicLayer):
             self.bk, self.bv = bk, bv
         if hi - lo == 1:                                   # one row, its q tokens after its kv.past
             self.bk[lo, :, kv.past:kv.L], self.bv[lo, :, kv.past:kv.L] = k[0], v[0]
-        else:                                              # one token per row, each at its own position
-            self.bk[rows, :, at], self.bv[rows, :, at] = k[:, :, 0], v[:, :, 0]
+        else:                                              # q tokens per row, each at its own position
+            self.bk[rows[:, None], :, at], self.bv[rows[:, None], :, at] = k.transpose(1, 2), v.transpose(1, 2)
         return self.bk[lo:hi, :, :kv.L], self.bv[lo:hi, :, :kv.L]
 
     def get_seq_length(self):

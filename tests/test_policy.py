@@ -120,6 +120,25 @@ def test_a_lone_greedy_row_decodes_through_prompt_lookup_exactly_as_one_token_at
     assert sum(forwards) < len(ref) - 1 and len(forwards) < len(ref)         # fewer forwards than tokens: drafts taken
 
 
+def test_a_greedy_tail_of_several_rows_decodes_through_prompt_lookup_exactly_as_one_token_at_a_time(make_policy, monkeypatch):
+    """Up to DRAFT_ROWS rows draft at once, each its own length (padded), in one forward; a row that stops
+    between them leaves a gap that takes pad tokens; each row's output is its greedy one alone."""
+    pol = make_policy().eval()
+    randomize_lora(pol, scale=0.3)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 2048, (n,), generator=g).tolist() * 3 for n in (6, 4, 9)]   # repeats: drafts to find
+    refs = [greedy_without_cache(pol.model, p, 40, []) for p in prompts]
+    stop = next(t for j, t in enumerate(refs[1]) if j >= 3 and t not in refs[1][:j])      # row 1 stops mid-turn
+    pol.stop_ids = sorted({*pol.stop_ids, stop})
+    refs = [greedy_without_cache(pol.model, p, 40, pol.stop_ids) for p in prompts]
+    assert len(refs[1]) < min(len(refs[0]), len(refs[2]))                                  # a gap between live rows
+    forwards, real = [], rollout._forward
+    monkeypatch.setattr(rollout, "_forward", lambda *a, **k: forwards.append(a[3].shape) or real(*a, **k))
+    assert rollout.generate(pol, prompts, 40, temperature=0) == refs
+    assert any(b > 1 and q > 1 for b, q in forwards)                                       # several rows drafted at once
+    assert len(forwards) < max(map(len, refs))                                             # fewer forwards than tokens
+
+
 def two_turns(pol, prompts, observations, new, slots=None):
     """Each prompt's first and second turns through the sampler's loop, the second from the cached first:
     finish() gives each episode its observation once, then ends it."""
