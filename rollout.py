@@ -180,9 +180,8 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
         t, live = time.perf_counter(), sorted(slot, key=slot.get)
         z = torch.stack([logits[i] for i in live])                             # [b, V]
         tok = _sample(z, temperature, top_p, [gens[i] for i in live] if gens else None)   # [b]
-        if logprobs:
-            for i, lp in zip(live, F.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1).tolist()):
-                lps[i].append(lp)
+        for i, lp in zip(live, F.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1).tolist() if logprobs else []):
+            lps[i].append(lp)
         for i, k in zip(live, tok.tolist()):
             turn[i].append(k)
         done = {i for i in live if turn[i][-1] in stops or len(turn[i]) == max_new_tokens}   # turns that end here
@@ -222,7 +221,7 @@ def _forward(policy, kv, rows, ids, room=0, every=False):
     pos = torch.tensor(kv.n[lo:hi], device=ids.device)[:, None] + torch.arange(q, device=ids.device)   # [b, q]
     kv.at, kv.L = (lo, hi, torch.arange(lo, hi, device=ids.device), pos), int(pos.max()) + 1
     kv.past = kv.L - q                                                     # tokens before the query (mask sizes)
-    kv.grow(kv.L + room)   # a mask: [b, L] (padding) for one token a row, [b, 1, q, L] (used as is) for more; one row: none
+    kv.grow(kv.L + room, hi)   # a mask: [b, L] (padding) for one token a row, [b, 1, q, L] (used as is) for more; one row: none
     mask = None if hi - lo == 1 else (torch.arange(kv.L, device=ids.device) <= pos[..., None])[:, 0 if q == 1 else None]
     h = policy.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True).last_hidden_state
     for r in rows:
@@ -231,17 +230,18 @@ def _forward(policy, kv, rows, ids, room=0, every=False):
 
 
 class _Slots(Cache):
-    """Keys and values of up to S episodes for all their turns: per layer [S, H, capacity, D] buffers, slot s
-    holding its episode's first n[s] tokens (right padding), grown 1.5x when a turn needs more room (up to
-    max_context). Sliding-window attention is exact while contexts fit in the window."""
+    """Keys and values of up to S episodes for all their turns: per layer [R, H, capacity, D] buffers, slot s holding
+    its episode's first n[s] tokens (right padding), grown 1.5x when a turn needs more room (up to max_context), R then
+    the slots in use (a long tail of a few episodes grows only theirs). Sliding-window attention is exact within the window."""
 
     def __init__(self, policy, S, max_context):
         self.S, self.n, self.cap, self.limit, self.at, self.L, self.past = S, [0] * S, 0, max_context or 1 << 62, None, 0, 0
         super().__init__(layers=[_SlotLayer(self) for _ in range(policy.model.config.get_text_config().num_hidden_layers)])
 
-    def grow(self, need):
+    def grow(self, need, hi):   # room for `need` tokens in rows 0..R-1: up to hi and every slot that holds tokens
         if need > self.cap:
             self.cap = max(need, min(self.cap * 3 // 2, self.limit))
+        self.R = max(hi, 1 + max((s for s, n in enumerate(self.n) if n), default=-1))
 
     def compact(self, slot):
         """Live slots back to 0..m-1: each in a slot at or above m moves into a free one below (a copy of its tokens)."""
@@ -263,10 +263,12 @@ class _SlotLayer(DynamicLayer):
 
     def update(self, k, v, *args, **kwargs):
         kv, (lo, hi, rows, at) = self.kv, self.kv.at
-        if self.bk is None or self.bk.shape[2] < kv.cap:  # zeros: a masked position must not hold a NaN (0 x NaN)
-            bk = k.new_zeros(kv.S, k.shape[1], kv.cap, k.shape[3]); bv = torch.zeros_like(bk, dtype=v.dtype)   # autocast: k fp32 (rotary), v not
-            if self.bk is not None:
-                bk[:, :, :self.bk.shape[2]], bv[:, :, :self.bk.shape[2]] = self.bk, self.bv
+        old = 0 if self.bk is None else len(self.bk)       # rows: all S when more are in use, else (growing) those in use
+        if old < kv.R or self.bk.shape[2] < kv.cap:         # zeros: a masked position must not hold a NaN (0 x NaN)
+            bk = k.new_zeros(kv.S if old < kv.R else kv.R, k.shape[1], kv.cap, k.shape[3]); bv = torch.zeros_like(bk, dtype=v.dtype)
+            if old:                                         # (under autocast k is fp32 (rotary), v not)
+                r = min(len(bk), old)
+                bk[:r, :, :self.bk.shape[2]], bv[:r, :, :self.bk.shape[2]] = self.bk[:r], self.bv[:r]
             self.bk, self.bv = bk, bv
         if hi - lo == 1:                                   # one row, its q tokens after its kv.past
             self.bk[lo, :, kv.past:kv.L], self.bv[lo, :, kv.past:kv.L] = k[0], v[0]
@@ -283,10 +285,8 @@ def _sample(logits, temperature, top_p, gens):
     if temperature == 0:
         return logits.argmax(-1)
     p = F.softmax(logits / temperature, -1)                                   # [b, V]
-    idx = None
-    if top_p < 1.0:                                                           # (a sort costs more than the model at small b)
-        p, idx = p.sort(-1, descending=True)
-        p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)                      # nucleus: smallest set with mass >= top_p
+    p, idx = p.sort(-1, descending=True) if top_p < 1.0 else (p, None)       # (a sort costs more than the model at small b)
+    p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0) if top_p < 1.0 else p    # nucleus: smallest set with mass >= top_p
     cdf = p.cumsum(-1)
     u = torch.stack([torch.rand((), generator=g) for g in gens]) if gens else torch.rand(len(p))
     u = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)                          # [b, 1], scaled to the kept mass

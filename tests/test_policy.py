@@ -172,6 +172,21 @@ def test_a_turn_from_the_cached_earlier_turns_equals_one_from_the_whole_dialogue
     assert two_turns(pol, [a, b, c], [obs_a, None, obs_c], 7, slots=2) == [got[0], got[1][:1], got[2]]
 
 
+def test_a_cache_grown_for_a_long_tail_holds_only_the_slots_in_use(make_policy, monkeypatch):
+    """Two slots: a and b end after one turn, c takes slot 0 and its long second turn grows the cache: the grown
+    buffers hold one row, not two, and c's turn is still the one from its whole dialogue."""
+    pol = make_policy().eval()
+    randomize_lora(pol, scale=1.0)
+    g = torch.Generator().manual_seed(9)
+    a, b, c, obs_c = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (9, 17, 5, 60))
+    shapes, real = [], rollout._SlotLayer.update
+    monkeypatch.setattr(rollout._SlotLayer, "update", lambda self, *x, **k: (real(self, *x, **k), shapes.append(self.bk.shape[:3]))[0])
+    got, grown = two_turns(pol, [a, b, c], [None, None, obs_c], 7, slots=2), list(shapes)
+    first = rollout.generate(pol, [c], 7, temperature=0)[0]
+    assert got[2] == [first, greedy_without_cache(pol.model, c + first + obs_c, 7, pol.stop_ids)]
+    assert grown[0][0] == 2 and grown[-1] == (1, 2, len(c + first + obs_c) + 7)   # rows, KV heads, capacity
+
+
 def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(make_policy):
     pol = make_policy().eval()
     g = torch.Generator().manual_seed(6)
