@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 import env
 
-DRAFT_ROWS, DRAFT_TOKENS = 4, 64   # prompt lookup when at most this many greedy rows are left, this many tokens each
+DRAFT_ROWS, DRAFT_TOKENS = 8, 128   # prompt lookup when at most this many greedy rows are left, drafting this many tokens
 
 @dataclass
 class Episode:
@@ -187,7 +187,7 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
         done = {i for i in live if turn[i][-1] in stops or len(turn[i]) == max_new_tokens}   # turns that end here
         ended, go = [i for i in live if i in done], [i for i in live if i not in done]
         if go and len(go) <= DRAFT_ROWS and temperature == 0 and not logprobs:  # a greedy batch's tail: prompt lookup
-            drafts = [_draft(past[i] + turn[i], min(DRAFT_TOKENS, max_new_tokens - len(turn[i]) - 1)) for i in go]
+            drafts = [_draft(past[i] + turn[i], min(DRAFT_TOKENS // len(go), max_new_tokens - len(turn[i]) - 1)) for i in go]
             ids = [turn[i][-1:] + d + [0] * (max(map(len, drafts)) - len(d)) for i, d in zip(go, drafts)]   # pads: token 0
             z = _forward(policy, kv, [slot[i] for i in go], torch.tensor(ids, device=dev), every=True)     # [b, q, V]
             for i, d, zi, g in zip(go, drafts, z, z.argmax(-1).tolist()):
