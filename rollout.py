@@ -33,6 +33,7 @@ import env
 
 DRAFT_ROWS, DRAFT_TOKENS = 8, 128   # prompt lookup when at most this many greedy rows are left, drafting this many tokens
 
+
 @dataclass
 class Episode:
     ids: list = field(default_factory=list)
@@ -267,8 +268,7 @@ class _SlotLayer(DynamicLayer):
         if old < kv.R or self.bk.shape[2] < kv.cap:         # zeros: a masked position must not hold a NaN (0 x NaN)
             bk = k.new_zeros(kv.S if old < kv.R else kv.R, k.shape[1], kv.cap, k.shape[3]); bv = torch.zeros_like(bk, dtype=v.dtype)
             if old:                                         # (under autocast k is fp32 (rotary), v not)
-                r = min(len(bk), old)
-                bk[:r, :, :self.bk.shape[2]], bv[:r, :, :self.bk.shape[2]] = self.bk[:r], self.bv[:r]
+                bk[:old, :, :self.bk.shape[2]], bv[:old, :, :self.bk.shape[2]] = self.bk[:len(bk)], self.bv[:len(bk)]
             self.bk, self.bv = bk, bv
         if hi - lo == 1:                                   # one row, its q tokens after its kv.past
             self.bk[lo, :, kv.past:kv.L], self.bv[lo, :, kv.past:kv.L] = k[0], v[0]

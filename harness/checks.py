@@ -69,12 +69,17 @@ def check_model(model, adapters=()):
             raise InputError(f"--adapters {a}: no such file")
 
 
+def check_choice(cfg, name):
+    """A flag of CHOICES (of steptool.py or eval.py) is one of its values."""
+    if getattr(cfg, name) not in CHOICES[name]:
+        raise InputError(f"{flag(name)} {getattr(cfg, name)}: use one of {', '.join(CHOICES[name])}")
+
+
 def check_flags(cfg, resumed=False):
     """resumed: the model is the checkpoint's (its base holds --model and --adapters merged), so not checked."""
     check_ranges(cfg)
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise InputError(f"{flag(name)} {getattr(cfg, name)}: use one of {', '.join(allowed)}")
+    for name in CHOICES:
+        check_choice(cfg, name)
     if cfg.max_context <= cfg.max_new_tokens:
         raise InputError(f"--max-context {cfg.max_context}: must exceed --max-new-tokens {cfg.max_new_tokens} "
                          "(a turn must fit after the prompt)")

@@ -320,8 +320,7 @@ def check_flags(a):
                             "judge_temperature": checks.NONNEG, "judge_retries": checks.rule(0, 20),
                             "judge_timeout": checks.rule(0, 86400, lo_open=True), "judge_workers": checks.ONE_UP,
                             "repeats": checks.rule(1, MAX_REPEATS - 1), "seed": checks.NONNEG})
-    if a.dtype not in checks.CHOICES["dtype"]:
-        raise checks.InputError(f"--dtype {a.dtype}: use one of {', '.join(checks.CHOICES['dtype'])}")
+    checks.check_choice(a, "dtype")
     if a.judge not in ("auto", "facts", "stabletoolbench"):
         raise checks.InputError(f"--judge {a.judge}: use one of auto, facts, stabletoolbench")
     if a.answers and (a.judge == "facts" or not a.judge_url):

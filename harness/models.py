@@ -63,23 +63,16 @@ def cpu_flags(path="/proc/cpuinfo"):
     return set(line.split(":", 1)[1].split()) if ":" in line else set()
 
 
-def matmul_seconds(dtype, rows=256, n=1024, reps=5):
-    """The median time of a [rows, n] x [n, n] product in `dtype` at torch's current threads."""
-    import time
-    x, w = torch.randn(rows, n).to(dtype), torch.randn(n, n).to(dtype)
-    F.linear(x, w)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        F.linear(x, w)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[reps // 2]
+def matmul_gflops(dtype):
+    """GFLOP/s of a 512 x 512 product in `dtype` at torch's current threads (bench_trl's measurement, short)."""
+    from harness.bench_trl import matmul_peak_gflops
+    return matmul_peak_gflops(dtype, threads=torch.get_num_threads(), n=512, reps=5)
 
 
-def pick_dtype(choice, device, flags=None, measure=matmul_seconds):
+def pick_dtype(choice, device, flags=None, measure=matmul_gflops):
     """--dtype -> (torch dtype, why). auto: bf16 on CUDA; on a CPU, bf16 where it is native (a flag of
-    CPU_BF16_FLAGS) and a short measurement confirms it (a 256-row product >= 1.2x faster than fp32: a
-    CPU that emulates bf16 runs it ~3x slower), else fp32. float32 / bfloat16: as named."""
+    CPU_BF16_FLAGS) and a short measurement confirms it (a product >= 1.2x as fast as in fp32: a CPU that
+    emulates bf16 runs it ~3x slower), else fp32. float32 / bfloat16: as named."""
     if choice != "auto":
         return DTYPES[choice], "as --dtype says"
     if torch.device(device).type == "cuda":
@@ -88,9 +81,9 @@ def pick_dtype(choice, device, flags=None, measure=matmul_seconds):
     if not native:
         return torch.float32, "this CPU has no native bf16 (no " + ", ".join(CPU_BF16_FLAGS) + " flag)"
     fp32, bf16 = measure(torch.float32), measure(torch.bfloat16)
-    if fp32 < 1.2 * bf16:
-        return torch.float32, f"{', '.join(native)}, but a bf16 product took {bf16 * 1e3:.1f} ms against fp32's {fp32 * 1e3:.1f}"
-    return torch.bfloat16, f"{', '.join(native)}: a bf16 product took {bf16 * 1e3:.1f} ms against fp32's {fp32 * 1e3:.1f}"
+    rates = f"a bf16 product ran at {bf16:.0f} GFLOP/s against fp32's {fp32:.0f}"
+    return (torch.bfloat16, f"{', '.join(native)}: {rates}") if bf16 >= 1.2 * fp32 else \
+        (torch.float32, f"{', '.join(native)}, but {rates}")
 
 
 # ---- the tiny model (the default: a random ~1.6 M-parameter Qwen2) ----------------------------------
