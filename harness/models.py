@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import env
 import policy as P
-from harness import cache, formats, runs
+from harness import attention, cache, formats, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,6 +117,7 @@ def build_tiny(seed, tok, **overrides):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)
+    attention.use(model)
     return model, tok
 
 
@@ -183,6 +184,7 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
         tok.chat_template = P.CHAT_TEMPLATE  # base models ship none; ChatML as the original's Qwen2 data
     model.to(device=device, dtype=weights)
     model.config.use_cache = False
+    attention.use(model)   # the sampler's several-rows drafting attention (harness/attention.py)
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora:

@@ -140,6 +140,26 @@ def test_a_greedy_tail_of_several_rows_decodes_through_prompt_lookup_exactly_as_
     assert len(forwards) < max(map(len, refs))                                             # fewer forwards than tokens
 
 
+
+def test_the_several_rows_attention_equals_transformers_sdpa_over_repeated_key_heads():
+    """harness.attention: each row over its own keys, query heads packed per key head, as SDPA over repeat_kv
+    computes it: rows of different lengths (a causal tail), a left-padded row, 3 query heads a key head."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from harness.attention import rows_attention
+
+    class Layer:
+        num_key_value_groups, is_causal = 3, True
+    g = torch.Generator().manual_seed(0)
+    b, H, KH, q, L, D = 3, 6, 2, 4, 11, 8
+    query, key, value = (torch.randn(b, h, n, D, generator=g) for h, n in ((H, q), (KH, L), (KH, L)))
+    pos = torch.tensor([[10], [6], [8]]) - torch.arange(q).flip(0)             # row r's queries end at 10, 6, 8
+    mask = (torch.arange(L) <= pos[..., None])[:, None]                        # [b, 1, q, L]
+    mask[2, ..., :3] = False                                                   # row 2: left padding
+    ours, _ = rows_attention(Layer, query, key, value, mask, scaling=0.3)
+    ref, _ = sdpa_attention_forward(Layer, query, key, value, mask, scaling=0.3)
+    assert ours.shape == ref.shape == (b, q, H, D)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
 def two_turns(pol, prompts, observations, new, slots=None):
     """Each prompt's first and second turns through the sampler's loop, the second from the cached first:
     finish() gives each episode its observation once, then ends it."""
