@@ -159,6 +159,9 @@ def test_the_several_rows_attention_equals_transformers_sdpa_over_repeated_key_h
     ref, _ = sdpa_attention_forward(Layer, query, key, value, mask, scaling=0.3)
     assert ours.shape == ref.shape == (b, q, H, D)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    one = [t[1:2] for t in (query, key, value, mask)]                          # a lone row past its first tokens
+    torch.testing.assert_close(rows_attention(Layer, *one, scaling=0.3)[0], sdpa_attention_forward(Layer, *one, scaling=0.3)[0],
+                               atol=1e-6, rtol=0)
 
 def two_turns(pol, prompts, observations, new, slots=None):
     """Each prompt's first and second turns through the sampler's loop, the second from the cached first:
