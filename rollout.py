@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 import env
 
-DRAFT_ROWS, DRAFT_TOKENS = 8, 128   # prompt lookup when at most this many greedy rows are left, drafting this many tokens
+DRAFT_ROWS, DRAFT_TOKENS = 8, 64    # prompt lookup when at most this many greedy rows are left, drafting this many tokens
 
 
 @dataclass
