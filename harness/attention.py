@@ -24,10 +24,10 @@ NAME = "sdpa_rows"
 def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query [b, H, q, D], key/value [b, KH, L, D], attention_mask [b, 1, q, L] bool -> ([b, q, H, D], None)."""
     b, H, q, D = query.shape
-    m = attention_mask
-    if q == 1 or m is None or m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1 or dropout:
+    m, G = attention_mask, H // key.shape[1]
+    if q == 1 or m is None or m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1 or dropout or \
+            any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias")):   # what SDPA's own code handles
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    G = H // key.shape[1]
     last = m[:, 0, -1]                                        # [b, L]: what row r's last query sees
     lengths = (last.shape[-1] - last.flip(-1).int().argmax(-1)).tolist()   # keys past the last one it sees: unread
     out = [F.scaled_dot_product_attention(query[r:r + 1].reshape(1, H // G, G * q, D), key[r:r + 1, :, :n],

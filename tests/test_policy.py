@@ -162,6 +162,8 @@ def test_the_several_rows_attention_equals_transformers_sdpa_over_repeated_key_h
     one = [t[1:2] for t in (query, key, value, mask)]                          # a lone row past its first tokens
     torch.testing.assert_close(rows_attention(Layer, *one, scaling=0.3)[0], sdpa_attention_forward(Layer, *one, scaling=0.3)[0],
                                atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="softcap"):                           # Gemma 2's soft-capping: SDPA's own refusal
+        rows_attention(Layer, query, key, value, mask, scaling=0.3, softcap=50.0)
 
 def two_turns(pol, prompts, observations, new, slots=None):
     """Each prompt's first and second turns through the sampler's loop, the second from the cached first:
