@@ -184,7 +184,7 @@ def load_policy(name, device=None, dtype=None, lora_r=8, lora_alpha=16, lora_dro
         tok.chat_template = P.CHAT_TEMPLATE  # base models ship none; ChatML as the original's Qwen2 data
     model.to(device=device, dtype=weights)
     model.config.use_cache = False
-    attention.use(model)   # the sampler's several-rows drafting attention (harness/attention.py)
+    attention.use(model)   # several tokens a row after earlier ones: each row over its own keys (harness/attention.py)
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora:
