@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 import env
 
-DRAFT_ROWS, DRAFT_TOKENS = 8, 64    # prompt lookup when at most this many greedy rows are left, drafting this many tokens
+DRAFT_ROWS, DRAFT_TOKENS = 8, 128   # prompt lookup when at most this many greedy rows are left, drafting this many tokens
 
 
 @dataclass
@@ -67,9 +67,8 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
     template's role for them (policy.obs_role) unless told otherwise. batch_size: at most this many episodes at
     once (0 = all), an ended one's place going to the next task at once. on_done(n): n episodes ended (a progress bar)."""
     envs = [(t.world.Env if t.world else env.ToolEnv)(client, max_steps, obs_chars, observation_role or policy.obs_role) for t in tasks]
-    eps = [Episode() for _ in tasks]
+    eps, waiting = [Episode() for _ in tasks], iter(range(len(tasks)))
     gens = [episode_generator(seed, iteration, first_episode + i) for i in range(len(tasks))]
-    waiting = iter(range(len(tasks)))
 
     def fits(i):  # the next turn fits in max_context, else the episode ends unsolved, its completed steps kept
         return len(eps[i].ids) + max_new_tokens <= max_context or envs[i].end("max_context")
@@ -92,8 +91,7 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
         on_done and None in nxt and on_done(nxt.count(None))
         return nxt
 
-    was_training = policy.training
-    policy.eval()
+    was_training = policy.training; policy.eval()
     try:  # fp32 weights: one merged copy of the adapted weights for every turn of the batch (merged_lora)
         with torch.no_grad(), policy.autocast(), merged_lora(policy):
             _sample_turns(policy, batch_size or len(tasks), start, finish, max_new_tokens, temperature, top_p,
@@ -209,8 +207,10 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
 
 def _draft(seq, k, n=3):
     """Prompt lookup decoding (Saxena, 2023): the <= k tokens that followed the last earlier occurrence of seq's
-    last n tokens. Each one the greedy choice confirms is a token decoded without a forward of its own."""
-    return next((seq[j + n:j + n + k] for j in range(len(seq) - n - 1, -1, -1) if seq[j:j + n] == seq[-n:]), []) if k > 0 else []
+    last n tokens, looked up again after them while fewer (text repeating with a period under k runs on).
+    Each one the greedy choice confirms is a token decoded without a forward of its own."""
+    d = next((seq[j + n:j + n + k] for j in range(len(seq) - n - 1, -1, -1) if seq[j:j + n] == seq[-n:]), []) if k > 0 else []
+    return d + _draft(seq + d, k - len(d), n) if d and len(d) < k else d
 
 
 def _forward(policy, kv, rows, ids, room=0, every=False):

@@ -104,7 +104,9 @@ def test_greedy_generate_equals_a_no_cache_loop_alone_and_inside_a_left_padded_b
 
 def test_prompt_lookup_drafts_follow_the_last_earlier_occurrence_of_the_last_three_tokens():
     assert rollout._draft([1, 2, 3, 9, 9, 1, 2, 3, 4, 1, 2, 3], 2) == [4, 1]   # the later occurrence, not the first
-    assert rollout._draft([1, 2, 3, 9, 1, 2, 3], 8) == [9, 1, 2, 3]            # up to the end
+    assert rollout._draft([1, 2, 3, 9, 1, 2, 3], 8) == [9, 1, 2, 3, 9, 1, 2, 3]   # looked up again after its end
+    assert rollout._draft([1, 2, 3, 9, 1, 2, 3], 6) == [9, 1, 2, 3, 9, 1]      # never more than k
+    assert rollout._draft([4, 1, 2, 3, 9, 1, 2, 3], 9) == [9, 1, 2, 3, 9, 1, 2, 3, 9]   # the period, not the first follower
     assert rollout._draft([5, 6, 7, 8], 4) == [] and rollout._draft([1, 2, 3, 1, 2, 3], 0) == []
 
 
