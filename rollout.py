@@ -207,10 +207,10 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
 
 def _draft(seq, k, n=3):
     """Prompt lookup decoding (Saxena, 2023): the <= k tokens that followed the last earlier occurrence of seq's
-    last n tokens, looked up again after them while fewer (text repeating with a period under k runs on).
-    Each one the greedy choice confirms is a token decoded without a forward of its own."""
+    last n tokens. A follower cut short by seq's end is a period of the text, repeated up to k (looking up again
+    after it finds the same). Each one the greedy choice confirms is a token decoded without a forward of its own."""
     d = next((seq[j + n:j + n + k] for j in range(len(seq) - n - 1, -1, -1) if seq[j:j + n] == seq[-n:]), []) if k > 0 else []
-    return d + _draft(seq + d, k - len(d), n) if d and len(d) < k else d
+    return (d * (k // len(d) + 1))[:k] if d else d
 
 
 def _forward(policy, kv, rows, ids, room=0, every=False):
