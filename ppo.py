@@ -17,8 +17,8 @@ log pi_old, reference log-probs log pi_ref and values V(s_t) read at the last to
                  rho = pi_theta / pi_old                                               Sec. 4.2
   value loss     0.5 * mean over that optimizer step's units of max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)
   KL coef beta   adaptive (Ziegler et al. 2019): beta *= 1 + clip(KL/target - 1, +-0.2) * B/horizon
-Every forward pass (prepare and update) runs without dropout, so rho is 1 until the first optimizer
-step: bit for bit when an optimizer step takes the whole batch (the defaults), else up to rounding.
+No forward pass (prepare and update) runs dropout, as the original's (trl's eval mode, LoRA dropout 0): rho is 1
+until the first optimizer step, bit for bit when an optimizer step takes the whole batch (the defaults), else up to rounding.
 
 One process; benchmarks (update time, tokens/s, memory): `python -m harness.bench`. On several ranks
 (torchrun) harness/dist.py's `Ranks.update` runs this update on each rank's share of the batch.
@@ -38,7 +38,6 @@ Departures from the original code (StepTool's subclass of trl's PPOTrainer, 0.10
 6. Gradients are clipped to a norm of 1.0 (--max-grad-norm; 0 turns it off); trl's default is none.
 7. No `ratio_threshold`: trl 0.11 zeroes the loss of a mini-batch whose mean ratio exceeds 10 (a
    guard against loss spikes); here the clipped surrogate and gradient clipping are the only guards.
-8. Forward passes without dropout, as the original (trl's forward runs in eval mode; LoRA dropout 0).
 """
 import time
 from dataclasses import dataclass

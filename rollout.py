@@ -32,6 +32,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 import env
 
 DRAFT_ROWS, DRAFT_TOKENS = 8, 128   # prompt lookup when at most this many greedy rows are left, drafting this many tokens
+PREFILL_TOKENS = 4096              # contexts fed together, packed, up to this many tokens a forward
 
 
 @dataclass
@@ -46,8 +47,7 @@ class Episode:
         self.ids += tokens; self.act += [False] * len(tokens); self.step += [-1] * len(tokens)
 
     def add_action(self, tokens):   # the action a_t of step t; s_t ends on the token before it
-        t = len(self.state_end)
-        self.state_end.append(len(self.ids) - 1)
+        t = len(self.state_end); self.state_end.append(len(self.ids) - 1)
         self.ids += tokens; self.act += [True] * len(tokens); self.step += [t] * len(tokens)
 
     @property
@@ -94,8 +94,7 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
     was_training = policy.training; policy.eval()
     try:  # fp32 weights: one merged copy of the adapted weights for every turn of the batch (merged_lora)
         with torch.no_grad(), policy.autocast(), merged_lora(policy):
-            _sample_turns(policy, batch_size or len(tasks), start, finish, max_new_tokens, temperature, top_p,
-                          gens, max_context)
+            _sample_turns(policy, batch_size or len(tasks), start, finish, max_new_tokens, temperature, top_p, gens, max_context)
     finally:
         policy.train(was_training)
     return eps, [e.traj for e in envs]
@@ -135,19 +134,16 @@ def generate(policy, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, ge
 
 @contextlib.contextmanager
 def merged_lora(policy):
-    """Sampling without gradient, fp32 weights: each LoRA projection as one matrix W + (alpha / r) B A (the
-    adapter's three small matmuls a token took as long as W x), up to rounding (~1e-7 relative); made once
-    for everything sampled inside (rollout() enters it around a batch of episodes), freed on exit. On CPU
-    it is laid out [in, out] (one copy): at 32 rows MKL's x @ W^T ran 2-3x faster than F.linear's [out, in].
-    bf16/fp16 weights are never merged (W + B A in bf16 keeps a few % of a small update: the policy would
-    sample pi_ref plus rounding noise): they sample through PPO's two-path sum, with no copy of any weight."""
+    """Sampling without gradient, fp32 weights: each LoRA projection as one matrix W + (alpha / r) B A, up to rounding
+    (~1e-7 relative), made once for all sampled inside (a batch of episodes), freed on exit; on CPU laid out [in, out]
+    (MKL's x @ W^T ran 2-3x faster at 32 rows). bf16/fp16 weights are never merged (W + B A in bf16 keeps a few % of a
+    small update: pi_ref plus rounding noise): they sample through PPO's two-path sum, with no copy of any weight."""
     mods = [m for m in policy.lora_modules() if m.enabled and m.merged is None and m.base.weight.dtype == torch.float32]
     try:
         with torch.no_grad():
             for m in mods:
                 w = m.base.weight + m.delta() if bool(m.B.any()) or m.A0.numel() else m.base.weight.detach()
-                m.transposed = w.device.type == "cpu"
-                m.merged = w.t().contiguous() if m.transposed else w
+                m.transposed, m.merged = (True, w.t().contiguous()) if w.device.type == "cpu" else (False, w)
         yield
     finally:
         for m in mods:
@@ -157,44 +153,45 @@ def merged_lora(policy):
 def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top_p, gens, max_context, logprobs=False):
     """The sampler's loop over up to `slots` episodes at once, each in a slot of one KV cache (_Slots) for all its
     turns. Each step samples one token of every episode, from its own generator, and feeds them in one batch;
-    an episode whose turn ends leaves the step and finish() gives its next context, prefilled alone (no padding)
-    before the next step, or ends it, its slot going to start()'s next episode: no episode waits for another.
+    an episode whose turn ends leaves the step and finish() gives its next context, prefilled (with those of others
+    and of new episodes) before the next step, or ends it, its slot going to start()'s next episode: none waits.
     A greedy batch's tail (<= DRAFT_ROWS rows) feeds each row's token with its prompt-lookup draft (_draft) in one forward.
     start() -> (i, prompt ids) or None; finish([(i, turn ids, their log-probs)]) -> [next context ids or None]."""
-    dev, kv, stats, stops = policy.device, _Slots(policy, slots, max_context), policy.gen_stats, set(policy.stop_ids)
-    slot, turn, lps, logits, past = {}, {}, {}, {}, {}                         # of each live episode i
+    kv, stats, stops = _Slots(policy, slots, max_context), policy.gen_stats, set(policy.stop_ids)
+    slot, turn, lps, logits, past, new = {}, {}, {}, {}, {}, {}                 # of each live episode i
 
-    def prefill(i, ids):  # past: the tokens before its turn (the slot holds them and all but the turn's last)
-        t = time.perf_counter()
-        past[i] = past.get(i, []) + turn.get(i, [])[:-1] + ids
-        logits[i], turn[i], lps[i] = _forward(policy, kv, [slot[i]], torch.tensor([ids], device=dev), max_new_tokens)[0], [], []
-        stats["prefill_s"] += time.perf_counter() - t; stats["prefill_tokens"] += len(ids)
+    def prefill(new):  # {i: context}: fed packed, about PREFILL_TOKENS tokens a forward (else one by one: no padding)
+        t, order = time.perf_counter(), sorted(new, key=slot.get)
+        part = np.cumsum([len(new[i]) for i in order]) // PREFILL_TOKENS if kv.packs else range(len(order))   # each one's forward
+        for i in order:    # past: the tokens before its turn (the slot holds them and all but the turn's last)
+            past[i], turn[i], lps[i] = past.get(i, []) + turn.get(i, [])[:-1] + new[i], [], []
+        for g in ([i for i, p in zip(order, part) if p == k] for k in sorted(set(part))):
+            logits.update(zip(g, _forward(policy, kv, [slot[i] for i in g], [new[i] for i in g], max_new_tokens)))
+        stats["prefill_s"] += time.perf_counter() - t; stats["prefill_tokens"] += sum(map(len, new.values()))
+        new.clear()
     while True:
         while len(slot) < slots and (nxt := start()) is not None:
-            slot[nxt[0]] = min(set(range(slots)) - set(slot.values()))
-            prefill(*nxt)
+            slot[nxt[0]] = min(set(range(slots)) - set(slot.values())); new[nxt[0]] = nxt[1]
+        prefill(new)
         if not slot:
             return
         kv.compact(slot)
         t, live = time.perf_counter(), sorted(slot, key=slot.get)
         z = torch.stack([logits[i] for i in live])                             # [b, V]
         tok = _sample(z, temperature, top_p, [gens[i] for i in live] if gens else None)   # [b]
-        for i, lp in zip(live, F.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1).tolist() if logprobs else []):
-            lps[i].append(lp)
-        for i, k in zip(live, tok.tolist()):
-            turn[i].append(k)
+        lp = F.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1).tolist() if logprobs else [None] * len(live)
+        for i, k, p in zip(live, tok.tolist(), lp):
+            turn[i].append(k); lps[i].append(p)
         done = {i for i in live if turn[i][-1] in stops or len(turn[i]) == max_new_tokens}   # turns that end here
         ended, go = [i for i in live if i in done], [i for i in live if i not in done]
-        if go and len(go) <= DRAFT_ROWS and temperature == 0 and not logprobs:  # a greedy batch's tail: prompt lookup
-            drafts = [_draft(past[i] + turn[i], min(DRAFT_TOKENS // len(go), max_new_tokens - len(turn[i]) - 1)) for i in go]
-            ids = [turn[i][-1:] + d + [0] * (max(map(len, drafts)) - len(d)) for i, d in zip(go, drafts)]   # pads: token 0
-            z = _forward(policy, kv, [slot[i] for i in go], torch.tensor(ids, device=dev), every=True)     # [b, q, V]
-            for i, d, zi, g in zip(go, drafts, z, z.argmax(-1).tolist()):
-                n = next((j for j, t in enumerate(d) if t != g[j] or t in stops), len(d))   # the drafts greedy confirms
+        if go:   # each row's last token; in a greedy batch's tail (<= DRAFT_ROWS rows) with its prompt-lookup draft
+            k = DRAFT_TOKENS // len(go) if len(go) <= DRAFT_ROWS and temperature == 0 and not logprobs else 0   # drafts' budget
+            drafts = [_draft(past[i] + turn[i], min(k, max_new_tokens - len(turn[i]) - 1)) for i in go]
+            z = _forward(policy, kv, [slot[i] for i in go], [turn[i][-1:] + d for i, d in zip(go, drafts)], every=True)
+            for i, d, zi in zip(go, drafts, z):                                # zi [1 + len(d), V]
+                n = next((j for j, t in enumerate(d) if t != int(zi[j].argmax()) or t in stops), len(d))   # the drafts greedy confirms
                 turn[i] += d[:n]; logits[i] = zi[n]
-                kv.n[slot[i]] -= len(ids[0]) - 1 - n; stats["decode_tokens"] += n   # rejected drafts' and pads' keys: overwritten
-        elif go:
-            logits.update(zip(go, _forward(policy, kv, [slot[i] for i in go], torch.tensor([[turn[i][-1]] for i in go], device=dev))))
+                kv.n[slot[i]] -= len(d) - n; stats["decode_tokens"] += n       # rejected drafts' keys: overwritten
         stats["decode_s"] += time.perf_counter() - t; stats["decode_tokens"] += len(live)
         for i, nxt in zip(ended, finish([(i, turn[i], lps[i]) for i in ended]) if ended else []):
             if nxt is None:                                                    # ended: its slot and state freed
@@ -202,7 +199,7 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
                 for state in (turn, lps, logits, past):
                     del state[i]
             else:
-                prefill(i, turn[i][-1:] + nxt)                                 # the turn's last token: sampled, not yet fed
+                new[i] = turn[i][-1:] + nxt                                    # the turn's last token: sampled, not yet fed
 
 
 def _draft(seq, k, n=3):
@@ -214,20 +211,26 @@ def _draft(seq, k, n=3):
 
 
 def _forward(policy, kv, rows, ids, room=0, every=False):
-    """ids [b, q] fed to the episodes in slots `rows` (ascending), leaving room for `room` more -> each row's next-token
-    logits [b, V] (every: at each of its q, [b, q, V]) as PPO's forward makes them (policy.logits); each token attends
-    to its row up to it. A slot between the rows gets q tokens 0 at its next positions (its next real tokens overwrite them)."""
-    lo, hi, q, pick = rows[0], rows[-1] + 1, ids.shape[1], [r - rows[0] for r in rows]
-    ids = ids.new_zeros(hi - lo, q).index_copy_(0, torch.tensor(pick, device=ids.device), ids) if hi - lo > len(rows) else ids
-    pos = torch.tensor(kv.n[lo:hi], device=ids.device)[:, None] + torch.arange(q, device=ids.device)   # [b, q]
-    kv.at, kv.L = (lo, hi, torch.arange(lo, hi, device=ids.device), pos), int(pos.max()) + 1
-    kv.past = kv.L - q                                                     # tokens before the query (mask sizes)
+    """ids: a token list for each episode in slots `rows` (ascending), fed together, leaving room for `room` more -> each
+    row's next-token logits [b, V] (every: at each of its tokens, [q_r, V] a row) as PPO's forward makes them (policy.logits);
+    each token attends to its row up to it. Rows of several lengths go packed in one sequence where the model's attention
+    reads them so (harness.attention), else padded with tokens 0, as is a slot between the rows (overwritten later)."""
+    lo, hi, q, lens = rows[0], rows[-1] + 1, max(map(len, ids)), dict(zip(rows, map(len, ids)))
+    packed, feed, at, start = len(set(lens.values())) > 1 and kv.packs, dict(zip(rows, ids)), [], {}
+    for r in range(lo, hi):   # each fed token's (slot, position); a slot between the rows: nothing packed, pads padded
+        feed[r] = feed.get(r, []) + [0] * (0 if packed else q - lens.get(r, 0))
+        start[r] = len(at); at += [(r, kv.n[r] + j) for j in range(len(feed[r]))]
+        kv.n[r] += lens.get(r, 0)
+    kv.at = (lo, hi) + torch.tensor(at, device=policy.device).view(1 if packed else hi - lo, -1, 2).unbind(-1)   # [b, q] each
+    pos, kv.L = kv.at[3], max(p for _, p in at) + 1
+    kv.past = max(kv.L - pos.shape[1], 0)                                   # tokens before the query (mask sizes)
     kv.grow(kv.L + room, hi)   # a mask: [b, L] (padding) for one token a row, [b, 1, q, L] (used as is) for more; one row: none
-    mask = None if hi - lo == 1 else (torch.arange(kv.L, device=ids.device) <= pos[..., None])[:, 0 if q == 1 else None]
-    h = policy.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True).last_hidden_state
-    for r in rows:
-        kv.n[r] += q
-    return policy.logits(h[pick] if every else h[pick, -1])
+    mask = None if hi - lo == 1 else (torch.arange(kv.L, device=pos.device) <= pos[..., None])[:, 0 if pos.shape[1] == 1 else None]
+    h = policy.model.base_model(input_ids=torch.tensor(sum(map(feed.get, range(lo, hi)), []), device=pos.device).view(pos.shape),
+                                attention_mask=mask, position_ids=pos, cache=kv, use_cache=True,
+                                **({"rows_q": [len(feed[r]) for r in range(lo, hi)]} if packed else {})).last_hidden_state
+    z = policy.logits(h.flatten(0, 1)[[start[r] + j for r, n in lens.items() for j in (range(n) if every else [n - 1])]])
+    return z.split(list(lens.values())) if every else z               # [q_r, V] a row, or [b, V]
 
 
 class _Slots(Cache):
@@ -237,18 +240,17 @@ class _Slots(Cache):
 
     def __init__(self, policy, S, max_context):
         self.S, self.n, self.cap, self.limit, self.at, self.L, self.past = S, [0] * S, 0, max_context or 1 << 62, None, 0, 0
+        self.packs = getattr(policy.model, "packs_rows", False)   # its attention reads rows packed in one sequence
         super().__init__(layers=[_SlotLayer(self) for _ in range(policy.model.config.get_text_config().num_hidden_layers)])
 
     def grow(self, need, hi):   # room for `need` tokens in rows 0..R-1: up to hi and every slot that holds tokens
-        if need > self.cap:
-            self.cap = max(need, min(self.cap * 3 // 2, self.limit))
+        self.cap = max(need, min(self.cap * 3 // 2, self.limit)) if need > self.cap else self.cap
         self.R = max(hi, 1 + max((s for s, n in enumerate(self.n) if n), default=-1))
 
     def compact(self, slot):
         """Live slots back to 0..m-1: each in a slot at or above m moves into a free one below (a copy of its tokens)."""
-        m = len(slot)
-        holes = sorted(set(range(m)) - set(slot.values()))
-        for i, s in zip([i for i in slot if slot[i] >= m], holes):
+        m, used = len(slot), set(slot.values())
+        for i, s in zip([i for i in slot if slot[i] >= m], sorted(set(range(m)) - used)):
             a, n = slot[i], self.n[slot[i]]
             for layer in self.layers:
                 layer.bk[s, :, :n], layer.bv[s, :, :n] = layer.bk[a, :, :n], layer.bv[a, :, :n]
@@ -270,10 +272,7 @@ class _SlotLayer(DynamicLayer):
             if old:                                         # (under autocast k is fp32 (rotary), v not)
                 bk[:old, :, :self.bk.shape[2]], bv[:old, :, :self.bk.shape[2]] = self.bk[:len(bk)], self.bv[:len(bk)]
             self.bk, self.bv = bk, bv
-        if hi - lo == 1:                                   # one row, its q tokens after its kv.past
-            self.bk[lo, :, kv.past:kv.L], self.bv[lo, :, kv.past:kv.L] = k[0], v[0]
-        else:                                              # q tokens per row, each at its own position
-            self.bk[rows[:, None], :, at], self.bv[rows[:, None], :, at] = k.transpose(1, 2), v.transpose(1, 2)
+        self.bk[rows, :, at], self.bv[rows, :, at] = k.transpose(1, 2), v.transpose(1, 2)   # each token: its slot, position
         return self.bk[lo:hi, :, :kv.L], self.bv[lo:hi, :, :kv.L]
 
     def get_seq_length(self):

@@ -8,9 +8,14 @@ key head are packed as G x q queries of that head (no copy): on SmolLM2 (9 query
 16 tokens over 3,000-token contexts, one layer's attention took 96 ms before and 19 ms after (Xeon @ 2.8 GHz,
 1 thread, random tensors).
 
+Rows of several lengths (the tail's drafts, the contexts of several episodes prefilled together) come packed:
+one sequence of all their tokens, rows_q[r] of them row r's, each with its own row's position, so the model's
+matrix products run over no pad tokens; here each row's queries attend over that row's keys.
+
 Every other call (one token a row, no mask, a float mask) goes to transformers' SDPA unchanged,
 so decoding, a first prefill and PPO's right-padded forward compute what they did. load_policy installs it where a model runs
-SDPA (`use`); a model on eager or flash attention keeps its own.
+SDPA (`use`, which also marks the model `packs_rows`); a model on eager or flash attention keeps its own, and the
+sampler pads its rows instead.
 """
 import torch
 import torch.nn.functional as F
@@ -21,20 +26,25 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 NAME = "sdpa_rows"
 
 
-def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """query [b, H, q, D], key/value [b, KH, L, D], attention_mask [b, 1, q, L] bool -> ([b, q, H, D], None)."""
+def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, rows_q=None, **kwargs):
+    """query [b, H, q, D], key/value [b, KH, L, D], attention_mask [b, 1, q, L] bool -> ([b, q, H, D], None).
+    rows_q (packed rows): query [1, H, Q, D] holds row r's rows_q[r] queries after the rows before it, key/value's
+    row r its keys, attention_mask [1, 1, Q, L] each query's own row's keys."""
     b, H, q, D = query.shape
     m, G = attention_mask, H // key.shape[1]
-    if q == 1 or m is None or m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1 or dropout or \
+    if rows_q is None and (q == 1 or m is None or m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1) or dropout or \
             any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias")):   # what SDPA's own code handles
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    last = m[:, 0, -1]                                        # [b, L]: what row r's last query sees
-    lengths = (last.shape[-1] - last.flip(-1).int().argmax(-1)).tolist()   # keys past the last one it sees: unread
-    out = [F.scaled_dot_product_attention(query[r:r + 1].reshape(1, H // G, G * q, D), key[r:r + 1, :, :n],
-                                          value[r:r + 1, :, :n], attn_mask=m[r:r + 1, :, :, :n].repeat(1, 1, G, 1),
-                                          scale=scaling).reshape(1, H, q, D)   # head h = key head h // G, as repeat_kv
-           for r, n in enumerate(lengths)]
-    return torch.cat(out).transpose(1, 2).contiguous(), None
+    ends = torch.tensor(rows_q).cumsum(0).tolist() if rows_q else None
+    parts = [(0, e - n, n, r) for r, (n, e) in enumerate(zip(rows_q, ends)) if n] if rows_q else [(r, 0, q, r) for r in range(b)]
+    out = []
+    for row, a, n, kr in parts:                             # n queries of query row `row` from `a`, over key row kr
+        mr = m[row:row + 1, :, a:a + n]                     # [1, 1, n, L]
+        L = mr.shape[-1] - int(mr[0, 0, -1].flip(0).int().argmax())   # keys past the last one its last query sees: unread
+        out.append(F.scaled_dot_product_attention(query[row:row + 1, :, a:a + n].reshape(1, H // G, G * n, D), key[kr:kr + 1, :, :L],
+                                                  value[kr:kr + 1, :, :L], attn_mask=mr[..., :L].repeat(1, 1, G, 1),
+                                                  scale=scaling).reshape(1, H, n, D))   # head h = key head h // G, as repeat_kv
+    return torch.cat(out, 2 if rows_q else 0).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, rows_attention)
@@ -42,6 +52,7 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)     # masks made exactly 
 
 
 def use(model):
-    """Runs `model`'s attention through rows_attention where it ran transformers' SDPA."""
+    """Runs `model`'s attention through rows_attention where it ran transformers' SDPA; the sampler then feeds rows of
+    several lengths packed (model.packs_rows), where it pads them for any other attention."""
     if model.config._attn_implementation == "sdpa":
-        model.config._attn_implementation = NAME
+        model.config._attn_implementation, model.packs_rows = NAME, True

@@ -122,12 +122,15 @@ def test_a_lone_greedy_row_decodes_through_prompt_lookup_exactly_as_one_token_at
     assert sum(forwards) < len(ref) - 1 and len(forwards) < len(ref)         # fewer forwards than tokens: drafts taken
 
 
-def test_a_greedy_tail_of_several_rows_decodes_through_prompt_lookup_exactly_as_one_token_at_a_time(make_policy, monkeypatch):
-    """Up to DRAFT_ROWS rows draft at once, each its own length (padded), in one forward; a row that stops
-    between them leaves a gap that takes pad tokens; each row's output is its greedy one alone."""
+@pytest.mark.parametrize("packs", [True, False])
+def test_a_greedy_tail_of_several_rows_decodes_through_prompt_lookup_exactly_as_one_token_at_a_time(make_policy, monkeypatch,
+                                                                                                     packs):
+    """Up to DRAFT_ROWS rows draft at once, each its own length, in one forward: packed in one sequence (the rows'
+    attention), or padded (any other); a row that stops between them leaves a gap; each row's output is its greedy one alone."""
     torch.manual_seed(0)                                                                   # LoRA's A
     pol = make_policy().eval()
     randomize_lora(pol, scale=0.3)
+    monkeypatch.setattr(pol.model, "packs_rows", packs)
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 2048, (n,), generator=g).tolist() * 3 for n in (6, 4, 9)]   # repeats: drafts to find
     refs = [greedy_without_cache(pol.model, p, 40, []) for p in prompts]
@@ -136,11 +139,21 @@ def test_a_greedy_tail_of_several_rows_decodes_through_prompt_lookup_exactly_as_
     refs = [greedy_without_cache(pol.model, p, 40, pol.stop_ids) for p in prompts]
     assert len(refs[1]) < min(len(refs[0]), len(refs[2]))                                  # a gap between live rows
     forwards, real = [], rollout._forward
-    monkeypatch.setattr(rollout, "_forward", lambda *a, **k: forwards.append(a[3].shape) or real(*a, **k))
-    assert rollout.generate(pol, prompts, 40, temperature=0) == refs
-    assert any(b > 1 and q > 1 for b, q in forwards)                                       # several rows drafted at once
-    assert len(forwards) < max(map(len, refs))                                             # fewer forwards than tokens
 
+    def spy(policy, kv, rows, ids, *a, **k):
+        out = real(policy, kv, rows, ids, *a, **k)
+        forwards.append((len(rows), sorted({len(x) for x in ids}), tuple(kv.at[2].shape), k.get("every", False)))
+        return out
+    monkeypatch.setattr(rollout, "_forward", spy)
+    assert rollout.generate(pol, prompts, 40, temperature=0) == refs
+    several = [(ls, shape) for b, ls, shape, draft in forwards if draft and b > 1 and ls[-1] > 1]   # several rows drafted at once
+    assert several and len(forwards) < max(map(len, refs))                                 # fewer forwards than tokens
+    uneven = [(ls, shape) for ls, shape in several if len(ls) > 1]                         # drafts of several lengths
+    assert uneven and all(shape[0] == 1 for _, shape in uneven) == packs                   # [1, Q]: one sequence, no pads
+    assert all(shape[0] > 1 for _, shape in uneven) != packs
+    lens = sorted(map(len, prompts))                                                       # the prompts: packed, or one by one
+    assert ((3, lens, (1, sum(lens)), False) in forwards) == packs
+    assert all((1, [n], (1, n), False) in forwards for n in lens) != packs
 
 
 def test_the_several_rows_attention_equals_transformers_sdpa_over_repeated_key_heads():
