@@ -32,8 +32,10 @@ def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     row r its keys, attention_mask [1, 1, Q, L] each query's own row's keys."""
     b, H, q, D = query.shape
     m, G = attention_mask, H // key.shape[1]
-    if rows_q is None and (q == 1 or m is None or m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1) or dropout or \
-            any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias")):   # what SDPA's own code handles
+    special = dropout or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias"))
+    if rows_q is not None and special:                      # SDPA's own code would read the packed rows as one
+        raise ValueError("packed rows: dropout, soft-capping, attention sinks and position biases are not supported")
+    if rows_q is None and (q == 1 or m is None or m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1) or special:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     ends = torch.tensor(rows_q).cumsum(0).tolist() if rows_q else None
     parts = [(0, e - n, n, r) for r, (n, e) in enumerate(zip(rows_q, ends)) if n] if rows_q else [(r, 0, q, r) for r in range(b)]

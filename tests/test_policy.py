@@ -179,6 +179,12 @@ def test_the_several_rows_attention_equals_transformers_sdpa_over_repeated_key_h
                                atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="softcap"):                           # Gemma 2's soft-capping: SDPA's own refusal
         rows_attention(Layer, query, key, value, mask, scaling=0.3, softcap=50.0)
+    packed = [torch.cat([t[r] for r in (0, 2)], 1)[None] for t in (query, mask)]   # rows 0 and 2 packed, row 1 none
+    out, _ = rows_attention(Layer, packed[0], key, value, packed[1], scaling=0.3, rows_q=[q, 0, q])
+    assert out.shape == (1, 2 * q, H, D)
+    torch.testing.assert_close(out[0], ours[[0, 2]].reshape(2 * q, H, D), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="packed rows"):                       # never SDPA over packed rows
+        rows_attention(Layer, packed[0], key, value, packed[1], scaling=0.3, rows_q=[q, 0, q], softcap=50.0)
 
 def two_turns(pol, prompts, observations, new, slots=None):
     """Each prompt's first and second turns through the sampler's loop, the second from the cached first:
