@@ -186,7 +186,7 @@ def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top
         ended, go = [i for i in live if i in done], [i for i in live if i not in done]
         if go:   # each row's last token; in a greedy batch's tail (<= DRAFT_ROWS rows) with its prompt-lookup draft
             k = DRAFT_TOKENS // len(go) if len(go) <= DRAFT_ROWS and temperature == 0 and not logprobs else 0   # drafts' budget
-            drafts = [_draft(past[i] + turn[i], min(k, max_new_tokens - len(turn[i]) - 1)) for i in go]
+            drafts = [_draft(past[i] + turn[i], min(k, max_new_tokens - len(turn[i]) - 1)) if k else [] for i in go]
             z = _forward(policy, kv, [slot[i] for i in go], [turn[i][-1:] + d for i, d in zip(go, drafts)], every=True)
             for i, d, zi in zip(go, drafts, z):                                # zi [1 + len(d), V]
                 n = next((j for j, t in enumerate(d) if t != int(zi[j].argmax()) or t in stops), len(d))   # the drafts greedy confirms

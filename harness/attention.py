@@ -17,6 +17,8 @@ so decoding, a first prefill and PPO's right-padded forward compute what they di
 SDPA (`use`, which also marks the model `packs_rows`); a model on eager or flash attention keeps its own, and the
 sampler pads its rows instead.
 """
+import itertools
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -37,8 +39,8 @@ def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         raise ValueError("packed rows: dropout, soft-capping, attention sinks and position biases are not supported")
     if rows_q is None and (q == 1 or m is None or m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1) or special:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    ends = torch.tensor(rows_q).cumsum(0).tolist() if rows_q else None
-    parts = [(0, e - n, n, r) for r, (n, e) in enumerate(zip(rows_q, ends)) if n] if rows_q else [(r, 0, q, r) for r in range(b)]
+    parts = [(0, e - n, n, r) for r, (n, e) in enumerate(zip(rows_q, itertools.accumulate(rows_q))) if n] if rows_q else \
+        [(r, 0, q, r) for r in range(b)]
     out = []
     for row, a, n, kr in parts:                             # n queries of query row `row` from `a`, over key row kr
         mr = m[row:row + 1, :, a:a + n]                     # [1, 1, n, L]
