@@ -65,6 +65,7 @@ for --output (every rank reads the checkpoint it resumes from).
 """
 import contextlib
 import datetime
+import gc
 import os
 import signal
 import sys
@@ -422,7 +423,14 @@ class Ranks:
                 [t for _, part in got for t in part])
 
     def close(self):
+        """DDP's wrapper first, then the process group. DDP's reducer must not hold the group's last
+        reference: it is freed holding the GIL, and gloo's destructor then waits for a worker thread
+        that needs the GIL to free a finished collective's tensors: a hang at exit (seen on a loaded
+        2-core CPU). Freed here, the wrapper leaves the group to destroy_process_group, whose binding
+        releases the GIL."""
         if self.world > 1:
+            self.ddp = None
+            gc.collect()          # were the wrapper in a reference cycle, a later collection would free it: now
             torch.distributed.destroy_process_group()
 
 

@@ -48,9 +48,18 @@ def assert_same_metrics(one, two):
 
 
 def torchrun(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(ROOT, "steptool.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, timeout=timeout)
+    """`torchrun --nproc_per_node 2 steptool.py ARGS`; past `timeout` every rank is killed (a session of
+    their own: killing torchrun alone would leave them running) and the test fails with their output."""
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "steptool.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT, env=ENV, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"torchrun {' '.join(args)}: still running after {timeout} s\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def one_process(*args):
@@ -193,11 +202,44 @@ def two_ranks(tmp_path_factory, tool_server):
     import torch.multiprocessing as mp
     out = str(tmp_path_factory.mktemp("ranks"))
     os.makedirs(os.path.join(out, "run"))
+    mp.spawn(_worker, args=(free_port(), tool_server.url, out), nprocs=2)
+    return torch.load(os.path.join(out, "two_ranks.pt"), weights_only=False), out
+
+
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, tool_server.url, out), nprocs=2)
-    return torch.load(os.path.join(out, "two_ranks.pt"), weights_only=False), out
+        return s.getsockname()[1]
+
+
+def _close_cycles(rank, port, cycles):
+    """`cycles` times over: a gloo group, a run's DDP wrapper, a few gathers, Ranks.close(), the Ranks dropped."""
+    torch.set_num_threads(1)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from harness import dist
+    store = torch.distributed.TCPStore("127.0.0.1", port, 2, rank == 0)
+    for c in range(cycles):
+        torch.distributed.init_process_group("gloo", store=torch.distributed.PrefixStore(f"{c}/", store), rank=rank, world_size=2)
+        ranks = dist.Ranks(rank, 2, rank, torch.device("cpu"))
+        ranks.ddp = DDP(torch.nn.Linear(16, 16))
+        for i in range(5):
+            ranks.gather({"i": i, "x": list(range(50))})
+        ranks.close()
+        del ranks
+
+
+def test_ranks_closed_and_dropped_again_and_again_never_hang():
+    # DDP's reducer, freed after the group is destroyed, drops its last reference holding the GIL; gloo's
+    # destructor then waits for a worker thread that needs the GIL (steptool.py hung at exit). With DDP
+    # freed after destroy_process_group, this test hung in its second cycle (2-core AMD EPYC, torch 2.13).
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(_close_cycles, args=(free_port(), 20), nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("two ranks closing their group 20 times over still run after 120 s: a hang at close")
 
 
 def assert_same_update(one, two):
