@@ -27,39 +27,40 @@ import ppo
 
 
 def sft(policy, episodes, epochs=1, lr=1e-4, batch_size=16, micro_batch_size=8, seed=0, warmup=0.05,
-        progress=True, desc="sft"):
+        progress=True, desc="sft", checkpoint=None):
     """Train on the action tokens of `episodes` (in place). Returns the mean loss of each epoch.
 
     lr: peak, with linear warm-up over `warmup` of the steps and cosine decay to 10 %.
     A non-finite loss or gradient skips that step; it never reaches the weights.
+    checkpoint (harness/launch.py): .load(opt, sched) -> the steps a killed run had taken, .step(k, ...) after each.
     """
     if not episodes or epochs < 1:
         raise ValueError(f"sft: nothing to train: {len(episodes)} episodes x {epochs} epochs")
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(len(episodes), generator=gen).tolist() for _ in range(epochs)]   # each epoch's order
+    batches = [(e, p[b:b + batch_size]) for e, p in enumerate(perms) for b in range(0, len(p), batch_size)]
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    total = epochs * math.ceil(len(episodes) / batch_size)
-    w = max(1, int(warmup * total))
+    total, w = len(batches), max(1, int(warmup * len(batches)))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / w) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
-    gen = torch.Generator().manual_seed(seed)
+    done = checkpoint.load(opt, sched) if checkpoint else 0
     policy.train()
-    losses, skipped = [], 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(episodes), generator=gen).tolist()
-        tot, n = 0.0, 0
-        for b in range(0, len(perm), batch_size):
-            loss = sft_step(policy, opt, [episodes[i] for i in perm[b:b + batch_size]], micro_batch_size)
-            skipped += loss is None
-            sched.step()
-            tot, n = tot + (loss or 0.0), n + 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss or float('nan'):.3f}")
-        losses.append(tot / max(n, 1))
+    losses, skipped = [[] for _ in range(epochs)], 0
+    bar = tqdm(total=total, initial=done, desc=desc, disable=not progress, leave=False)
+    for step, (epoch, idx) in enumerate(batches[done:], done + 1):
+        loss = sft_step(policy, opt, [episodes[i] for i in idx], micro_batch_size)
+        skipped += loss is None
+        sched.step()
+        losses[epoch].append(loss or 0.0)
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{loss or float('nan'):.3f}")
+        if checkpoint:
+            checkpoint.step(step, opt, sched)
     bar.close()
     if skipped:
         print(f"sft: skipped {skipped} steps with a non-finite loss or gradient")
-    return losses
+    return [sum(x) / len(x) if x else float("nan") for x in losses]
 
 
 def sft_step(policy, optimizer, episodes, micro_batch_size=8):

@@ -147,7 +147,7 @@ def train(cfg, policy, client, judge, eval_judge, tasks, eval_tasks, offline, ru
     One process; under torchrun, harness/dist_train.py runs its copy."""
     pcfg = ppo_config(cfg)
     kl_ctl = ppo.KLController(pcfg)
-    if not cfg.resume:
+    if not cfg.resume or run.in_warm_start:               # new, or killed during SFT (run.warm_start_checkpoint)
         # ---- SFT warm start; pi_ref = the SFT policy ----
         if cfg.sft_epochs and offline is None:          # offline mode trains on its TSV alone
             warm_start(policy, tasks, client, cfg, run)
@@ -206,7 +206,7 @@ def warm_start(policy, tasks, client, cfg, run):
         return
     t0 = time.time()
     losses = SFT.sft(policy, fit, cfg.sft_epochs, cfg.sft_lr, micro_batch_size=cfg.sft_micro_batch_size, seed=cfg.seed,
-                     progress=run.ranks.main)
+                     progress=run.ranks.main, checkpoint=run.warm_start_checkpoint(policy))
     run.say(f"sft: {len(fit)} expert episodes x {cfg.sft_epochs} epochs, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
     run.sft_done(policy)                                  # LoRA: the SFT start as a small file of its own
 

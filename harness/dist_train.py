@@ -21,7 +21,7 @@ def train(cfg, policy, client, judge, eval_judge, tasks, eval_tasks, offline, ru
     ranks = run.ranks
     pcfg = steptool.ppo_config(cfg)
     kl_ctl = ppo.KLController(pcfg)
-    if not cfg.resume:
+    if not cfg.resume or run.in_warm_start:
         if cfg.sft_epochs and offline is None:          # whole on every rank (dist.py, departure 3)
             steptool.warm_start(policy, tasks, client, cfg, run)
         policy.freeze_reference()

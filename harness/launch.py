@@ -33,6 +33,7 @@ from harness import judge as J
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --resume may change these: where the tools are, the hardware, how often to save or evaluate, and
 # the last iteration (to extend a run); any other flag would make a different run
+SFT_SAVE_S = 600   # a warm start in progress is checkpointed every 10 minutes (WarmStart)
 RESUME_MAY_CHANGE = ("tool_server", "device", "threads", "save_every", "eval_every", "iterations")
 # the top-level names a run writes in --output (runs.py: registered in its marker before writing)
 ENTRIES = ("metrics.jsonl", "curves.png", *runs.written_whole("checkpoint", "base", "final_model"),
@@ -170,9 +171,9 @@ class Run:
 
     def restore(self, policy, optimizer, kl_ctl):
         """--resume: Adam's state, beta, the iteration, the metrics and the RNG of the checkpoint, and
-        metrics.jsonl cut back to its lines. A new run: an empty metrics.jsonl and checkpoint 0 (after
-        SFT: a killed first evaluation never redoes it). -> the iteration the run continues after."""
-        if self.state is None:
+        metrics.jsonl cut back to its lines. A new run (or one resumed in its warm start): an empty metrics.jsonl
+        and checkpoint 0 (after SFT: a killed first evaluation never redoes it). -> the iteration it continues after."""
+        if self.state is None or self.in_warm_start:
             if self.ranks.main:
                 open(self.metrics_path, "w").close()
             self.save(0, policy, optimizer, kl_ctl)
@@ -186,6 +187,14 @@ class Run:
                     f.writelines(json.dumps(m) + "\n" for m in self.metrics)
                 print(f"steptool: resumed {self.ckpt} at iteration {self.start}")
         return self.start
+
+    @property
+    def in_warm_start(self):
+        """Resumed from a checkpoint taken during the SFT warm start (WarmStart): SFT goes on from it."""
+        return self.state is not None and "sft_step" in self.state
+
+    def warm_start_checkpoint(self, policy):
+        return WarmStart(self, policy)
 
     def sft_done(self, policy):
         if policy.lora_cfg and self.ranks.main:               # the SFT start as a small file of its own
@@ -222,6 +231,35 @@ class Run:
             models.save_checkpoint(self.cfg.output, policy, {
                 "optimizer": opt, "kl_beta": kl_ctl.beta, "iteration": iteration,
                 "config": asdict(self.cfg), "metrics": self.metrics, "rng": runs.rng_state()}, weights=weights)
+
+
+class WarmStart:
+    """sft.sft's `checkpoint` in a run's SFT warm start: every SFT_SAVE_S seconds a checkpoint of the steps taken
+    (the adapter, AdamW, the schedule, the RNG: state["sft_step"]), so a run killed in a warm start of hours
+    loses minutes. --resume from it takes the remaining steps with the same numbers as a run never stopped."""
+
+    def __init__(self, run, policy):
+        self.run, self.policy, self.t = run, policy, time.time()
+
+    def load(self, opt, sched):
+        """-> the steps taken before the checkpoint resumed from (AdamW, the schedule and the RNG as they were), or 0."""
+        if not self.run.in_warm_start:
+            return 0
+        state = self.run.state
+        opt.load_state_dict(state["sft_optimizer"])
+        sched.load_state_dict(state["sft_schedule"])
+        runs.set_rng_state(state["rng"])
+        self.run.say(f"sft: resumed {self.run.ckpt} after step {state['sft_step']}")
+        return state["sft_step"]
+
+    def step(self, k, opt, sched):
+        if time.time() - self.t < SFT_SAVE_S:
+            return
+        if self.run.ranks.main:   # every rank holds the same whole SFT policy (dist.py, departure 3)
+            models.save_checkpoint(self.run.cfg.output, self.policy, {
+                "sft_step": k, "sft_optimizer": opt.state_dict(), "sft_schedule": sched.state_dict(), "iteration": 0,
+                "config": asdict(self.run.cfg), "metrics": [], "rng": runs.rng_state()})
+        self.t = time.time()
 
 
 def log_line(metrics_path, rec):

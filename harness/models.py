@@ -206,9 +206,12 @@ def check_logits(policy, n=8):
     (a model whose forward does something after its last hidden state that logits() does not know
     would make PPO's log-probs differ from the sampler's)."""
     ids = (torch.arange(n, device=policy.device) * 7919 % policy.model.config.get_text_config().vocab_size)[None]
+    training = policy.model.training
+    policy.model.eval()                                   # no dropout: the two forwards must see the same weights
     with policy.autocast():
         own = policy.model(input_ids=ids).logits[0].float()
         ours = policy.logits(policy.model.base_model(input_ids=ids).last_hidden_state[0])
+    policy.model.train(training)
     gap = (F.log_softmax(own, -1) - F.log_softmax(ours, -1)).abs().max().item()
     tol = 1e-4 if policy.compute_dtype == torch.float32 else 5e-2
     if not gap <= tol:

@@ -159,6 +159,40 @@ def test_a_run_killed_in_its_first_evaluation_resumes_there_without_redoing_sft(
     assert os.path.isfile(os.path.join(out, "adapter.safetensors"))
 
 
+def test_a_run_killed_in_its_sft_warm_start_goes_on_from_its_last_sft_step_with_the_same_numbers(
+        tmp_path, small_model, monkeypatch, capsys):
+    """A warm start of hours is checkpointed as it goes (every step here): a run killed in it continues at the
+    step after its last checkpoint, not from the start, and ends with the weights and metrics of a run never stopped."""
+    import sft as SFT
+    import steptool
+    from harness import launch
+    monkeypatch.setattr(launch, "SFT_SAVE_S", 0)
+    args = ["--model", small_model, *SMALL_RUN, "--iterations", "1", "--sft-epochs", "2", "--lora-dropout", "0.1"]  # 4 steps
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    steptool.main([*args, "--output", whole])
+    real, calls = SFT.sft_step, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:                               # killed in the third step, after two were saved
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(SFT, "sft_step", counted)
+    with pytest.raises(SystemExit) as stopped:
+        steptool.main([*args, "--output", cut])
+    assert stopped.value.code == 130 and f"--resume {cut}" in capsys.readouterr().err
+    state = torch.load(os.path.join(cut, "checkpoint", "state.pt"), weights_only=True)
+    assert state["sft_step"] == 2 and not os.path.exists(os.path.join(cut, "sft_adapter.safetensors"))
+    calls.clear()
+    steptool.main(["--resume", cut])
+    assert len(calls) == 2                                # the two steps left, not all four again
+    assert metrics(cut) == metrics(whole)
+    for name in ("sft_adapter.safetensors", "adapter.safetensors"):
+        with open(os.path.join(whole, name), "rb") as a, open(os.path.join(cut, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
 def test_a_model_that_cannot_be_loaded_fails_fast(tmp_path):
     t0 = time.time()
     r = run("--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "run"), timeout=120)
