@@ -101,8 +101,8 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
 
 
 def expert_episode(policy, task, client):
-    """A task's expert trajectory replayed through the server, as an Episode (SFT data)."""
-    e, ep = (task.world.Env if task.world else env.ToolEnv)(client, observation_role=policy.obs_role), Episode()
+    """A task's expert trajectory replayed through the server, as an Episode (SFT data): all its steps, however many."""
+    e, ep = (task.world.Env if task.world else env.ToolEnv)(client, len(task.expert), observation_role=policy.obs_role), Episode()
     ep.add_context(policy.encode_prompt(e.reset(task)))
     for s in task.expert:
         text = env.format_action(s["thought"], s["name"], s["arguments"])

@@ -163,6 +163,19 @@ def test_state_carries_across_turns_and_a_wrong_call_fails_its_turn(fake):
     assert [reward.succ_calling(s) for s in bad.traj.steps[:2]] == [0, 0] and "No such function" in bad.traj.steps[1].error
 
 
+def test_an_expert_turn_of_more_calls_than_max_steps_is_replayed_whole_for_sft(fake, make_policy):
+    """The policy's rollouts take at most --max-steps steps a turn; SFT's replay of the ground truth takes all of
+    them (2 of BFCL's 640 train-part entries have a turn of 13 to 35 calls)."""
+    import copy
+    import rollout
+    long = copy.copy(bfcl.load_tasks("bfcl:multi_turn_base:1")[0])
+    call = {"thought": "t", "name": "get_ticket", "arguments": {"ticket_id": 6}}
+    long.expert = long.expert[:2] + [call] * 14 + long.expert[2:]                  # turn 2: 15 calls, then Finish
+    ep, traj = rollout.expert_episode(make_policy(0), long, None)
+    assert len(traj.steps) == len(long.expert) == 18 and traj.end == "finish" and traj.turn_passed == [True, True]
+    assert sum(ep.act) > 0
+
+
 def test_the_missed_function_arrives_in_its_turn(fake):
     t = bfcl.load_tasks("bfcl:multi_turn_miss_func:1")[0]
     assert [f["name"] for f in t.functions] == ["create_ticket"] and t.turns[2] == ""
