@@ -31,9 +31,9 @@ from harness import cache, checks, dist, dist_train, formats, memory, models, of
 from harness import judge as J
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_SAVE_S = 600   # a warm start in progress is checkpointed every 10 minutes (WarmStart)
 # --resume may change these: where the tools are, the hardware, how often to save or evaluate, and
 # the last iteration (to extend a run); any other flag would make a different run
-SFT_SAVE_S = 600   # a warm start in progress is checkpointed every 10 minutes (WarmStart)
 RESUME_MAY_CHANGE = ("tool_server", "device", "threads", "save_every", "eval_every", "iterations")
 # the top-level names a run writes in --output (runs.py: registered in its marker before writing)
 ENTRIES = ("metrics.jsonl", "curves.png", *runs.written_whole("checkpoint", "base", "final_model"),
