@@ -7,7 +7,7 @@ A decode step reads every weight once and every row's keys and values once, so i
     bytes moved = weights + batch x context x (layers x 2 x KV heads x head dim x bytes)
     limit       = bytes moved / read bandwidth
 with the read bandwidth measured in the same run (a median `torch.sum` over --bandwidth-mib of fp32
-on --threads threads), beside the matmul peak (bench_trl.matmul_peak_gflops) and the step's FLOPs
+on --threads threads), beside each dtype's matmul peak (bench_trl.matmul_peak_gflops) and the step's FLOPs
 over it. Our step is the slope between two runs of the same rows, --new tokens and twice as many
 (every row forced to decode them all), so prefill and the cache's set-up cancel out; transformers'
 step is the median time between its steps (a stopping criterion as the clock). tokens/s = batch / step.
@@ -109,12 +109,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bw = read_bandwidth_gbs(a.bandwidth_mib)
-    peak = matmul_peak_gflops(threads=a.threads, n=1024, reps=5)
+    peak = {d: matmul_peak_gflops(models.DTYPES[d], threads=a.threads, n=1024, reps=5) for d in a.dtypes}   # each dtype's own
     models_of = {d: (models.load_policy(a.model, dtype=models.DTYPES[d]),   # ours: LoRA on the base, as steptool.py
                      # the plain model, no adapter: transformers' own (full_finetune: weights fp32, compute `d`)
                      models.load_policy(a.model, dtype=models.DTYPES[d], full_finetune=True).model.to(models.DTYPES[d]).eval())
                  for d in a.dtypes}
-    print(f"{a.model}: read bandwidth {bw:.1f} GB/s, fp32 matmul peak {peak:.0f} GFLOP/s, {a.threads} threads")
+    peaks = ", ".join(f"{d} {g:.0f}" for d, g in peak.items())
+    print(f"{a.model}: read bandwidth {bw:.1f} GB/s, matmul peak (GFLOP/s) {peaks}, {a.threads} threads")
     print(f"{'sampler':13s} {'dtype':8s} {'batch':>5s} {'context':>7s} {'ms/step':>8s} {'tok/s':>7s} {'GB/step':>8s} "
           f"{'limit ms':>8s} {'% of limit':>10s} {'% of peak':>9s}")
     rows, g = [], torch.Generator().manual_seed(0)
@@ -132,7 +133,7 @@ def main(argv=None):
                     limit = moved / (bw * 1e9)
                     rows.append(dict(sampler=name, dtype=d, batch=b, context=ctx, ms_per_step=s * 1e3, tokens_per_s=b / s,
                                      gb_per_step=moved / 1e9, limit_ms=limit * 1e3, share_of_limit=limit / s,
-                                     share_of_peak=flops / s / (peak * 1e9)))
+                                     share_of_peak=flops / s / (peak[d] * 1e9)))
                     r = rows[-1]
                     print(f"{name:13s} {d:8s} {b:5d} {ctx:7d} {r['ms_per_step']:8.1f} {r['tokens_per_s']:7.1f} {r['gb_per_step']:8.2f} "
                           f"{r['limit_ms']:8.1f} {100 * r['share_of_limit']:9.0f}% {100 * r['share_of_peak']:8.0f}%", flush=True)

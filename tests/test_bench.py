@@ -1,5 +1,7 @@
 """bench.py's memory measurement, on a small shape: what a PPO forward keeps for backward (the README's
 memory plan scales these figures to Qwen2-7B). No timing is asserted here."""
+import json
+
 import torch
 
 from harness import bench
@@ -91,6 +93,8 @@ def test_the_decode_benchmark_reports_both_samplers_against_the_bandwidth_limit(
         assert abs(r["tokens_per_s"] - r["batch"] * 1000 / r["ms_per_step"]) < 1e-6 * r["tokens_per_s"]
     out = capsys.readouterr().out
     assert "read bandwidth" in out and "% of limit" in out and '"read_bandwidth_gbs"' in out.strip().splitlines()[-1]
+    peaks = json.loads(out.strip().splitlines()[-1])["matmul_peak_gflops"]    # each dtype against its own peak
+    assert sorted(peaks) == ["bfloat16", "float32"] and all(g > 0 for g in peaks.values())
 
 
 def test_a_decode_step_moves_every_weight_and_every_rows_keys_and_values():
