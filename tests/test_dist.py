@@ -368,8 +368,11 @@ def test_the_killed_run_resumed_on_two_ranks_ends_with_the_metrics_and_checkpoin
     assert list(a) == list(b) and all(torch.allclose(a[k], b[k], atol=ABS, rtol=REL) for k in a)
     sa, sb = (torch.load(d / "checkpoint" / "state.pt", weights_only=True)["optimizer"] for d in (tmp_path / "one", cut))
     assert sa["param_groups"] == sb["param_groups"] and list(sa["state"]) == list(sb["state"])   # one file for any N
-    assert all(torch.allclose(sa["state"][i][k].float(), sb["state"][i][k].float(), atol=ABS, rtol=REL)
-               for i in sa["state"] for k in sa["state"][i])
+    # Adam's moments by each tensor's norm, not element by element: weights a rounding apart can flip a token
+    # across PPO's clip and switch its gradient on or off (up to 0.5 % of a moment's norm, measured on an AVX-512
+    # Xeon), while a lost or doubled reduction moves it by tens of per cent
+    pairs = [(sa["state"][i][k].float(), sb["state"][i][k].float()) for i in sa["state"] for k in sa["state"][i]]
+    assert all(float((x - y).norm()) <= 2e-2 * float(x.norm()) for x, y in pairs)
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(str(cut / "final_model"))   # rank 0 wrote a whole model
 
