@@ -63,15 +63,15 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.merged, self.base.bias)
         if self.merged is not None:
             return x @ self.merged if self.base.bias is None else x @ self.merged + self.base.bias
-        y = self.base(x)
-        if not self.A0.numel():                                               # no frozen adapter
-            if not self.enabled:
-                return y
-            return y + ((self.drop(x).to(self.A.dtype) @ self.A.T @ self.B.T) * self.scale).to(y.dtype)
-        d = x.to(self.A0.dtype) @ self.A0.T @ self.B0.T                       # pi_ref's part, never dropped out
-        if self.enabled:
-            d = d + self.drop(x).to(self.A.dtype) @ self.A.T @ self.B.T
-        return y + (d * self.scale).to(y.dtype)
+        y, frozen = self.base(x), self.A0.numel() > 0
+        if not (frozen or self.enabled):
+            return y
+        xf = x.to(self.A.dtype)                                               # cast once for both adapters
+        # B0 A0 x + B A dropout(x) as one product of rank r0 + r (pi_ref's part never dropped out), so the
+        # [tokens, out] fp32 product is made once, not once per adapter
+        u = torch.cat([xf @ self.A0.T] * frozen + [self.drop(xf) @ self.A.T] * self.enabled, -1)   # [..., r0 + r]
+        B = torch.cat([self.B0] * frozen + [self.B] * self.enabled, 1)                              # [out, r0 + r]
+        return y + ((u @ B.T) * self.scale).to(y.dtype)
 
     def delta(self):
         """(alpha / r) (B A + B0 A0): what the adapters add to W, in fp32."""
