@@ -67,10 +67,11 @@ class LoRALinear(nn.Module):
         if not (frozen or self.enabled):
             return y
         xf = x.to(self.A.dtype)                                               # cast once for both adapters
-        # B0 A0 x + B A dropout(x) as one product of rank r0 + r (pi_ref's part never dropped out), so the
-        # [tokens, out] fp32 product is made once, not once per adapter
-        u = torch.cat([xf @ self.A0.T] * frozen + [self.drop(xf) @ self.A.T] * self.enabled, -1)   # [..., r0 + r]
-        B = torch.cat([self.B0] * frozen + [self.B] * self.enabled, 1)                              # [out, r0 + r]
+        # both adapters in one product of rank r0 + r (pi_ref's B0 A0 x never dropped out): one [tokens, out] product
+        if frozen and self.enabled:
+            u, B = torch.cat([xf @ self.A0.T, self.drop(xf) @ self.A.T], -1), torch.cat([self.B0, self.B], 1)
+        else:
+            u, B = (xf @ self.A0.T, self.B0) if frozen else (self.drop(xf) @ self.A.T, self.B)
         return y + ((u @ B.T) * self.scale).to(y.dtype)
 
     def delta(self):
