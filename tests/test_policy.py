@@ -156,10 +156,12 @@ def test_a_greedy_tail_of_several_rows_decodes_through_prompt_lookup_exactly_as_
     assert all((1, [n], (1, n), False) in forwards for n in lens) != packs
 
 
-def test_the_several_rows_attention_equals_transformers_sdpa_over_repeated_key_heads():
+def test_the_several_rows_attention_equals_transformers_sdpa_over_repeated_key_heads(monkeypatch):
     """harness.attention: each row over its own keys, query heads packed per key head, as SDPA over repeat_kv
-    computes it: rows of different lengths (a causal tail), a left-padded row, 3 query heads a key head."""
+    computes it: rows of different lengths (a causal tail), a left-padded row, 3 query heads a key head; a decode
+    step (one query a row) row by row when its padding outweighs ROW_KEYS keys a row, else SDPA's."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from harness import attention
     from harness.attention import rows_attention
 
     class Layer:
@@ -177,6 +179,14 @@ def test_the_several_rows_attention_equals_transformers_sdpa_over_repeated_key_h
     one = [t[1:2] for t in (query, key, value, mask)]                          # a lone row past its first tokens
     torch.testing.assert_close(rows_attention(Layer, *one, scaling=0.3)[0], sdpa_attention_forward(Layer, *one, scaling=0.3)[0],
                                atol=1e-6, rtol=0)
+    for row_keys, alone in ((0, True), (1 << 20, False)):                      # one token a row (decoding): row by row or not
+        called = []
+        monkeypatch.setattr(attention, "ROW_KEYS", row_keys)
+        monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: called.append(1) or sdpa_attention_forward(*a, **k))
+        step = [query[:, :, -1:], key, value, mask[:, :, -1:]]                 # rows' last queries: 11, 7, 9 keys (2 padded)
+        torch.testing.assert_close(rows_attention(Layer, *step, scaling=0.3)[0], sdpa_attention_forward(Layer, *step, scaling=0.3)[0],
+                                   atol=1e-6, rtol=0)
+        assert bool(called) != alone
     with pytest.raises(ValueError, match="softcap"):                           # Gemma 2's soft-capping: SDPA's own refusal
         rows_attention(Layer, query, key, value, mask, scaling=0.3, softcap=50.0)
     packed = [torch.cat([t[r] for r in (0, 2)], 1)[None] for t in (query, mask)]   # rows 0 and 2 packed, row 1 none
