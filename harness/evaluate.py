@@ -429,7 +429,7 @@ def evaluate_model(a, tasks):
         try:  # a model or adapter file that does not load is bad input (status 2, as sft.py); nothing rolled out yet
             dtype, why = models.pick_dtype(a.dtype, models.default_device())
             print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})")
-            model = models.load_policy(a.model, dtype=dtype, adapters=tuple(a.adapters))
+            model = models.for_sampling_only(models.load_policy(a.model, dtype=dtype, adapters=tuple(a.adapters)))
         except (ValueError, OSError, runs.RunError) as e:
             refuse(e)
         return E.run_policy(model, tasks, toolclient.ToolClient(a.tool_server or srv.url), a.temperature, a.max_steps, a.seed,

@@ -95,7 +95,7 @@ def main(argv=None):
         for name, adapters in policies:
             path = os.path.join(a.output, f"{name}.json")
             if not os.path.isfile(path):
-                policy = models.load_policy(a.model, adapters=tuple(adapters))
+                policy = models.for_sampling_only(models.load_policy(a.model, adapters=tuple(adapters)))
                 counts = sample(policy, tasks, a.n, toolclient.ToolClient(srv.url), a)
                 with open(path + ".tmp", "w") as f:
                     json.dump({"n": a.n, "temperature": a.temperature, "seed": a.seed, "adapters": adapters,

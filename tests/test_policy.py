@@ -684,3 +684,22 @@ def test_sampling_merges_each_lora_projection_into_one_matrix_up_to_rounding_and
         assert all(m.transposed and torch.equal(m.merged, m.base.weight.t()) and m.merged.is_contiguous()
                    for m in fresh.lora_modules())
     assert not any(m.transposed for m in fresh.lora_modules())
+
+
+def test_a_policy_for_sampling_only_samples_the_same_tokens_reading_its_merged_weights_in_place(make_policy):
+    """models.for_sampling_only (eval.py's policy): fp32 LoRA merged into W, W stored [in, out], so the sampler's
+    merged_lora copies no weight; greedy and temperature-1 samples identical to the adapter's."""
+    torch.manual_seed(0)
+    pol = make_policy().eval()
+    randomize_lora(pol, scale=0.3)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 2048, (n,), generator=g).tolist() for n in (7, 12, 5)]
+
+    def sample():
+        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        return rollout.generate(pol, prompts, 24, temperature=0), rollout.generate(pol, prompts, 24, temperature=1.0, generators=gens)
+    before = sample()
+    models.for_sampling_only(pol)
+    with rollout.merged_lora(pol):
+        assert all(m.merged.data_ptr() == m.base.weight.data_ptr() for m in pol.lora_modules())
+    assert sample() == before
