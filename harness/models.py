@@ -227,12 +227,13 @@ def for_sampling_only(policy):
     the sampler reads, so merged_lora's transposed copy is a view of it (SmolLM2: 0.42 GB less). The layout is changed in
     the weights' own memory (a copy would leave the loaded file's mapped pages resident beside it). Same samples; it no
     longer trains (its adapter is spent). bf16/fp16 weights (never merged), GPU or full fine-tuning: unchanged."""
-    if policy.full_finetune or policy.device.type != "cpu":
+    mods = policy.lora_modules()
+    if policy.full_finetune or policy.device.type != "cpu" or any(m.base.weight.dtype != torch.float32 for m in mods):
         return policy
     policy.freeze_reference()
-    for m in policy.lora_modules():
+    for m in mods:
         w = m.base.weight.detach()
-        if w.dtype == torch.float32 and not m.A0.numel() and w.is_contiguous():   # [out, in] values, [in, out] memory
+        if not m.A0.numel() and w.is_contiguous():                     # [out, in] values, [in, out] memory
             w.view(-1).copy_(w.t().contiguous().view(-1))
             m.base.weight = torch.nn.Parameter(w.as_strided(w.shape, (1, w.shape[0])), requires_grad=False)
     return policy

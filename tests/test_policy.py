@@ -703,3 +703,10 @@ def test_a_policy_for_sampling_only_samples_the_same_tokens_reading_its_merged_w
     with rollout.merged_lora(pol):
         assert all(m.merged.data_ptr() == m.base.weight.data_ptr() for m in pol.lora_modules())
     assert sample() == before
+    half = make_policy()                                                   # bf16 weights: never merged, left as they are
+    randomize_lora(half, scale=0.3)
+    for m in half.lora_modules():
+        m.base.to(torch.bfloat16)
+    B = [m.B.clone() for m in half.lora_modules()]
+    models.for_sampling_only(half)
+    assert all(torch.equal(m.B, b) and not m.A0.numel() and m.base.weight.is_contiguous() for m, b in zip(half.lora_modules(), B))
