@@ -16,9 +16,9 @@ A decode step (one token a row) attends row by row too when its rows' lengths di
 row on average: batched, every row reads keys up to the longest row's, masked. On SmolLM2, 32 rows, one layer (AMX Xeon,
 1 thread, random tensors): rows of 1,000 keys 5.4 ms batched, 7.3 row by row (each row's call costs ~25 us, ~125 keys'
 worth); one row of 1,000 and 31 of 500 6.5 ms against 2.8. Rows of equal length, like every other call (no mask, a
-float mask), go to transformers' SDPA unchanged, so a first prefill and PPO's right-padded forward compute what they did. load_policy installs it where a model runs
-SDPA (`use`, which also marks the model `packs_rows`); a model on eager or flash attention keeps its own, and the
-sampler pads its rows instead.
+float mask), go to transformers' SDPA unchanged, so a first prefill and PPO's right-padded forward compute what they
+did. load_policy installs it where a model runs SDPA (`use`, which also marks the model `packs_rows`); a model on eager
+or flash attention keeps its own, and the sampler pads its rows instead.
 """
 import itertools
 
