@@ -151,13 +151,13 @@ def merged_lora(policy):
 
 
 def _sample_turns(policy, slots, start, finish, max_new_tokens, temperature, top_p, gens, max_context, logprobs=False):
-    """The sampler's loop over up to `slots` episodes at once, each in a slot of one KV cache (_Slots) for all its
-    turns. Each step samples one token of every episode, from its own generator, and feeds them in one batch;
-    an episode whose turn ends leaves the step and finish() gives its next context, prefilled (with those of others
-    and of new episodes) before the next step, or ends it, its slot going to start()'s next episode: none waits.
+    """The sampler's loop over up to `slots` episodes at once, each in a slot of the KV cache for all its turns (_Slots, or
+    the model's kv_cache: harness.attention.RowCache). Each step samples one token of every episode, from its own generator,
+    and feeds them in one batch; an episode whose turn ends leaves the step and finish() gives its next context, prefilled
+    (with those of others and of new episodes) before the next step, or ends it, its slot going to start()'s next episode.
     A greedy batch's tail (<= DRAFT_ROWS rows) feeds each row's token with its prompt-lookup draft (_draft) in one forward.
     start() -> (i, prompt ids) or None; finish([(i, turn ids, their log-probs)]) -> [next context ids or None]."""
-    kv, stats, stops = _Slots(policy, slots, max_context), policy.gen_stats, set(policy.stop_ids)
+    kv, stats, stops = getattr(policy.model, "kv_cache", _Slots)(policy, slots, max_context), policy.gen_stats, set(policy.stop_ids)
     slot, turn, lps, logits, past, new = {}, {}, {}, {}, {}, {}                 # of each live episode i
 
     def prefill(new):  # {i: context}: fed packed, about PREFILL_TOKENS tokens a forward (else one by one: no padding)

@@ -90,8 +90,11 @@ def greedy_without_cache(model, prompt, n, stop_ids):
     return ids[len(prompt):]
 
 
-def test_greedy_generate_equals_a_no_cache_loop_alone_and_inside_a_left_padded_batch(make_policy):
+@pytest.mark.parametrize("cache", ["rows", "slots"])
+def test_greedy_generate_equals_a_no_cache_loop_alone_and_inside_a_left_padded_batch(make_policy, monkeypatch, cache):
     pol = make_policy().eval()
+    if cache == "slots":
+        monkeypatch.setattr(pol.model, "kv_cache", rollout._Slots)   # the one-tensor cache (any attention)
     randomize_lora(pol, scale=1.0)  # a fresh random model repeats one token forever; this one does not
     g = torch.Generator().manual_seed(5)
     short, mid, long = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (4, 11, 23))
@@ -213,8 +216,11 @@ def two_turns(pol, prompts, observations, new, slots=None):
     return [turns[i] for i in range(len(prompts))]
 
 
-def test_a_turn_from_the_cached_earlier_turns_equals_one_from_the_whole_dialogue(make_policy):
+@pytest.mark.parametrize("cache", ["rows", "slots"])
+def test_a_turn_from_the_cached_earlier_turns_equals_one_from_the_whole_dialogue(make_policy, monkeypatch, cache):
     pol = make_policy().eval()
+    if cache == "slots":
+        monkeypatch.setattr(pol.model, "kv_cache", rollout._Slots)
     randomize_lora(pol, scale=1.0)
     g = torch.Generator().manual_seed(8)
     a, b, c, obs_a, obs_b, obs_c = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (9, 17, 5, 6, 3, 11))
@@ -234,6 +240,7 @@ def test_a_cache_grown_for_a_long_tail_holds_only_the_slots_in_use(make_policy, 
     buffers hold one row, not two, and c's turn is still the one from its whole dialogue."""
     pol = make_policy().eval()
     randomize_lora(pol, scale=1.0)
+    monkeypatch.setattr(pol.model, "kv_cache", rollout._Slots)     # the one-tensor cache (any attention)
     g = torch.Generator().manual_seed(9)
     a, b, c, obs_c = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (9, 17, 5, 60))
     shapes, real = [], rollout._SlotLayer.update
@@ -242,6 +249,27 @@ def test_a_cache_grown_for_a_long_tail_holds_only_the_slots_in_use(make_policy, 
     first = rollout.generate(pol, [c], 7, temperature=0)[0]
     assert got[2] == [first, greedy_without_cache(pol.model, c + first + obs_c, 7, pol.stop_ids)]
     assert grown[0][0] == 2 and grown[-1] == (1, 2, len(c + first + obs_c) + 7)   # rows, KV heads, capacity
+
+
+def test_the_cache_of_rows_holds_each_row_at_its_own_length_and_frees_an_ended_episodes(make_policy, monkeypatch):
+    """RowCache: a short and a long episode at once; each row's tensors sized to its own tokens and turn, not to the
+    longest row's; after the short one ends, the long one moves to its slot (no copy), the slot it left holds nothing,
+    and its turn is still its greedy one; a row grows by ROW_ROOM tokens or an eighth, not by half."""
+    from harness.attention import ROW_ROOM, RowCache, _RowLayer
+    pol = make_policy().eval()
+    randomize_lora(pol, scale=1.0)
+    assert pol.model.kv_cache is RowCache
+    g = torch.Generator().manual_seed(4)
+    short, long, obs = (torch.randint(3, 2048, (n,), generator=g).tolist() for n in (5, 90, 40))
+    seen, real = [], _RowLayer.update
+    monkeypatch.setattr(_RowLayer, "update", lambda self, *x, **k: (real(self, *x, **k), seen.append(
+        [None if t is None else t.shape[2] for t in self.k]))[0])
+    got, caps = two_turns(pol, [short, long], [None, obs], 6), list(seen)
+    first = rollout.generate(pol, [long], 6, temperature=0)[0]
+    assert got[1] == [first, greedy_without_cache(pol.model, long + first + obs, 6, pol.stop_ids)]
+    assert caps[0] == [max(len(short) + 6, ROW_ROOM), len(long) + 6]   # each prefilled with room for its turn, no more
+    cap = len(long) + 6
+    assert caps[-1] == [max(len(long + first + obs) + 6, cap + max(ROW_ROOM, cap // 8)), None]   # moved to slot 0, grown; 1 freed
 
 
 def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(make_policy):
