@@ -83,8 +83,7 @@ def rollout(policy, tasks, client, seed=0, iteration=0, first_episode=0, max_ste
     def finish(turns):  # [(i, sampled turn, _)]: the environments step together -> each one's next context or None
         results, nxt = env.step_all(client, [envs[i] for i, _, _ in turns], [policy.decode_action(t) for _, t, _ in turns]), []
         for (i, t, _), (_, done, _) in zip(turns, results):
-            eps[i].add_action(t)
-            n = len(eps[i].ids)
+            eps[i].add_action(t); n = len(eps[i].ids)
             if not done:  # a turn ended by max_new_tokens or an eos that is not the template's end of turn gets it
                 eps[i].add_context(policy.encode_observation(envs[i].messages, ended=t[-1] == policy.eot_id))
             nxt.append(eps[i].ids[n:] if not done and fits(i) else None)
@@ -222,10 +221,12 @@ def _forward(policy, kv, rows, ids, room=0, every=False):
         start[r] = len(at); at += [(r, kv.n[r] + j) for j in range(len(feed[r]))]
         kv.n[r] += lens.get(r, 0)
     kv.at = (lo, hi) + torch.tensor(at, device=policy.device).view(1 if packed else hi - lo, -1, 2).unbind(-1)   # [b, q] each
-    pos, kv.L = kv.at[3], max(p for _, p in at) + 1
-    kv.past = max(kv.L - pos.shape[1], 0)                                   # tokens before the query (mask sizes)
+    pos, kv.L = kv.at[3], max(p for _, p in at) + 1; kv.past = max(kv.L - pos.shape[1], 0)   # past: tokens before the query
     kv.grow(kv.L + room, hi)   # a mask: [b, L] (padding) for one token a row, [b, 1, q, L] (used as is) for more; one row: none
-    mask = None if hi - lo == 1 else (torch.arange(kv.L, device=pos.device) <= pos[..., None])[:, 0 if pos.shape[1] == 1 else None]
+    keys, (w, mixed) = torch.arange(kv.L, device=pos.device), getattr(policy.model, "window", (None, False))
+    mask = None if hi - lo == 1 else (keys <= pos[..., None])[:, 0 if pos.shape[1] == 1 and not w else None]
+    if w and mask is not None:   # sliding layers: each row's own window, keys in (position - w, position]
+        win = mask & (keys > pos[..., None] - w)[:, None]; mask = {"full_attention": mask, "sliding_attention": win} if mixed else win
     h = policy.model.base_model(input_ids=torch.tensor(sum(map(feed.get, range(lo, hi)), []), device=pos.device).view(pos.shape),
                                 attention_mask=mask, position_ids=pos, cache=kv, use_cache=True,
                                 **({"rows_q": [len(feed[r]) for r in range(lo, hi)]} if packed else {})).last_hidden_state
@@ -286,8 +287,7 @@ def _sample(logits, temperature, top_p, gens):
     p = F.softmax(logits / temperature, -1)                                   # [b, V]
     p, idx = p.sort(-1, descending=True) if top_p < 1.0 else (p, None)       # (a sort costs more than the model at small b)
     p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0) if top_p < 1.0 else p    # nucleus: smallest set with mass >= top_p
-    cdf = p.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g) for g in gens]) if gens else torch.rand(len(p))
+    cdf, u = p.cumsum(-1), torch.stack([torch.rand((), generator=g) for g in gens]) if gens else torch.rand(len(p))
     u = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)                          # [b, 1], scaled to the kept mass
     k = torch.searchsorted(cdf, u).clamp(max=p.shape[-1] - 1)
     return (k if idx is None else idx.gather(-1, k)).squeeze(-1)

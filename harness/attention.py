@@ -83,7 +83,12 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)     # masks made exactly 
 def use(model):
     """Runs `model`'s attention through rows_attention where it ran transformers' SDPA; the sampler then feeds rows of
     several lengths packed (model.packs_rows), where it pads them for any other attention, and keeps each row's keys and
-    values in tensors of its own (model.kv_cache = RowCache)."""
+    values in tensors of its own (model.kv_cache = RowCache). model.window: a sliding window's (width, mixed with full
+    layers), for the sampler's masks (transformers' count a window back from the longest row's end, not each row's)."""
+    cfg = model.config.get_text_config()
+    types, w = set(getattr(cfg, "layer_types", None) or []), getattr(cfg, "sliding_window", None)
+    if w and ("sliding_attention" in types or not types):   # (window, some layers attend fully) for the sampler's masks
+        model.window = (w, "full_attention" in types)
     if model.config._attn_implementation == "sdpa":
         model.config._attn_implementation, model.packs_rows, model.kv_cache = NAME, True, RowCache
 

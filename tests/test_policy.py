@@ -272,6 +272,26 @@ def test_the_cache_of_rows_holds_each_row_at_its_own_length_and_frees_an_ended_e
     assert caps[-1] == [max(len(long + first + obs) + 6, cap + max(ROW_ROOM, cap // 8)), None]   # moved to slot 0, grown; 1 freed
 
 
+@pytest.mark.parametrize("cache", ["rows", "slots"])
+@pytest.mark.parametrize("full_layers", [0, 1])
+def test_a_sliding_window_model_samples_its_greedy_turns_through_either_cache(tiny_tok, monkeypatch, cache, full_layers):
+    """Layers that attend over their last 6 keys only (all, or all but the first): the sampler's masks keep each row's
+    own window in decode steps and packed prefills alike, so each row's turn is the one a forward over its whole text
+    gives (transformers' masks count the window back from the longest row's end)."""
+    model, tok = models.build_tiny(3, tok=tiny_tok, **SMALL, use_sliding_window=True, sliding_window=6,
+                                   max_window_layers=full_layers)
+    assert model.config.layer_types.count("full_attention") == full_layers and model.window == (6, full_layers > 0)
+    P.inject_lora(model.requires_grad_(False), 4, 8, 0.0)
+    pol = P.Policy(model, tok, "tiny", dict(r=4, alpha=8, dropout=0.0, targets=list(P.LORA_TARGETS))).eval()
+    randomize_lora(pol, scale=1.0)
+    if cache == "slots":
+        monkeypatch.setattr(pol.model, "kv_cache", rollout._Slots)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 2048, (n,), generator=g).tolist() for n in (4, 13, 9)]
+    refs = [greedy_without_cache(pol.model, p, 12, pol.stop_ids) for p in prompts]
+    assert rollout.generate(pol, prompts, 12, temperature=0) == refs
+
+
 def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(make_policy):
     pol = make_policy().eval()
     g = torch.Generator().manual_seed(6)
