@@ -20,10 +20,11 @@ float mask), go to transformers' SDPA unchanged, so a first prefill and PPO's ri
 did. load_policy installs it where a model runs SDPA (`use`, which also marks the model `packs_rows`); a model on eager
 or flash attention keeps its own, and the sampler pads its rows instead.
 
-Such a model's sampler keeps each row's keys and values in tensors of its own (RowCache): a row's memory follows its
-own length, where rollout._Slots holds every row at the longest row's capacity. Its decode steps then always go row by
-row, each row over exactly its own keys, with no mask. SmolLM2's evaluation of 120 tasks at 32 rows (fp32, 1 thread,
-the AMX Xeon): peak RSS 2.55 GB against 4.43, 3 % slower, every trajectory the same.
+On CPU such a model's sampler keeps each row's keys and values in tensors of its own (RowCache; on a GPU, where each
+row's call in each layer would cost kernel launches, not measured here, the dense rollout._Slots as before): a row's
+memory follows its own length, where rollout._Slots holds every row at the longest row's capacity. Its decode steps then
+always go row by row, each row over exactly its own keys, with no mask. SmolLM2's evaluation of 120 tasks at 32 rows
+(fp32, 1 thread, the AMX Xeon): peak RSS 2.55 GB against 4.43, 3 % slower, every trajectory the same.
 """
 import itertools
 
@@ -82,15 +83,17 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)     # masks made exactly 
 
 def use(model):
     """Runs `model`'s attention through rows_attention where it ran transformers' SDPA; the sampler then feeds rows of
-    several lengths packed (model.packs_rows), where it pads them for any other attention, and keeps each row's keys and
-    values in tensors of its own (model.kv_cache = RowCache). model.window: a sliding window's (width, mixed with full
+    several lengths packed (model.packs_rows), where it pads them for any other attention, and on CPU keeps each row's
+    keys and values in tensors of its own (model.kv_cache = RowCache). model.window: a sliding window's (width, mixed with full
     layers), for the sampler's masks (transformers' count a window back from the longest row's end, not each row's)."""
     cfg = model.config.get_text_config()
     types, w = set(getattr(cfg, "layer_types", None) or []), getattr(cfg, "sliding_window", None)
     if w and ("sliding_attention" in types or not types):   # (window, some layers attend fully) for the sampler's masks
         model.window = (w, "full_attention" in types)
     if model.config._attn_implementation == "sdpa":
-        model.config._attn_implementation, model.packs_rows, model.kv_cache = NAME, True, RowCache
+        model.config._attn_implementation, model.packs_rows = NAME, True
+        if next(model.parameters()).device.type == "cpu":   # on a GPU a call a row and layer costs launches: the dense cache
+            model.kv_cache = RowCache
 
 
 class RowCache(Cache):

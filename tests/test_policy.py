@@ -272,6 +272,19 @@ def test_the_cache_of_rows_holds_each_row_at_its_own_length_and_frees_an_ended_e
     assert caps[-1] == [max(len(long + first + obs) + 6, cap + max(ROW_ROOM, cap // 8)), None]   # moved to slot 0, grown; 1 freed
 
 
+def test_the_cache_of_rows_is_the_samplers_on_cpu_only(tiny_tok):
+    """attention.use: packed rows wherever the model runs SDPA; tensors of its own for each row on CPU only (a GPU would
+    pay a kernel launch a row and layer), so a model elsewhere (here on the meta device) samples through rollout._Slots."""
+    from transformers import AutoModelForCausalLM
+    from harness import attention
+    cpu, _ = models.build_tiny(0, tok=tiny_tok, **SMALL)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cpu.config)
+    meta.config._attn_implementation = "sdpa"
+    attention.use(meta)
+    assert cpu.kv_cache is attention.RowCache and cpu.packs_rows and meta.packs_rows and not hasattr(meta, "kv_cache")
+
+
 @pytest.mark.parametrize("cache", ["rows", "slots"])
 @pytest.mark.parametrize("full_layers", [0, 1])
 def test_a_sliding_window_model_samples_its_greedy_turns_through_either_cache(tiny_tok, monkeypatch, cache, full_layers):
