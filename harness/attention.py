@@ -54,11 +54,10 @@ def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     if listed and q == 1 and rows_q is None and kwargs.get("sliding_window") is None:   # decoding: each row sees all its keys
         return torch.cat([F.scaled_dot_product_attention(query[r:r + 1].reshape(1, H // G, G, D), key[r], value[r], scale=scaling)
                           for r in range(b)]).view(b, H, 1, D).transpose(1, 2), None
-    if listed and not rows:                                 # one row, no mask: it sees all its keys so far
-        m = torch.ones(b, 1, q, key[0].shape[2], dtype=torch.bool, device=query.device).tril_(key[0].shape[2] - q) if m is None else m
-        rows = m.dtype == torch.bool and m.dim() == 4 and m.shape[1] == 1
-        if not rows:
-            raise ValueError("a cache of rows needs a boolean mask over each row's keys")
+    if listed and m is None:                                # one row, no mask: its queries are its last q keys'
+        m, rows = torch.ones(b, 1, q, key[0].shape[2], dtype=torch.bool, device=query.device).tril_(key[0].shape[2] - q), True
+    if listed and not rows:
+        raise ValueError("a cache of rows needs a boolean mask over each row's keys")
     if rows and q == 1 and rows_q is None and not listed:   # decoding: row by row if the rows' padding outweighs the calls
         n = m.shape[-1] - m[:, 0, 0].flip(-1).int().argmax(-1)                        # [b] keys up to each row's last seen
         rows = int(b * m.shape[-1] - n.sum()) > ROW_KEYS * b
@@ -101,8 +100,9 @@ class RowCache(Cache):
     in tensors of its own, per layer [1, KH, capacity, D], so a row's memory follows its own length. (rollout._Slots, one
     [slots, KH, capacity, D] tensor a layer for any attention, holds every row at the longest row's capacity: three
     quarters of it padding on an evaluation of SmolLM2 at 32 rows.) The same interface as _Slots: n[s] tokens held in
-    slot s, `at` the fed tokens' (rows, slots, positions) set by rollout._forward, then grow(); a row grows 1.5x when a
-    feed needs more room (up to max_context), and an ended episode's slot frees its tensors at the next compact()."""
+    slot s, `at` the fed tokens' (rows, slots, positions) set by rollout._forward, then grow(); a row grows by ROW_ROOM
+    tokens or an eighth when a feed needs more room (up to max_context); an ended episode's slot frees its tensors at the
+    next compact()."""
 
     def __init__(self, policy, S, max_context):
         self.packs = getattr(policy.model, "packs_rows", False)   # rows of several lengths fed packed (else padded)
@@ -113,7 +113,7 @@ class RowCache(Cache):
     def grow(self, need, hi):
         """Room for `need` - L more tokens after each fed row's last (a turn's tokens to come): each fed row's
         capacity; and where each one's fed tokens go: (slot, batch row, first and end query index, first position)."""
-        lo, _, slots, pos = self.at
+        slots, pos = self.at[2:]
         room, self.writes, self.len = min(need - self.L, ROW_ROOM), [], {}
         for bi, (ss, ps) in enumerate(zip(slots.tolist(), pos.tolist())):
             for s, grp in itertools.groupby(range(len(ss)), key=ss.__getitem__):
