@@ -58,7 +58,7 @@ class Config:  # the defaults are the paper's (Sec. 5.1); PRESETS and QUICK belo
     eval_limit: int = opt(0, "evaluate on the first N tasks of each group (0 = all)")
     tool_server: str = opt("", "StableToolBench-compatible server URL; empty: start the embedded one")
     data: str = opt("", "offline mode: PPO over the trajectories of this StepTool TSV")
-    judge_url: str = opt("", "OpenAI-compatible judge for tasks without answer facts (key: $OPENAI_API_KEY)")
+    judge_url: str = opt("", "OpenAI-compatible judge: step rewards, and IsSolved of tasks without answer facts (key: $OPENAI_API_KEY)")
     judge_model: str = opt("gpt-4o-mini", "judge model name")
     # the algorithm, its rewards (Sec. 4.1) and advantages (Sec. 4.2)
     algo: str = opt("ppo", "ppo, or rft: the RFT baseline (SFT steps on the batch's own Solved rollouts)")
@@ -95,7 +95,7 @@ class Config:  # the defaults are the paper's (Sec. 5.1); PRESETS and QUICK belo
     # rollouts
     temperature: float = opt(1.0, "sampling temperature of training rollouts")
     top_p: float = opt(1.0, "nucleus sampling mass")
-    max_steps: int = opt(12, "actions per episode")
+    max_steps: int = opt(12, "actions per episode (BFCL: per user turn)")
     max_new_tokens: int = opt(512, "tokens per assistant turn")
     max_context: int = opt(4096, "tokens per episode; a turn that would not fit ends it (unsolved)")
     obs_chars: int = opt(1024, "tool responses are cut to this many characters")
@@ -104,7 +104,7 @@ class Config:  # the defaults are the paper's (Sec. 5.1); PRESETS and QUICK belo
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: int = opt(16, "LoRA alpha")
     lora_targets: tuple = opt(P.LORA_TARGETS, "names of the linear modules that get LoRA")
-    lora_dropout: float = opt(0.0, "LoRA dropout (the original's 0.0)")
+    lora_dropout: float = opt(0.0, "LoRA dropout in SFT and RFT steps; PPO runs none (the original's 0.0)")
     gradient_checkpointing: bool = opt(None, "recompute activations in backward (memory for time); default: off "
                                              "unless the memory plan needs it (printed at start)")
     # run
