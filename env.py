@@ -63,7 +63,7 @@ class Task:  # one query; task files are read by harness.formats.load_tasks
     api: dict        # function name -> [category, tool_name, api_name] for the tool server
     answer: list = field(default_factory=list)  # facts the final answer must contain (embedded tasks)
     expert: list = field(default_factory=list)  # [{thought, name, arguments}], last one Finish
-    world: object = None  # a tool world's own env and rules (harness/bfcl.py: Env, is_solved, contribution)
+    world: object = None  # a tool world's own env and rules (harness/bfcl.py: Env, is_solved, passed, contribution)
 
 
 # ---- the prompt -----------------------------------------------------------------------------

@@ -27,16 +27,20 @@ model made no call fails. A turn without ground-truth calls is not checked (BFCL
 passes and the episode reached its last turn's Finish (BFCL fails a force-terminated entry).
 
 Step rewards (reward.py asks the task's world): SuccCalling as reward.succ_calling reads the record (a
-call that raised, or returned {"error": ...}, failed; a Finish is no call); Contribution 1 when the call
-(name and arguments, positional ones by name) is one of its turn's ground-truth calls not yet matched,
-and for a Finish that ends a user turn 1 when the turn passes its check (a turn without ground truth:
-when it made no call), else 0; IsSolved (the last step) 1 when the entry passes, 0.5 when some checked
-turns pass, 0 when none does.
+call that raised, returned {"error": ...} or a list of errors, failed; a Finish is no call); Contribution 1
+when the call (name and arguments, positional ones by name, defaults filled in) is one of its turn's
+ground-truth calls not yet matched, and for a Finish that ends a user turn 1 when the turn passes its
+check (a turn without ground truth: when it made no call), else 0; IsSolved (the last step) 1 when the
+entry passes, 0.5 when some checked turns pass, 0 when none does. The 0.5 is a training reward only: the
+evaluation scores BFCL's way (`passed`: an entry passes or fails).
 
 Departures from BFCL: the prompt is ours (one line per function, ReAct turns), not BFCL's prompting or
 function-calling formats, so accuracies are not the leaderboard's; a turn takes at most --max-steps
-steps (BFCL: 20); a missed function (miss_func) arrives as a user message naming it; a call to a name
-that is no method is an error of ours (BFCL's eval() records a NameError as a result).
+steps (BFCL: 20); a missed function (miss_func) arrives as a user message naming it; an entry's
+`excluded_function` are left out of its prompt (this BFCL version's own code never reads the field); a
+call to a name that is no method is an error of ours (BFCL's eval() records a NameError as a result);
+an integer power with an exponent over 10,000 or a precision over 1,000 digits is refused (BFCL would
+run it, for as long as it takes); the calls of episodes stepped in threads run one at a time.
 """
 import ast
 import copy
@@ -46,6 +50,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import zipfile
 
 import env
@@ -61,6 +66,9 @@ CLASSES = {"GorillaFileSystem": ("gorilla_file_system", "gorilla_file_system.jso
            "VehicleControlAPI": ("vehicle_control", "vehicle_control.json")}
 STATELESS = {"MathAPI"}     # no scenario to load (BFCL's STATELESS_CLASSES)
 TEST_EVERY = 5              # scenario k is in the test part when k % 5 == 0
+# ours, not BFCL's: a call that would run without bound gets an error (an integer power, an mpmath precision)
+MAX_EXPONENT, MAX_PRECISION = 10_000, 1_000
+_CALLS = threading.Lock()   # episodes step in threads; MathAPI sets mpmath's precision, one global, as it computes
 
 
 # ---- the wheel, once ------------------------------------------------------------------------
@@ -153,14 +161,21 @@ class Instances:
             obj = tool_class(name)()
             if name not in STATELESS:
                 obj._load_scenario(copy.deepcopy(entry["initial_config"].get(name, {})), long_context=long_context)
+                obj = copy.deepcopy(obj)   # long context: TravelAPI adds module-level dicts, shared by every instance
             self.objs[name] = obj
         self.methods = {m: getattr(o, m) for o in self.objs.values() for m, _ in inspect.getmembers(o, inspect.ismethod)
                         if not m.startswith("_")}
 
     def call(self, name, arguments):
         """-> the method's result, rendered; an exception is BFCL's "Error during execution: ..." text."""
+        e, p = arguments.get("exponent"), arguments.get("precision")
+        if type(e) is int and type(arguments.get("base")) is int and abs(e) > MAX_EXPONENT:
+            return f"Error during execution: an integer power's exponent is at most {MAX_EXPONENT} here"
+        if type(p) is int and p > MAX_PRECISION:
+            return f"Error during execution: the precision is at most {MAX_PRECISION} digits here"
         try:
-            return render(self.methods[name](**arguments))
+            with _CALLS:
+                return render(self.methods[name](**arguments))
         except Exception as e:  # noqa: BLE001 -- a tool's failure is the model's observation, as in BFCL
             return f"Error during execution: {e}"
 
@@ -276,7 +291,7 @@ class BfclEnv(env.ToolEnv):
         else:
             result = self.model.call(act.name, act.arguments)
             self.results.append(result)
-            failed = result.startswith("Error during execution")
+            failed = failed_result(result)
             step.record = {"error": result if failed else "", "response": "" if failed else result}
             step.observation = result[:self.obs_chars]
             step.contribution = self.contribution(act.name, act.arguments)
@@ -292,9 +307,12 @@ class BfclEnv(env.ToolEnv):
                 if s.record is not None or s.error.startswith("No such function name")]   # BFCL decodes those too
 
     def contribution(self, name, arguments):
-        """1 when (name, arguments) is one of this turn's ground-truth calls not matched yet, else 0."""
+        """1 when (name, arguments) is one of this turn's ground-truth calls not matched yet (defaults filled in
+        on both sides: ls() and ls(a=False) are one call), else 0."""
+        method = self.truth.methods.get(name)
+        mine = with_defaults(method, arguments)
         for i, (n, kwargs) in enumerate(self.task.calls[self.turn] if self.turn < len(self.task.calls) else []):
-            if i not in self.matched and n == name and kwargs == arguments:
+            if i not in self.matched and n == name and with_defaults(method, kwargs) == mine:
                 self.matched.append(i)
                 return 1.0
         return 0.0
@@ -321,6 +339,28 @@ class BfclEnv(env.ToolEnv):
         return step.observation, False, step
 
 
+def with_defaults(method, kwargs):
+    """kwargs with the method's defaults filled in; as given when they do not bind (or no such method)."""
+    try:
+        bound = inspect.signature(method).bind(**kwargs)
+    except (TypeError, ValueError):
+        return kwargs
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def failed_result(result):
+    """A rendered result that is a failure: an exception's text, or (TradingBot, TicketAPI) a list of errors."""
+    if result.startswith("Error during execution"):
+        return True
+    try:
+        items = ast.literal_eval(result) if result.startswith("[") else None
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return isinstance(items, list) and bool(items) and all(
+        (isinstance(x, str) and x.startswith("Error")) or (isinstance(x, dict) and "error" in x) for x in items)
+
+
 def check_turn(model, truth_inst, truth_calls, results):  # truth_calls: [(name, keyword arguments)]
     """BFCL's check of one turn: run its ground-truth calls on the ground-truth instances, then the states equal
     and every ground-truth result among the model's results so far (each used once)."""
@@ -338,12 +378,18 @@ def check_turn(model, truth_inst, truth_calls, results):  # truth_calls: [(name,
 
 # ---- what reward.py and the evaluation ask of a task's world --------------------------------------
 def is_solved(task, traj):
-    """1 when the entry passes (every checked turn, and the last turn reached), 0.5 when some turns pass, else 0."""
+    """IsSolved, the training reward: 1 when the entry passes (every checked turn, and the last turn reached),
+    0.5 (Unsure) when some turns pass, else 0. The partial credit is ours: BFCL scores an entry pass or fail (passed)."""
     passed = getattr(traj, "turn_passed", [])
     checked = sum(1 for t in task.truth if t)
     if traj.end == "finish" and len(passed) == checked and all(passed):
         return 1.0
     return 0.5 if any(passed) else 0.0
+
+
+def passed(task, traj):
+    """BFCL's verdict, what the evaluation scores: 1 when the entry passes, else 0 (no partial credit)."""
+    return float(is_solved(task, traj) == 1.0)
 
 
 def contribution(step):

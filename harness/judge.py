@@ -192,8 +192,8 @@ def annotation_means(ann):
 
 
 class FactsJudge:
-    """eval.py's `facts` judge_fn(task, traj) -> 1 | 0.5 | 0: answer facts where a task has them
-    (reward.is_solved); else the step annotator at url, asked once per repeat, whose failure raises
+    """eval.py's `facts` judge_fn(task, traj) -> 1 | 0.5 | 0: a tool world's own verdict (world.passed), answer
+    facts where a task has them (reward.is_solved); else the step annotator at url, asked once per repeat, whose failure raises
     JudgeError (a judge error, never 0.5). Without a url such tasks are Unsure (0.5), and a warning
     says so: such numbers are not a pass rate."""
 
@@ -201,7 +201,9 @@ class FactsJudge:
         self.annotator, self.warned = (Judge(url, model, repeats=1, **kw) if url else None), False
 
     def __call__(self, task, traj):
-        if task.answer or task.world or self.annotator is None or traj.finish != "give_answer" or not traj.final_answer.strip():
+        if task.world:   # a tool world scores as its benchmark does (BFCL: an entry passes or fails, no partial credit)
+            return task.world.passed(task, traj)
+        if task.answer or self.annotator is None or traj.finish != "give_answer" or not traj.final_answer.strip():
             if self.annotator is None and not (task.answer or task.world) and not self.warned:
                 self.warned = True
                 print("eval.py: warning: no --judge-url; tasks without answer facts are judged Unsure", file=sys.stderr)

@@ -16,8 +16,12 @@ import env
 import reward
 from harness import bfcl
 from harness import cache as C
+from harness import judge as J
 
 TICKETS = '''
+ARCHIVE = {"title": "archived " * 20, "priority": 0}   # module-level, as BFCL's TravelAPI long-context records
+
+
 class TicketAPI:
     def __init__(self):
         self.tickets, self.counter = {}, 0
@@ -25,7 +29,10 @@ class TicketAPI:
     def _load_scenario(self, scenario, long_context=False):
         self.tickets, self.counter = dict(scenario.get("tickets", {})), scenario.get("counter", 0)
         if long_context:
-            self.tickets["0"] = {"title": "archived " * 20, "priority": 0}
+            self.tickets["0"] = ARCHIVE
+
+    def power(self, base, exponent):
+        return {"result": base ** exponent}
 
     def create_ticket(self, title, priority=1):
         if not title:
@@ -151,6 +158,8 @@ def test_state_carries_across_turns_and_a_wrong_call_fails_its_turn(fake):
     # the state matches but the response check fails: turn 2's result never shown
     late = play(t, [[("create_ticket", {"title": "Printer", "priority": 2})], []])
     assert late.traj.turn_passed == [True, False] and reward.is_solved(t, late.traj) == 0.5
+    # ... the partial credit is the training reward's only: the evaluation scores BFCL's way, pass or fail
+    assert J.FactsJudge()(t, late.traj) == 0.0 and J.FactsJudge()(t, ok.traj) == 1.0
     # an earlier turn's result counts for a later turn (BFCL's response check reads all turns' results) ...
     early = play(t, [[("create_ticket", {"title": "Printer", "priority": 2}), ("get_ticket", {"ticket_id": 6})],
                      [("get_ticket", {"ticket_id": 1})]])
@@ -183,6 +192,31 @@ def test_the_missed_function_arrives_in_its_turn(fake):
     finishes = [s for s in e.traj.steps if s.name == "Finish"]
     assert "New functions are available:\nget_ticket(ticket_id: integer) - Show a ticket." in finishes[1].observation
     assert e.traj.turn_passed == [True, True] and reward.is_solved(t, e.traj) == 1.0   # the empty-truth turn: not checked
+
+
+def test_each_instance_owns_its_state_and_a_call_that_would_run_without_bound_is_refused(fake):
+    t = bfcl.load_tasks("bfcl:multi_turn_long_context:1")[0]
+    a, b = bfcl.Instances(t.entry, True), bfcl.Instances(t.entry, True)
+    assert a.objs["TicketAPI"].tickets["0"] == b.objs["TicketAPI"].tickets["0"]
+    assert a.objs["TicketAPI"].tickets["0"] is not b.objs["TicketAPI"].tickets["0"]   # not the class module's dict
+    assert a.call("power", {"base": 2, "exponent": 10}) == '{"result": 1024}'
+    assert a.call("power", {"base": 10, "exponent": 10 ** 9}).startswith("Error during execution: an integer power")
+    assert a.call("power", {"base": 10.0, "exponent": 10 ** 9}).startswith("Error during execution")   # OverflowError
+    assert "precision is at most" in a.call("power", {"base": 2, "exponent": 1, "precision": 10 ** 7})
+
+
+def test_a_list_of_errors_is_a_failed_call_and_defaults_count_in_contribution(fake):
+    for text, failed in (("Error during execution: x", True), ("['Error: User not authenticated.']", True),
+                         ("[{'error': 'User not authenticated.'}]", True), ("[]", False), ("['a', 'Error']", False),
+                         ('{"id": 6}', False), ("[1, 2", False)):
+        assert bfcl.failed_result(text) == failed, text
+    t = bfcl.load_tasks("bfcl:multi_turn_base:1")[0]
+    t.calls = [[("create_ticket", {"title": "Printer"})], t.calls[1]]     # a ground truth that leaves priority out
+    e = bfcl.Env(None, max_steps=8)
+    e.reset(t)
+    assert bfcl.with_defaults(e.truth.methods["create_ticket"], {"title": "a"}) == {"title": "a", "priority": 1}
+    assert e.contribution("create_ticket", {"title": "Printer", "priority": 3}) == 0.0
+    assert e.contribution("create_ticket", {"title": "Printer", "priority": 1}) == 1.0   # the default, spelt out
 
 
 def test_ground_truth_calls_are_read_as_literals_never_run():
