@@ -84,8 +84,11 @@ def paired_bootstrap(a, b, n=10000, seed=0, level=0.95):
 def hierarchical_bootstrap(a_runs, b_runs, n=10000, seed=0, level=0.95):
     """CI of Pass Rate(a) - Pass Rate(b), in points, with training variance in it: a_runs, b_runs = one
     {(group, query id): pass} per seed, on the same tasks. Each draw resamples each method's seeds with
-    replacement (its seeds' mean pass per task), then the tasks within each group, the same tasks for
-    both (paired). One seed each: the task-only paired bootstrap. -> {group: [lo, hi], "overall": ...}"""
+    replacement (its seeds' mean pass per task), independently per method (unpaired: seed s of a shares only
+    its task order with seed s of b; a method against itself gets an interval around 0, not [0, 0]), then the
+    tasks within each group, the same tasks for both (paired). Each run's per-task noise is drawn in both
+    stages, so the interval leans wide where seeds vary little. One seed each: the task-only paired bootstrap.
+    -> {group: [lo, hi], "overall": ...}"""
     return contrast_bootstrap([a_runs, b_runs], [1, -1], n, seed, level)
 
 
@@ -154,6 +157,9 @@ def read_benchmark(run):
 
 
 def mean_over_seeds(runs_):
+    if any(set(r) != set(runs_[0]) for r in runs_):   # e.g. an LLM judge's errors leave a task out of one run
+        raise ValueError("the seeds' runs of a method were evaluated on different tasks: "
+                         f"{sorted(len(r) for r in runs_)} tasks (eval_tasks.json)")
     return {k: statistics.fmean(r[k] for r in runs_) for k in runs_[0]}
 
 
@@ -203,10 +209,10 @@ def table(summary, methods):
 
 
 def ci_table(summary):
-    lines = []
+    lines, one_seed = [], all(len(s) == 1 for s in summary.get("per_seed", {}).values())
     for key, how in (("ci", "paired bootstrap 95 % CI over test tasks"),
                      ("ci_seeds_tasks", "hierarchical bootstrap 95 % CI over seeds and test tasks")):
-        if not summary.get(key):
+        if not summary.get(key) or (one_seed and key == "ci_seeds_tasks"):   # one seed: the same as the task-only CI
             continue
         lines += ["", f"**Pass Rate differences** (points), {how}", "",
                   "| difference | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS) + " |",
@@ -219,7 +225,7 @@ def ci_table(summary):
     for name, e in summary.get("effects", {}).items():
         if name.startswith("step-grained reward"):
             lines += ["", "**The 2×2 of the paper's components** (points of Pass Rate): estimate, task-only CI, "
-                      "seeds-and-tasks CI", "", "| effect | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS)
+                      "seeds-and-tasks CI" + (" (one seed: the task-only CI again)" if one_seed else ""), "", "| effect | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS)
                       + " |", "|---|" + "---:|" * len(GROUPS)]
         lines.append(f"| {name} | " + " | ".join(
             f"{e['estimate'][g]:+.1f} [{e['ci'][g][0]:+.1f}, {e['ci'][g][1]:+.1f}] "

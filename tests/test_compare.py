@@ -212,8 +212,13 @@ def test_the_2x2_effects_recover_a_known_interaction_and_its_cis_cover_it():
     # a plain difference through the contrast is the hierarchical bootstrap itself
     a, b = per_task["steptool"], per_task["ppo"]
     assert C.contrast_bootstrap([a, b], [1, -1]) == C.hierarchical_bootstrap(a, b)
-    table = C.ci_table({**summary, "effects": e})
-    assert "2×2" in table and table.count("main effect") == 2 and "interaction" in table
+    table = C.ci_table({**summary, "effects": e, "per_seed": {m: {"0": {}, "1": {}} for m in per_task}})
+    assert "2×2" in table and table.count("main effect") == 2 and "interaction" in table and "one seed" not in table
+    one = C.ci_table({**summary, "effects": e, "ci_seeds_tasks": {"steptool-ppo": e["step-grained reward shaping "
+                      "(main effect)"]["ci"]}, "per_seed": {m: {"0": {}} for m in per_task}})
+    assert "over seeds and test tasks" not in one and "(one seed: the task-only CI again)" in one
+    with pytest.raises(ValueError, match="different tasks"):   # a task left out of one seed's run: named, no KeyError
+        C.mean_over_seeds([per_task["ppo"][0], {k: v for k, v in per_task["ppo"][1].items() if k != keys[0]}])
 
 
 def test_parallel_processes_share_the_cores_and_a_resumed_run_keeps_its_share(monkeypatch, tmp_path):
