@@ -203,7 +203,7 @@ def finite(x):
 
 def check_row(prompt, response, reward):
     """Why a training row {prompt, response, reward} is unusable (one line), or "" when it can train:
-    three lists of the same length (one entry per step, at least one), of str, str and finite numbers."""
+    three lists of the same length (one entry per step, at least one), of str, str (none empty) and finite numbers."""
     for name, x in (("prompt", prompt), ("response", response), ("rewards", reward)):
         if not isinstance(x, list):
             return f"{name} must be a list, got {type(x).__name__} {x!r:.40}"
@@ -214,6 +214,8 @@ def check_row(prompt, response, reward):
         return "prompt, response and rewards are empty lists: a trajectory has at least one step"
     if not all(isinstance(x, str) for x in prompt + response):
         return "prompt and response must be lists of str"
+    if "" in response:   # an action of no tokens: its step would have no token to carry its reward
+        return f"response {response.index('')} is empty: every step's action needs at least one token"
     bad = [x for x in reward if not finite(x)]
     return f"rewards must be finite numbers, got {bad[0]!r}" if bad else ""
 

@@ -341,6 +341,7 @@ def test_read_tsv_rejects_malformed_rows_naming_file_and_line(tmp_path):
     for body, line, what in [(f"{good}\n['p']\t['r']\n", 3, "3 tab-separated"),
                              (f"{good}\n__import__('os').system('touch {tmp_path}/pwned')\t['r']\t[1.0]\n", 3, "Python-literal"),
                              (f"{good}\n['p', 'q']\t['r']\t[1.0]\n", 3, "equal length"),
+                             (f"{good}\n['p', 'q']\t['r', '']\t[1.0, 0.5]\n", 3, "response 1 is empty"),
                              (f"{good}\n['p']\t['r']\t['high']\n", 3, "numbers")]:
         (tmp_path / "bad.tsv").write_text("prompt\tresponse\treward\n" + body)
         with pytest.raises(ValueError, match=f"bad.tsv:{line}: .*{what}"):
