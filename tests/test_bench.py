@@ -1,7 +1,10 @@
 """bench.py's memory measurement, on a small shape: what a PPO forward keeps for backward (the README's
 memory plan scales these figures to Qwen2-7B). No timing is asserted here."""
 import json
+import sys
+import types
 
+import pytest
 import torch
 
 from harness import bench
@@ -106,3 +109,16 @@ def test_a_decode_step_moves_every_weight_and_every_rows_keys_and_values():
     kv = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
     one, two = decode_bench.step_bytes(pol, 1, 100), decode_bench.step_bytes(pol, 3, 100)
     assert two - one == 2 * 100 * kv and one - 100 * kv == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_the_decode_benchmarks_llama_cpp_flag_says_what_it_needs_before_any_work(monkeypatch, capsys, tmp_path):
+    from harness import decode_bench
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)                    # not installed: import fails
+    with pytest.raises(SystemExit):
+        decode_bench.main(["--model", "tiny", "--llama-cpp", "smollm2"])
+    assert "--llama-cpp needs llama-cpp-python" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))   # installed: the file is checked
+    for name, why in ((str(tmp_path / "none.gguf"), "no such file"), ("qwen2", "nor one of smollm2")):
+        with pytest.raises(SystemExit):
+            decode_bench.main(["--model", "tiny", "--llama-cpp", name])
+        assert why in capsys.readouterr().err
