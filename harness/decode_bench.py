@@ -25,6 +25,7 @@ llama-cpp-python is a source distribution on the package index (it builds with C
 `pip install llama-cpp-python`), so it is no dependency of ours; the flag says so when it is missing.
 """
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -190,7 +191,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.llama_cpp:
         try:
-            import llama_cpp  # noqa: F401
+            importlib.import_module("llama_cpp")
         except ImportError:
             ap.error("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python: it builds with CMake and a C++ compiler)")
         try:
