@@ -224,8 +224,9 @@ def ci_table(summary):
                 f"{diff[g]:+.1f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in GROUPS) + " |")
     for name, e in summary.get("effects", {}).items():
         if name.startswith("step-grained reward"):
+            again = " (one seed: the task-only CI again)" if one_seed else ""
             lines += ["", "**The 2×2 of the paper's components** (points of Pass Rate): estimate, task-only CI, "
-                      "seeds-and-tasks CI" + (" (one seed: the task-only CI again)" if one_seed else ""), "", "| effect | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS)
+                      "seeds-and-tasks CI" + again, "", "| effect | " + " | ".join(g if g != "overall" else "Avg" for g in GROUPS)
                       + " |", "|---|" + "---:|" * len(GROUPS)]
         lines.append(f"| {name} | " + " | ".join(
             f"{e['estimate'][g]:+.1f} [{e['ci'][g][0]:+.1f}, {e['ci'][g][1]:+.1f}] "

@@ -193,7 +193,8 @@ def main(argv=None):
         try:
             importlib.import_module("llama_cpp")
         except ImportError:
-            ap.error("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python: it builds with CMake and a C++ compiler)")
+            ap.error("--llama-cpp needs llama-cpp-python "
+                     "(pip install llama-cpp-python: it builds with CMake and a C++ compiler)")
         try:
             gguf = gguf_of(a.llama_cpp)
         except ValueError as e:

@@ -193,8 +193,8 @@ def annotation_means(ann):
 
 class FactsJudge:
     """eval.py's `facts` judge_fn(task, traj) -> 1 | 0.5 | 0: a tool world's own verdict (world.passed), answer
-    facts where a task has them (reward.is_solved); else the step annotator at url, asked once per repeat, whose failure raises
-    JudgeError (a judge error, never 0.5). Without a url such tasks are Unsure (0.5), and a warning
+    facts where a task has them (reward.is_solved); else the step annotator at url, asked once per repeat, whose
+    failure raises JudgeError (a judge error, never 0.5). Without a url such tasks are Unsure (0.5), and a warning
     says so: such numbers are not a pass rate."""
 
     def __init__(self, url="", model="gpt-4o-mini", **kw):
@@ -204,7 +204,7 @@ class FactsJudge:
         if task.world:   # a tool world scores as its benchmark does (BFCL: an entry passes or fails, no partial credit)
             return task.world.passed(task, traj)
         if task.answer or self.annotator is None or traj.finish != "give_answer" or not traj.final_answer.strip():
-            if self.annotator is None and not (task.answer or task.world) and not self.warned:
+            if self.annotator is None and not task.answer and not self.warned:
                 self.warned = True
                 print("eval.py: warning: no --judge-url; tasks without answer facts are judged Unsure", file=sys.stderr)
             return reward.is_solved(task, traj)
