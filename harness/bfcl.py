@@ -2,6 +2,7 @@
 
     python steptool.py --model smollm2 --tasks bfcl:multi_turn/train --eval-tasks bfcl:multi_turn_base/test
     python eval.py --model smollm2 --adapters A --tasks bfcl:multi_turn_base/test:10 --out out/bfcl
+    python -m harness.bfcl --rescore RUN/eval_trajectories.jsonl.gz   # a run's recorded calls, scored again
 
 A task spec is `bfcl:CATEGORY[/PART][:N]`: CATEGORY one of the four multi-turn categories below, or
 `multi_turn` for all four; PART `train` or `test` (scenario-disjoint: a scenario, the entry number the
@@ -399,7 +400,39 @@ def contribution(step):
 Env = BfclEnv   # what rollout.py makes for a task of this world
 
 
+# ---- a run's recorded evaluation, scored again ------------------------------------------------------
+def rescore(path, max_steps=12):
+    """Replay the calls of a run's eval_trajectories.jsonl.gz (steptool.py's) through this world and checker:
+    -> {(category, entry): (passed, some turn passed, the replay saw another response than the run)}. A replay,
+    not a new evaluation: where a response differs, the policy might have gone on differently."""
+    import gzip
+    tasks = {(t.category, t.query_id): t for t in load_tasks("bfcl:multi_turn")}
+    out = {}
+    with gzip.open(path, "rt") as f:
+        for rec in map(json.loads, f):
+            task = tasks[(rec["group"], int(rec["query_id"]))]
+            e, other = Env(None, max_steps=max_steps), False
+            e.reset(task)
+            for s in rec["steps"]:
+                if e.done:
+                    break
+                parsed = bool(s["name"]) and not s["error"].startswith("Parse error")   # replayed as a parse error
+                obs, _, _ = e.step(env.format_action("", s["name"], s["arguments"]) if parsed else "(unparsed)")
+                other |= parsed and s["name"] != "Finish" and obs[:300] != s["observation"]   # the file keeps 300
+            out[(rec["group"], rec["query_id"])] = (passed(task, e.traj), any(e.traj.turn_passed), other)
+    return out
+
+
 if __name__ == "__main__":   # python -m harness.bfcl: fetch once, then say what the cache holds
+    if sys.argv[1:2] == ["--rescore"]:   # python -m harness.bfcl --rescore RUN/eval_trajectories.jsonl.gz [MAX_STEPS]
+        if len(sys.argv) < 3 or not os.path.isfile(sys.argv[2]):
+            sys.exit(f"harness.bfcl --rescore: {(sys.argv[2:3] or ['(no file given)'])[0]}: not a run's eval_trajectories.jsonl.gz")
+        res = rescore(sys.argv[2], *map(int, sys.argv[3:4]))
+        for c in sorted({g for g, _ in res}):
+            v = [x for (g, _), x in res.items() if g == c]
+            print(f"{c}: {len(v)} entries, pass {100 * sum(x[0] for x in v) / len(v):.1f} %, some turn passes "
+                  f"{sum(x[1] for x in v)}, another response than recorded in {sum(x[2] for x in v)}")
+        sys.exit(0)
     print(fetch())
     for c in CATEGORIES:
         ts = load_tasks(f"bfcl:{c}")

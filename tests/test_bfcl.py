@@ -239,6 +239,18 @@ def test_step_rewards_succ_calling_contribution_by_the_turns_truth_and_is_solved
     assert reward.step_rewards(t, good.traj) == [1.0, 0.5, 1.0, 1.0]        # a passing turn's Finish earns its contribution
 
 
+def test_a_runs_recorded_evaluation_is_scored_again_by_replaying_its_calls(fake, tmp_path):
+    from harness import launch
+    t1, t2 = bfcl.load_tasks("bfcl:multi_turn_base:2")
+    good, half = expert(t1), play(t2, [[("create_ticket", {"title": "Router", "priority": 2})], []])
+    half.traj.steps[0].observation = '{"id": 7}'                           # the run saw another response
+    each = [{"group": t.group, "query_id": str(t.query_id), "pass": 0.0} for t in (t1, t2)]
+    path = str(tmp_path / "eval_trajectories.jsonl.gz")
+    launch.write_trajectories(path, 3, each, [good.traj, half.traj])
+    assert bfcl.rescore(path) == {("multi_turn_base", t1.query_id): (1.0, True, False),
+                                  ("multi_turn_base", t2.query_id): (0.0, True, True)}   # one of two turns passes
+
+
 def test_steptool_and_eval_run_on_bfcl_tasks_end_to_end(fake, small_model, tmp_path):
     (wheel, digest), cache = fake
     # the pin comes from the environment of these subprocesses: the harness reads it at import
