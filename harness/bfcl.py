@@ -401,7 +401,7 @@ Env = BfclEnv   # what rollout.py makes for a task of this world
 
 
 # ---- a run's recorded evaluation, scored again ------------------------------------------------------
-def rescore(path, max_steps=12):
+def rescore(path):
     """Replay the calls of a run's eval_trajectories.jsonl.gz (steptool.py's) through this world and checker:
     -> {(category, entry): (passed, some turn passed, the replay saw another response than the run)}. A replay,
     not a new evaluation: where a response differs, the policy might have gone on differently."""
@@ -411,23 +411,26 @@ def rescore(path, max_steps=12):
     with gzip.open(path, "rt") as f:
         for rec in map(json.loads, f):
             task = tasks[(rec["group"], int(rec["query_id"]))]
-            e, other = Env(None, max_steps=max_steps), False
+            # no step limit of its own: the recorded steps end where the run's limit ended them, and an episode
+            # without its last Finish fails either way
+            e, other = Env(None, max_steps=len(rec["steps"]) + 1), False
             e.reset(task)
             for s in rec["steps"]:
                 if e.done:
                     break
                 parsed = bool(s["name"]) and not s["error"].startswith("Parse error")   # replayed as a parse error
                 obs, _, _ = e.step(env.format_action("", s["name"], s["arguments"]) if parsed else "(unparsed)")
-                other |= parsed and s["name"] != "Finish" and obs[:300] != s["observation"]   # the file keeps 300
+                # the file keeps an observation's first 300 characters (launch.write_trajectories)
+                other |= parsed and s["name"] != "Finish" and obs[:300] != s["observation"]
             out[(rec["group"], rec["query_id"])] = (passed(task, e.traj), any(e.traj.turn_passed), other)
     return out
 
 
 if __name__ == "__main__":   # python -m harness.bfcl: fetch once, then say what the cache holds
-    if sys.argv[1:2] == ["--rescore"]:   # python -m harness.bfcl --rescore RUN/eval_trajectories.jsonl.gz [MAX_STEPS]
+    if sys.argv[1:2] == ["--rescore"]:   # python -m harness.bfcl --rescore RUN/eval_trajectories.jsonl.gz
         if len(sys.argv) < 3 or not os.path.isfile(sys.argv[2]):
             sys.exit(f"harness.bfcl --rescore: {(sys.argv[2:3] or ['(no file given)'])[0]}: not a run's eval_trajectories.jsonl.gz")
-        res = rescore(sys.argv[2], *map(int, sys.argv[3:4]))
+        res = rescore(sys.argv[2])
         for c in sorted({g for g, _ in res}):
             v = [x for (g, _), x in res.items() if g == c]
             print(f"{c}: {len(v)} entries, pass {100 * sum(x[0] for x in v) / len(v):.1f} %, some turn passes "
