@@ -429,7 +429,8 @@ def rescore(path):
 if __name__ == "__main__":   # python -m harness.bfcl: fetch once, then say what the cache holds
     if sys.argv[1:2] == ["--rescore"]:   # python -m harness.bfcl --rescore RUN/eval_trajectories.jsonl.gz
         if len(sys.argv) < 3 or not os.path.isfile(sys.argv[2]):
-            sys.exit(f"harness.bfcl --rescore: {(sys.argv[2:3] or ['(no file given)'])[0]}: not a run's eval_trajectories.jsonl.gz")
+            given = (sys.argv[2:3] or ["(no file given)"])[0]
+            sys.exit(f"harness.bfcl --rescore: {given}: not a run's eval_trajectories.jsonl.gz")
         res = rescore(sys.argv[2])
         for c in sorted({g for g, _ in res}):
             v = [x for (g, _), x in res.items() if g == c]
